@@ -1,0 +1,19 @@
+"""The frozen SAM core: image encoder (timm's VisionTransformerSAM), prompt encoder, mask decoder,
+checkpoint loading, the predictor and the automatic mask generator. Knows nothing of adapters."""
+from .build import ARCHS, SamArch, build_sam
+from .checkpoint import CheckpointError, load_sam, read_state_dict
+from .predictor import SamPredictor
+from .sam import Sam
+from .transforms import ResizeLongestSide
+
+__all__ = [
+    "ARCHS", "SamArch", "build_sam", "load_sam", "read_state_dict", "CheckpointError",
+    "Sam", "SamPredictor", "ResizeLongestSide", "SamAutomaticMaskGenerator",
+]
+
+
+def __getattr__(name):
+    if name == "SamAutomaticMaskGenerator":
+        from .automatic_mask_generator import SamAutomaticMaskGenerator
+        return SamAutomaticMaskGenerator
+    raise AttributeError(name)

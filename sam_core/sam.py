@@ -1,0 +1,215 @@
+"""The SAM module: a timm ViT image encoder, a prompt encoder and a mask decoder."""
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def _tensor_digest(item: Tuple[str, torch.Tensor]) -> bytes:
+    name, t = item
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        # an fp16/bf16 file loaded into an fp32 core holds the same values: hash them as fp32
+        t = t.float()
+    t = t.cpu().contiguous()
+    h = hashlib.sha256()
+    h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return h.digest()
+
+
+class Sam(nn.Module):
+    """Segment Anything: image encoder + prompt encoder + mask decoder.
+
+    Build one with `sam_core.build_sam` or `sam_core.load_sam` rather than by hand.
+
+    Args:
+        image_encoder: timm `VisionTransformerSAM` whose neck gives the C x h x w image embedding.
+        prompt_encoder: the `PromptEncoder`.
+        mask_decoder: the `MaskDecoder`.
+        image_size: side of the square, padded encoder input (1024 in SAM; may be smaller).
+        arch: architecture name recorded with adapters (`vit_b`, `vit_l`, `vit_h`, `tiny`).
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        image_size: int,
+        arch: str = "custom",
+        pixel_mean: Tuple[float, float, float] = PIXEL_MEAN,
+        pixel_std: Tuple[float, float, float] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = int(image_size)
+        self.arch = arch
+        # segment_anything code reads image_encoder.img_size
+        self.image_encoder.img_size = self.image_size
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # The frozen weights, recorded by (owning module, attribute): modules that wrap a layer later
+        # (adapters) keep the wrapped module, so the fingerprint keeps describing the core alone,
+        # and `.to()` replacing a buffer is still seen.
+        persistent = set(self.state_dict().keys())
+        self._core_refs: List[Tuple[str, nn.Module, str]] = []
+        for mod_name, mod in self.named_modules():
+            for attr in list(mod._parameters) + list(mod._buffers):
+                full = f"{mod_name}.{attr}" if mod_name else attr
+                if full in persistent:
+                    self._core_refs.append((full, mod, attr))
+        # Bumped by anything that changes what the model computes without changing the core
+        # (an adapter activated, merged, ...): caches of embeddings compare it.
+        self.generation = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mask_decoder.iou_token.weight.dtype
+
+    @property
+    def embedding_size(self) -> Tuple[int, int]:
+        return tuple(self.prompt_encoder.image_embedding_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of the frozen core weights (hex, 16 bytes).
+
+        Equal for equal weights whatever file they came from; changes when any single value
+        changes. Adapter parameters attached later are not part of it.
+
+        Example:
+            >>> from sam_core import build_sam
+            >>> sam = build_sam("tiny")
+            >>> len(sam.fingerprint)
+            32
+        """
+        items = sorted(self.core_state_dict().items())
+        # hashlib releases the GIL on large buffers: hash tensors on all cores
+        with ThreadPoolExecutor(max_workers=max(1, min(8, torch.get_num_threads()))) as pool:
+            digests = list(pool.map(_tensor_digest, items))
+        h = hashlib.sha256(b"samadapt.core/1")
+        for d in digests:
+            h.update(d)
+        return h.hexdigest()[:32]
+
+    def core_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The frozen core's weights under their plain names (no adapter wrapping)."""
+        return {name: getattr(mod, attr).detach() for name, mod, attr in self._core_refs}
+
+    def bump_generation(self) -> None:
+        """Tell embedding caches that the model's function changed."""
+        self.generation += 1
+
+    # ------------------------------------------------------------------ pre/post-processing
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise pixel values (0..255, RGB) and pad bottom/right to a square `image_size`."""
+        x = (x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...]
+    ) -> torch.Tensor:
+        """Upscale low-res logits to the padded input, crop the padding, resize to the original (h, w)."""
+        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ model calls
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W preprocessed images -> B x C x h x w image embeddings."""
+        return self.image_encoder.forward_features(images)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+        multimask_output: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (in the resized-input frame) -> (low-res logits B x C x 4h x 4w, IoU B x C).
+
+        `image_embeddings` is 1 x C x h x w (all prompts on one image) or B x C x h x w (one
+        prompt set per image). With no prompt at all the decoder runs promptless (the setting
+        SAM-Adapter trains in).
+        """
+        points = (point_coords, point_labels) if point_coords is not None else None
+        b = max(
+            image_embeddings.shape[0],
+            point_coords.shape[0] if point_coords is not None else 1,
+            boxes.shape[0] if boxes is not None else 1,
+            mask_inputs.shape[0] if mask_inputs is not None else 1,
+        )
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        if sparse.shape[0] != b:
+            sparse = sparse.expand(b, -1, -1)
+        if dense.shape[0] != b:
+            dense = dense.expand(b, -1, -1, -1)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings.to(dense.dtype),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dense.dtype),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def forward_masks(
+        self,
+        images: torch.Tensor,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+        multimask_output: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable end-to-end call used for training: one prompt set per image.
+
+        Args:
+            images: B x 3 x S x S float pixels (0..255), already resized and padded to `image_size`.
+            point_coords: B x N x 2 (x, y) in the input frame; point_labels B x N (1, 0, -1 pad).
+            boxes: B x 4 (x0, y0, x1, y1) in the input frame.
+            mask_inputs: B x 1 x 4h x 4w low-res logits of a previous prediction.
+        Returns:
+            low-res mask logits B x C x 4h x 4w and IoU predictions B x C.
+        """
+        emb = self.encode_image(self.preprocess(images))
+        return self.decode(emb, point_coords, point_labels, boxes, mask_inputs, multimask_output)
+
+    @torch.no_grad()
+    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:
+        """segment_anything's batched call: a list of dicts with 'image' (3 x H x W, resized),
+        'original_size' and optional 'point_coords', 'point_labels', 'boxes', 'mask_inputs'."""
+        images = torch.stack([self.preprocess(rec["image"]) for rec in batched_input], dim=0)
+        embeddings = self.encode_image(images)
+        outputs = []
+        for rec, emb in zip(batched_input, embeddings):
+            low_res, iou = self.decode(
+                emb[None], rec.get("point_coords"), rec.get("point_labels"), rec.get("boxes"),
+                rec.get("mask_inputs"), multimask_output,
+            )
+            masks = self.postprocess_masks(low_res, rec["image"].shape[-2:], rec["original_size"])
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
+        return outputs
