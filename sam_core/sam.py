@@ -168,7 +168,9 @@ class Sam(nn.Module):
             sparse = sparse.expand(b, -1, -1)
         if dense.shape[0] != b:
             dense = dense.expand(b, -1, -1, -1)
-        return self.mask_decoder(
+        # an owner of the model may put a replacement decoder in use (e.g. one trained per domain)
+        decoder = self.__dict__.get("decoder_in_use") or self.mask_decoder
+        return decoder(
             image_embeddings=image_embeddings.to(dense.dtype),
             image_pe=self.prompt_encoder.get_dense_pe().to(dense.dtype),
             sparse_prompt_embeddings=sparse,

@@ -1,0 +1,210 @@
+"""AdapterBank: one frozen core serving many domain adapters, loaded on first use, LRU-evicted,
+with a per-(image, adapter) embedding cache and batched calls that mix adapters."""
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import AdapterError, _NAME_RE, activate, attached, detach
+from .io import inspect as inspect_file, load as load_file
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an image array (shape, dtype and bytes)."""
+    a = np.ascontiguousarray(image)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.shape}|{a.dtype}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+class AdapterBank:
+    """Many named adapters resident on one frozen SAM; requests name the adapter they want.
+
+    Adapters come from `directory` (`<name>.safetensors`, loaded on first use) or are attached
+    beforehand. At most `capacity` loaded adapters stay resident (least recently used evicted).
+    Calls are thread-safe: the model runs one call at a time under a lock, and image embeddings
+    are cached per (image, adapter) -- an embedding made under one adapter is never reused for
+    another.
+
+    Args:
+        sam: the frozen `Sam`.
+        directory: folder of adapter files (optional).
+        capacity: most adapters loaded from the directory kept at once.
+        cache_size: most (image, adapter) embeddings kept.
+
+    Example:
+        >>> import numpy as np, adapters
+        >>> from sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
+        >>> bank = adapters.AdapterBank(sam)
+        >>> masks, scores, low = bank.predict(np.zeros((64, 64, 3), np.uint8), adapter="b", box=[8, 8, 40, 40])
+        >>> masks.shape
+        (3, 64, 64)
+    """
+
+    def __init__(self, sam: nn.Module, directory: Optional[Union[str, os.PathLike]] = None,
+                 capacity: int = 8, cache_size: int = 32) -> None:
+        from sam_core import SamPredictor
+
+        if capacity < 1:
+            raise AdapterError(f"capacity={capacity} must be at least 1")
+        self.sam = sam
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None and not self.directory.is_dir():
+            raise AdapterError(f"adapter directory {self.directory} does not exist; create it or pass another")
+        self.capacity = capacity
+        self.cache_size = cache_size
+        self._lock = threading.RLock()
+        self._loaded: "OrderedDict[str, Tuple[float, int]]" = OrderedDict()  # name -> file (mtime, size)
+        self._pinned = set(attached(sam))  # attached by the caller: never evicted
+        self._cache: "OrderedDict[Tuple[str, Optional[str], Any], Tuple[torch.Tensor, tuple, tuple]]" = OrderedDict()
+        self._predictor = SamPredictor(sam)
+        self.stats = {"loads": 0, "evictions": 0, "cache_hits": 0, "cache_misses": 0}
+
+    # ------------------------------------------------------------------ catalogue
+    def available(self) -> Dict[str, Dict[str, Any]]:
+        """Adapters this bank can serve: name -> metadata (files are re-listed on every call, so a
+        file dropped into the directory appears and a removed one disappears)."""
+        out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(self._pinned)}
+        if self.directory is not None:
+            for p in sorted(self.directory.glob("*.safetensors")):
+                if _NAME_RE.match(p.stem) and p.stem not in out:
+                    try:
+                        out[p.stem] = inspect_file(p)
+                    except AdapterError as e:
+                        out[p.stem] = {"error": str(e)}
+        return out
+
+    def _file(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise AdapterError(f"adapter name {name!r} is not valid; use a name from the listing")
+        if self.directory is None:
+            raise AdapterError(f"no adapter named {name!r}; attached: {sorted(self._pinned)}")
+        path = self.directory / f"{name}.safetensors"
+        if not path.is_file():
+            raise AdapterError(f"no adapter named {name!r} in {self.directory}; available: {sorted(self.available())}")
+        return path
+
+    def _ensure(self, name: Optional[str]) -> Any:
+        """Make adapter `name` resident; returns a version token for the embedding cache."""
+        if name is None or name in self._pinned:
+            return 0
+        path = self._file(name)
+        st = path.stat()
+        version = (st.st_mtime_ns, st.st_size)
+        if name in self._loaded:
+            if self._loaded[name] == version:
+                self._loaded.move_to_end(name)
+                return version
+            self._evict(name)  # the file changed on disk: reload it
+        while len(self._loaded) >= self.capacity:
+            self._evict(next(iter(self._loaded)))
+        load_file(self.sam, path, name=name, activate=False)
+        self._loaded[name] = version
+        self.stats["loads"] += 1
+        return version
+
+    def _evict(self, name: str) -> None:
+        from .base import active
+
+        if active(self.sam) == name:
+            activate(self.sam, None)
+        detach(self.sam, name)
+        self._loaded.pop(name, None)
+        for key in [k for k in self._cache if k[1] == name]:
+            del self._cache[key]
+        self.stats["evictions"] += 1
+
+    def resident(self) -> List[str]:
+        with self._lock:
+            return sorted(self._pinned) + list(self._loaded)
+
+    # ------------------------------------------------------------------ embeddings
+    def _embeddings(self, images: Sequence[np.ndarray], keys: Sequence[str], name: Optional[str], version) -> List[tuple]:
+        """(embedding, input_size, original_size) per image under adapter `name`; misses are encoded in one batch."""
+        from sam_core.predictor import as_rgb_uint8
+
+        out: List[Optional[tuple]] = [None] * len(images)
+        todo = []
+        for i, key in enumerate(keys):
+            ck = (key, name, version)
+            if ck in self._cache:
+                self._cache.move_to_end(ck)
+                out[i] = self._cache[ck]
+                self.stats["cache_hits"] += 1
+            else:
+                todo.append(i)
+        if todo:
+            self.stats["cache_misses"] += len(todo)
+            activate(self.sam, name)
+            tf = self._predictor.transform
+            batch, sizes = [], []
+            for i in todo:
+                img = as_rgb_uint8(images[i])
+                resized = tf.apply_image(img)
+                sizes.append((tuple(resized.shape[:2]), tuple(img.shape[:2])))
+                t = torch.as_tensor(resized, device=self.sam.device).permute(2, 0, 1)
+                batch.append(self.sam.preprocess(t[None])[0])
+            with torch.inference_mode():
+                emb = self.sam.encode_image(torch.stack(batch).to(self.sam.dtype))
+            for j, i in enumerate(todo):
+                entry = (emb[j: j + 1].clone(), sizes[j][0], sizes[j][1])
+                self._cache[(keys[i], name, version)] = entry
+                out[i] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def _decode(self, name: Optional[str], entry: tuple, prompts: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        activate(self.sam, name)
+        p = self._predictor
+        p.features, p.input_size, p.original_size = entry
+        p.is_image_set = True
+        p._generation = self.sam.generation
+        with torch.inference_mode():
+            return p.predict(**prompts)
+
+    # ------------------------------------------------------------------ public calls
+    def predict(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None,
+                **prompts: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`SamPredictor.predict` on `image` under `adapter` (None: the plain core).
+
+        Prompts: point_coords, point_labels, box, mask_input, multimask_output, return_logits.
+        `image_id` names the image for the cache (default: a hash of its pixels).
+        """
+        return self.predict_batch([dict(prompts, image=image, adapter=adapter, image_id=image_id)])[0]
+
+    def predict_batch(self, items: Sequence[Dict[str, Any]]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Many requests at once; items may name different adapters. Items are grouped by
+        adapter, each group's missing embeddings are computed in one encoder batch, and results
+        come back in the order given."""
+        results: List[Any] = [None] * len(items)
+        groups: Dict[Optional[str], List[int]] = {}
+        for i, it in enumerate(items):
+            if "image" not in it:
+                raise AdapterError(f"request {i} has no 'image'")
+            groups.setdefault(it.get("adapter"), []).append(i)
+        with self._lock:
+            for name, idx in groups.items():
+                version = self._ensure(name)
+                keys = [items[i].get("image_id") or image_key(items[i]["image"]) for i in idx]
+                entries = self._embeddings([items[i]["image"] for i in idx], keys, name, version)
+                for i, entry in zip(idx, entries):
+                    prompts = {k: v for k, v in items[i].items() if k not in ("image", "adapter", "image_id")}
+                    results[i] = self._decode(name, entry, prompts)
+        return results
+
+    def embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> torch.Tensor:
+        """The (cached) image embedding under `adapter`."""
+        with self._lock:
+            version = self._ensure(adapter)
+            key = image_id or image_key(image)
+            return self._embeddings([image], [key], adapter, version)[0][0]

@@ -1,0 +1,145 @@
+"""Bottleneck adapters (AdaptFormer / Medical-SAM-Adapter style): down -> GELU -> up, placed
+sequentially after each block's attention (residual) and/or parallel to its MLP (scaled)."""
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+from torch import nn
+
+from .base import AdapterError, AdapterSlot, KindSpec, load_slot_state_dict, register_kind, slot_state_dict
+
+POSITIONS = ("attn", "mlp")
+
+
+@dataclass
+class BottleneckConfig:
+    """Down-GELU-up adapters inside encoder blocks.
+
+    `attn`: x_attn <- x_attn + up(gelu(down(x_attn))) on the attention output (sequential).
+    `mlp`: block output gains `scale * up(gelu(down(h)))` where h is the MLP's input (parallel).
+
+    Example:
+        >>> import adapters
+        >>> adapters.config("bottleneck", width=32, positions=["mlp"], scale=0.1).width
+        32
+    """
+
+    kind: ClassVar[str] = "bottleneck"
+    width: Optional[int] = field(default=None, metadata={"help": "bottleneck width (default: embed_dim // 4 like Med-SA's 0.25 ratio)"})
+    positions: List[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"help": "'attn' (sequential), 'mlp' (parallel)"})
+    scale: float = field(default=0.5, metadata={"help": "scale of the parallel MLP adapter"})
+    blocks: Optional[List[int]] = field(default=None, metadata={"help": "encoder block indices (None: all)"})
+
+    def __post_init__(self):
+        self.positions = list(self.positions)
+        bad = [p for p in self.positions if p not in POSITIONS]
+        if bad or not self.positions:
+            raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; choose from {list(POSITIONS)}")
+        if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
+            raise AdapterError(f"bottleneck width={self.width!r} must be a positive integer")
+        if self.blocks is not None:
+            self.blocks = [int(b) for b in self.blocks]
+
+
+class Bottleneck(nn.Module):
+    """down -> GELU -> up, with `up` zero-initialised so a fresh adapter adds exactly zero."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, width)
+        self.act = nn.GELU()
+        self.up = nn.Linear(width, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
+
+
+class BlockAdapters(nn.Module):
+    def __init__(self, dim: int, width: int, positions: List[str], scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.attn = Bottleneck(dim, width) if "attn" in positions else None
+        self.mlp = Bottleneck(dim, width) if "mlp" in positions else None
+
+
+def _attn_hook(block, state):
+    def hook(module, args, output):
+        for name in state.active:
+            if name in block.samadapt_bottleneck and block.samadapt_bottleneck[name].attn is not None:
+                return output + block.samadapt_bottleneck[name].attn(output)
+        return output
+    return hook
+
+
+def _mlp_hook(block, state):
+    def hook(module, args, output):
+        for name in state.active:
+            if name in block.samadapt_bottleneck and block.samadapt_bottleneck[name].mlp is not None:
+                a = block.samadapt_bottleneck[name]
+                return output + a.scale * a.mlp(args[0])
+        return output
+    return hook
+
+
+def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state) -> None:
+    blocks = sam.image_encoder.blocks
+    idx = list(range(len(blocks))) if cfg.blocks is None else cfg.blocks
+    bad = [i for i in idx if not 0 <= i < len(blocks)]
+    if bad or not idx:
+        raise AdapterError(f"bottleneck blocks {bad or idx} out of range; this encoder has blocks 0..{len(blocks) - 1}")
+    dim = sam.image_encoder.embed_dim
+    width = cfg.width or max(1, dim // 4)
+    for i in idx:
+        blk = blocks[i]
+        if "samadapt_bottleneck" not in blk._modules:
+            blk.samadapt_bottleneck = AdapterSlot()
+            # hooks are installed once per block and dispatch on the shared active list
+            blk._samadapt_hooks = [
+                blk.attn.register_forward_hook(_attn_hook(blk, state)),
+                blk.mlp.register_forward_hook(_mlp_hook(blk, state)),
+            ]
+        ref = blk.norm1.weight
+        blk.samadapt_bottleneck[name] = BlockAdapters(dim, width, cfg.positions, cfg.scale).to(ref.device)
+
+
+def remove(sam: nn.Module, name: str, state) -> None:
+    for blk in sam.image_encoder.blocks:
+        slot = blk._modules.get("samadapt_bottleneck")
+        if slot is not None and name in slot:
+            del slot[name]
+            if len(slot) == 0:
+                for h in blk._samadapt_hooks:
+                    h.remove()
+                del blk.samadapt_bottleneck
+                del blk._samadapt_hooks
+
+
+def state_dict(sam, name):
+    return {k: v for k, v in slot_state_dict(sam, name, "image_encoder.").items() if ".samadapt_bottleneck." in k}
+
+
+def load_state_dict(sam, name, sd):
+    own = state_dict(sam, name)
+    _strict(own, sd, "bottleneck")
+    _load(sam, name, sd, "samadapt_bottleneck")
+
+
+def _strict(own, sd, kind):
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise AdapterError(f"{kind} tensors do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shape {wrong[:5]}")
+
+
+def _load(sam, name, sd, slot_attr):
+    for path, mod in sam.named_modules():
+        slot = mod._modules.get(slot_attr)
+        if slot is not None and name in slot:
+            prefix = f"{path}.{slot_attr}."
+            slot[name].load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+
+
+register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove, state_dict, load_state_dict))

@@ -1,0 +1,282 @@
+"""The adapter file: one `.safetensors` holding only the adapter's tensors (name-free, by their
+path in the `Sam` module) and string metadata (JSON where structured). Written atomically."""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .base import (
+    KINDS, AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
+    info, set_trainable, state_of,
+)
+from . import base as _base
+
+FORMAT = "samadapt.adapter/1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RESERVED = {"format", "config", "decoder", "base", "samadapt_version", "name", "dtype"}
+
+
+class AdapterFormatError(AdapterError):
+    """The file is not a readable samadapt adapter of a supported format version."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("samadapt")
+    except Exception:
+        return "0+unknown"
+
+
+def adapter_state_dict(sam: nn.Module, name: str) -> Dict[str, torch.Tensor]:
+    """All tensors of adapter `name` under their canonical (name-free) names."""
+    inf = info(sam, name)
+    out: Dict[str, torch.Tensor] = {}
+    for c in inf.configs:
+        part = KINDS[c.kind].state_dict(sam, name)
+        clash = set(part) & set(out)
+        if clash:
+            raise AdapterError(f"tensor names clash between kinds: {sorted(clash)[:3]}")
+        out.update(part)
+    if inf.decoder == "full":
+        out.update({f"mask_decoder.{k}": v for k, v in sam.adapter_decoders[name].state_dict().items()})
+    elif inf.decoder == "lora":
+        from .lora import decoder_state_dict
+
+        out.update(decoder_state_dict(sam, name))
+    return out
+
+
+def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = "fp32",
+         base_fingerprint: Optional[str] = None, **meta: Any) -> Path:
+    """Write adapter `name` to one `.safetensors` file (atomically: temporary name, then rename).
+
+    Args:
+        sam: the model holding the adapter.
+        path: destination file.
+        name: the attached adapter to save.
+        dtype: `fp32`, `fp16` or `bf16` for the stored tensors.
+        base_fingerprint: the core's fingerprint to record (default: computed now; pass the
+            fp32 core's when training ran on a cast core).
+        **meta: `domain`, `prompt_mode`, `metrics` (dict), `recipe` (YAML text) and any other
+            string or JSON-able values.
+
+    Example:
+        >>> import adapters, tempfile, os
+        >>> from sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
+        >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod", domain="camouflage")
+        >>> adapters.inspect(p)["domain"]
+        'camouflage'
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise AdapterError(f"dtype {dtype!r} not supported; use one of fp32, fp16, bf16")
+    inf = info(sam, name)
+    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in adapter_state_dict(sam, name).items()}
+    bad_meta = sorted(set(meta) & RESERVED)
+    if bad_meta:
+        raise AdapterError(f"metadata keys {bad_meta} are written by samadapt itself; rename them")
+    metadata = {
+        "format": FORMAT,
+        "name": name,
+        "config": json.dumps([config_to_dict(c) for c in inf.configs]),
+        "decoder": json.dumps({"policy": inf.decoder, "r": inf.decoder_r}),
+        "base": json.dumps({"arch": sam.arch, "image_size": sam.image_size,
+                            "fingerprint": base_fingerprint or sam.fingerprint}),
+        "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[DTYPES[dtype]],
+        "samadapt_version": _version(),
+    }
+    meta.setdefault("prompt_mode", "none")
+    meta.setdefault("domain", "")
+    for k, v in meta.items():
+        metadata[k] = v if isinstance(v, str) else json.dumps(v)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _read_header(path: Path) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception as e:
+        raise AdapterFormatError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from None
+    fmt = meta.get("format")
+    if fmt is None:
+        raise AdapterFormatError(f"{path}: a .safetensors file but not a samadapt adapter (no 'format' metadata)")
+    if fmt != FORMAT:
+        raise AdapterFormatError(f"{path}: format {fmt!r} is not supported by this samadapt (reads {FORMAT!r}); "
+                                 f"upgrade samadapt or re-export the adapter")
+    for k in ("config", "decoder", "base"):
+        if k not in meta:
+            raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written by samadapt")
+    meta["_keys"] = keys
+    return meta
+
+
+def _parse(meta: Dict[str, str], path: Path) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in meta.items():
+        if k == "_keys":
+            continue
+        if k in ("config", "decoder", "base", "metrics"):
+            try:
+                out[k] = json.loads(v)
+            except json.JSONDecodeError:
+                raise AdapterFormatError(f"{path}: metadata {k!r} is not valid JSON") from None
+        else:
+            out[k] = v
+    return out
+
+
+def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Metadata and a tensor summary of an adapter file, without a model.
+
+    Returns a dict with the parsed metadata (`format`, `name`, `config`, `decoder`, `base`,
+    `domain`, `prompt_mode`, `metrics`, `recipe`, `samadapt_version`, ...) plus `tensors` (count),
+    `parameters`, `tensor_bytes`, `file_bytes`, `header_bytes` and `parameters_by_kind`.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = _read_header(path)
+    out = _parse(meta, path)
+    by_kind: Dict[str, int] = {}
+    n_params = n_bytes = 0
+    with safe_open(str(path), framework="pt") as f:
+        for k in meta["_keys"]:
+            sl = f.get_slice(k)
+            shape = sl.get_shape()
+            numel = 1
+            for s in shape:
+                numel *= s
+            n_params += numel
+            n_bytes += numel * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
+            kind = ("decoder_lora" if ".lora_" in k else "decoder_full") if k.startswith("mask_decoder.") else \
+                "lora" if ".lora_" in k else "sam_adapter" if "samadapt_sam_adapter" in k else \
+                "bottleneck" if "samadapt_bottleneck" in k else "other"
+            by_kind[kind] = by_kind.get(kind, 0) + numel
+    with open(path, "rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+    out.update(tensors=len(meta["_keys"]), parameters=n_params, tensor_bytes=n_bytes,
+               file_bytes=path.stat().st_size, header_bytes=header + 8, parameters_by_kind=by_kind)
+    return out
+
+
+def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
+    """Raise IncompatibleAdapterError unless `base` (from a file) describes this model."""
+    have = {"arch": sam.arch, "image_size": sam.image_size}
+    if base.get("arch") != have["arch"] or int(base.get("image_size", -1)) != have["image_size"]:
+        raise IncompatibleAdapterError(
+            f"{where} was made for base {base.get('arch')}@{base.get('image_size')} (fingerprint "
+            f"{base.get('fingerprint')}), this model is {have['arch']}@{have['image_size']}; load that base, "
+            f"or pass allow_base_mismatch=True to load anyway"
+        )
+    fp = sam.fingerprint
+    if base.get("fingerprint") != fp:
+        raise IncompatibleAdapterError(
+            f"{where} expects base weights with fingerprint {base.get('fingerprint')} ({base.get('arch')}), "
+            f"this model's is {fp}; load the checkpoint it was trained on, or pass allow_base_mismatch=True to load anyway"
+        )
+
+
+def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
+         allow_base_mismatch: bool = False, activate: bool = True, is_trainable: bool = False) -> str:
+    """Attach the adapter stored in `path` to `sam` (never via pickle) and return its name.
+
+    Args:
+        sam: the frozen model; its fingerprint must match the file's base.
+        path: an adapter `.safetensors` file.
+        name: name to attach it under (default: the name stored in the file).
+        allow_base_mismatch: load even if the file was made for other base weights.
+        activate: make it the active adapter.
+        is_trainable: leave its parameters trainable (to continue training).
+
+    Raises:
+        AdapterFormatError: truncated, foreign or other-version file, or an unknown kind.
+        IncompatibleAdapterError: the file was made for another base (says which).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = _read_header(path)
+    parsed = _parse(meta, path)
+    name = name or parsed.get("name") or path.stem
+    if not allow_base_mismatch:
+        check_base(sam, parsed["base"], str(path))
+    try:
+        configs = [config_from_dict(d) for d in parsed["config"]]
+    except AdapterError as e:
+        raise AdapterFormatError(f"{path}: {e}") from None
+    dec = parsed["decoder"]
+    previous_trainable = [p for p in sam.parameters() if p.requires_grad]
+    attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            file_sd = {k: f.get_tensor(k) for k in meta["_keys"]}
+        _load_tensors(sam, name, file_sd, str(path))
+    except BaseException:
+        detach(sam, name)
+        raise
+    set_trainable(sam, name if is_trainable else None)
+    if not is_trainable:
+        for p in previous_trainable:
+            p.requires_grad_(True)
+    if activate:
+        _base.activate(sam, name)
+    return name
+
+
+def _load_tensors(sam: nn.Module, name: str, file_sd: Dict[str, torch.Tensor], where: str) -> None:
+    inf = info(sam, name)
+    remaining = dict(file_sd)
+
+    def take(expected: Dict[str, torch.Tensor]):
+        part = {}
+        for k, ref in expected.items():
+            if k in remaining:
+                part[k] = remaining.pop(k).to(ref.dtype)
+        return part
+
+    for c in inf.configs:
+        spec = KINDS[c.kind]
+        spec.load_state_dict(sam, name, take(spec.state_dict(sam, name)))
+    if inf.decoder == "full":
+        dec = sam.adapter_decoders[name]
+        part = take({f"mask_decoder.{k}": v for k, v in dec.state_dict().items()})
+        try:
+            dec.load_state_dict({k[len("mask_decoder."):]: v for k, v in part.items()}, strict=True)
+        except RuntimeError as e:
+            raise AdapterFormatError(f"{where}: decoder tensors do not fit ({str(e).splitlines()[0]})") from None
+    elif inf.decoder == "lora":
+        from .lora import decoder_state_dict, load_decoder_state_dict
+
+        load_decoder_state_dict(sam, name, take(decoder_state_dict(sam, name)))
+    if remaining:
+        raise AdapterFormatError(f"{where}: {len(remaining)} tensor(s) belong to no configured kind: {sorted(remaining)[:5]}")
+    sam.generation += 1
