@@ -76,8 +76,10 @@ __all__ = [
     "METRICS",
 ]
 
-# MATLAB's eps (distance from 1.0 to the next double), as pysodmetrics uses.
-_EPS = float(np.spacing(1))
+# MATLAB's eps (distance from 1.0 to the next double), as pysodmetrics uses.  Kept as a
+# numpy float64 scalar on purpose: adding it promotes float32 intermediates to float64,
+# exactly as in the reference, so float32 predictions give the same numbers.
+_EPS = np.spacing(np.float64(1))
 
 _E_MODES = ("adaptive", "mean", "max")
 
@@ -235,7 +237,8 @@ def _enhanced_alignment_sum(tp, fp, n_fg: int, n: int):
     pred_hi, pred_lo = 1 - mu_pred, 0 - mu_pred  # demeaned values of predicted fg / bg
     gt_hi, gt_lo = 1 - mu_gt, 0 - mu_gt  # demeaned values of gt fg / bg
     total = 0
-    for count, a, b in ((tp, pred_hi, gt_hi), (fp, pred_hi, gt_lo), (fn, pred_lo, gt_hi), (tn, pred_lo, gt_lo)):
+    parts = ((tp, pred_hi, gt_hi), (fp, pred_hi, gt_lo), (fn, pred_lo, gt_hi), (tn, pred_lo, gt_lo))
+    for count, a, b in parts:
         align = 2 * (a * b) / (a**2 + b**2 + _EPS)
         total = total + (align + 1) ** 2 / 4 * count
     return total
