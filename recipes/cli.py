@@ -1,0 +1,179 @@
+"""`samadapt` command line: demo, train, eval, predict, inspect, serve.
+
+User errors (bad path, bad recipe, wrong adapter for this base, unreadable image) print one line
+`error: ...` to stderr and exit 2, with no traceback and no partial output files.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+class UserError(Exception):
+    pass
+
+
+def _user_errors():
+    from adapters import AdapterError
+    from sam_core import CheckpointError
+
+    from .config import RecipeError
+    from .trainer import TrainingError
+
+    errs = [UserError, AdapterError, CheckpointError, RecipeError, TrainingError, FileNotFoundError, NotADirectoryError,
+            PermissionError]
+    try:
+        from .data import EmptyDatasetError, ImageReadError, UnpairedFilesError
+
+        errs += [EmptyDatasetError, ImageReadError, UnpairedFilesError]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def cmd_train(args) -> int:
+    from .config import load_recipe
+    from .trainer import train
+
+    cfg = load_recipe(args.recipe, args.set)
+    train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, quick=args.quick, overrides=args.set)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
+def cmd_inspect(args) -> int:
+    import adapters
+
+    info = adapters.inspect(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    rows = []
+    for k in ("name", "format", "domain", "prompt_mode", "samadapt_version", "dtype"):
+        if k in info:
+            rows.append((k, str(info[k])))
+    base = info.get("base", {})
+    rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
+    dec = info.get("decoder", {})
+    rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
+    for c in info.get("config", []):
+        settings = ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind")
+        rows.append((f"kind {c.get('kind')}", settings))
+    rows.append(("tensors", f"{info['tensors']} tensors, {info['parameters']:,} parameters"))
+    for k, v in sorted(info["parameters_by_kind"].items()):
+        rows.append((f"  {k}", f"{v:,} parameters"))
+    rows.append(("size", f"{info['file_bytes']:,} bytes ({info['tensor_bytes']:,} tensor + {info['header_bytes']:,} header)"))
+    metrics = info.get("metrics")
+    if isinstance(metrics, dict):
+        flat = metrics.get("eval", metrics)
+        if isinstance(flat, dict):
+            rows.append(("metrics", "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items())))
+    if info.get("recipe"):
+        rows.append(("recipe", f"{len(info['recipe'].splitlines())} lines of resolved YAML (--json shows it)"))
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    return run_predict(args)
+
+
+def cmd_serve(args) -> int:
+    from .serve import run_server
+
+    return run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samadapt", description="Parameter-efficient domain adaptation of Segment Anything")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train a camouflage adapter on the tiny core and compare it with the frozen core")
+    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train an adapter from a YAML recipe")
+    t.add_argument("recipe", help="recipe YAML path or built-in name (camouflage, shadow, polyp, demo)")
+    t.add_argument("--data", nargs="+", help="dataset folder(s) (overrides data.root)")
+    t.add_argument("--base", help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
+    t.add_argument("--out", help="run directory (default: output.dir or runs/<name>)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate the frozen core and an adapter on a dataset")
+    e.add_argument("--adapter", help="adapter .safetensors (omit: the frozen core only)")
+    e.add_argument("--base", help="SAM checkpoint (default: the recipe's base)")
+    e.add_argument("--recipe", default="demo", help="recipe for data/prompt/metric settings")
+    e.add_argument("--data", nargs="+", help="dataset folder(s)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", help="write the metrics here as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
+    pr.add_argument("--adapter", help="adapter .safetensors")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--box", help="x0,y0,x1,y1 box prompt")
+    pr.add_argument("--point", action="append", default=[], help="x,y[,label] point prompt (repeatable)")
+    pr.add_argument("--prompts", help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}")
+    pr.add_argument("--auto", action="store_true", help="automatic mask generation (point grid)")
+    pr.add_argument("--points-per-side", type=int, default=32)
+    pr.add_argument("--probs", action="store_true", help="also write probability maps")
+    pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
+    s.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
+    s.add_argument("--adapters", required=True, help="folder of adapter .safetensors files")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--capacity", type=int, default=8, help="adapters kept resident")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)) and getattr(e, "filename", None):
+            msg = f"{e.strerror}: {e.filename}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Recipe files: YAML validated against one schema before anything runs.
+
+Every key has a default here; a recipe overrides some. An unknown key is an error that suggests
+the nearest valid one, a value of the wrong type is an error naming the expected type, and
+`--set a.b=value` overrides any key (the value is parsed as YAML).
+"""
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import yaml
+
+ANY = object()  # a leaf that takes any value (e.g. a list of adapter kind settings)
+
+SCHEMA: Dict[str, Any] = {
+    "name": "run",
+    "domain": "",
+    "base": {
+        "checkpoint": None,      # SAM checkpoint path (Meta .pth, .safetensors, HF folder); None: see `arch`
+        "arch": "tiny",          # vit_b | vit_l | vit_h | tiny
+        "image_size": None,      # encoder input side (None: the checkpoint's / arch's)
+        "pretrained_tiny": True,  # tiny with no checkpoint: use the committed pretrained tiny core
+    },
+    "adapter": {
+        "name": "adapter",
+        "kinds": ANY,            # list of {kind: ..., setting: value}
+        "decoder": "frozen",     # frozen | full | lora
+        "decoder_r": 4,
+    },
+    "data": {
+        "root": None,            # dataset folder(s): a path or a list (or --data)
+        "layout": "auto",        # auto | generic | cod10k | camo | istd | sbu | kvasir | cvc_clinicdb
+        "train_split": "train",
+        "eval_split": "test",
+        "val_fraction": 0.1,     # held-out share when a layout has no test split
+        "synthetic": None,       # generic | camouflage | shadow | polyp: generated data instead of a folder
+        "synthetic_train_size": 256,
+        "synthetic_eval_size": 32,
+        "synthetic_image_size": 256,
+        "num_workers": 0,
+        "strict": False,         # images without masks: error instead of warning
+    },
+    "augment": {
+        "domain": None,          # augmentation pipeline (None: the recipe's domain)
+        "enabled": True,
+    },
+    "prompts": {
+        "mode": "none",          # none | box | points | box+points | mixed
+        "box_jitter": 0.1,       # std of box-side noise, as a fraction of the box side
+        "n_pos": 1,
+        "n_neg": 0,
+        "correction_rounds": 0,  # iterative correction clicks sampled from the previous prediction's errors
+        "multimask": False,      # train on the best of 3 masks (ambiguous single-point prompts)
+    },
+    "loss": {                    # weights; 0 disables a term
+        "bce": 0.0,
+        "balanced_bce": 0.0,
+        "iou": 0.0,
+        "focal": 0.0,
+        "dice": 0.0,
+        "iou_mse": 0.0,
+    },
+    "train": {
+        "epochs": 10,
+        "max_steps": None,       # stop after this many optimizer steps (None: epochs decide)
+        "batch_size": 4,
+        "grad_accum": 1,
+        "lr": 2e-4,
+        "weight_decay": 1e-4,
+        "scheduler": "cosine",   # cosine | constant
+        "warmup_steps": 0,
+        "mixed_precision": "no",  # no | bf16 | fp16
+        "grad_checkpointing": False,
+        "max_grad_norm": 1.0,
+        "seed": 0,
+        "log_every": 10,
+        "checkpoint_every": 100,  # optimizer steps between checkpoints (and at each epoch end)
+        "keep_checkpoints": 2,
+        "full_core": False,      # train the whole core instead of adapters (used to pretrain the tiny core)
+    },
+    "eval": {
+        "metrics": ["s_measure", "e_measure_mean", "weighted_f", "mae"],
+        "select": "s_measure",   # metric that picks the best epoch
+        "every_epochs": 1,
+        "baseline": True,        # also evaluate the frozen core
+        "samples": 4,            # overlays written per evaluation
+        "batch_size": 8,
+    },
+    "output": {
+        "dir": None,             # run directory (default runs/<name>)
+        "dtype": "fp32",         # adapter file dtype: fp32 | fp16 | bf16
+    },
+}
+
+NULLABLE_TYPES = {
+    ("base", "checkpoint"): str, ("base", "image_size"): int, ("data", "root"): (str, list),
+    ("data", "synthetic"): str, ("augment", "domain"): str, ("train", "max_steps"): int, ("output", "dir"): str,
+}
+CHOICES = {
+    ("base", "arch"): ["vit_b", "vit_l", "vit_h", "tiny"],
+    ("adapter", "decoder"): ["frozen", "full", "lora"],
+    ("data", "layout"): ["auto", "generic", "cod10k", "camo", "istd", "sbu", "kvasir", "cvc_clinicdb"],
+    ("data", "synthetic"): [None, "generic", "camouflage", "shadow", "polyp"],
+    ("prompts", "mode"): ["none", "box", "points", "box+points", "mixed"],
+    ("train", "scheduler"): ["cosine", "constant"],
+    ("train", "mixed_precision"): ["no", "bf16", "fp16"],
+    ("output", "dtype"): ["fp32", "fp16", "bf16"],
+}
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message lists every bad key with its fix."""
+
+
+def _paths(schema: Dict[str, Any], prefix=()) -> List[tuple]:
+    out = []
+    for k, v in schema.items():
+        if isinstance(v, dict):
+            out.extend(_paths(v, prefix + (k,)))
+        else:
+            out.append(prefix + (k,))
+    return out
+
+
+def _suggest(bad: str, candidates: Iterable[str]) -> str:
+    near = difflib.get_close_matches(bad, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) -> Dict[str, Any]:
+    if not isinstance(node, dict):
+        errors.append(f"{'.'.join(prefix) or 'recipe'} must be a mapping, got {type(node).__name__}")
+        return copy.deepcopy(schema)
+    out = {}
+    for k, v in node.items():
+        path = prefix + (k,)
+        dotted = ".".join(path)
+        if k not in schema:
+            full = [".".join(p) for p in _paths(SCHEMA)]
+            errors.append(f"unknown key {dotted!r}{_suggest(dotted, full) or _suggest(str(k), schema)}")
+            continue
+        default = schema[k]
+        if isinstance(default, dict):
+            out[k] = _check(v, default, path, errors)
+            continue
+        if default is ANY:
+            out[k] = v
+            continue
+        expected = NULLABLE_TYPES.get(path) if default is None else type(default)
+        if v is not None or default is not None:
+            if v is None and default is not None:
+                errors.append(f"{dotted} may not be null; give a {type(default).__name__} like {default!r}")
+            elif expected is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            elif expected is not None and not isinstance(v, expected) or isinstance(v, bool) and expected in (int, float):
+                name = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+                errors.append(f"{dotted}={v!r} should be a {name}")
+        if path in CHOICES and v not in CHOICES[path]:
+            errors.append(f"{dotted}={v!r} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}")
+        out[k] = v
+    for k, default in schema.items():
+        if k not in out and not any(e.startswith(f"unknown key {'.'.join(prefix + (k,))!r}") for e in errors):
+            out[k] = copy.deepcopy(default) if default is not ANY else []
+    return out
+
+
+def set_value(raw: Dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=value` override to a raw (unvalidated) recipe dict."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r} needs the form key.path=value, e.g. train.lr=1e-4")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = parsed
+
+
+def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Check a raw recipe dict against the schema; returns it with every default filled in."""
+    errors: List[str] = []
+    cfg = _check(raw or {}, SCHEMA, (), errors)
+    if not errors:
+        kinds = cfg["adapter"]["kinds"]
+        if not isinstance(kinds, list):
+            errors.append("adapter.kinds must be a list of {kind: ..., ...} mappings")
+        else:
+            import adapters
+
+            for i, k in enumerate(kinds):
+                if not isinstance(k, dict) or "kind" not in k:
+                    errors.append(f"adapter.kinds[{i}] must be a mapping with a 'kind' key")
+                    continue
+                settings = {kk: vv for kk, vv in k.items() if kk != "kind"}
+                try:
+                    adapters.config(k["kind"], **settings)
+                except (ValueError, TypeError) as e:
+                    errors.append(f"adapter.kinds[{i}]: {e}")
+        if not cfg["train"]["full_core"] and not kinds and cfg["adapter"]["decoder"] == "frozen":
+            errors.append("nothing to train: add adapter.kinds or set adapter.decoder to full or lora")
+        if sum(cfg["loss"].values()) <= 0:
+            errors.append("every loss weight is 0; set at least one of " + ", ".join(f"loss.{k}" for k in SCHEMA["loss"]))
+        from .metrics import METRICS
+
+        bad = [m for m in cfg["eval"]["metrics"] if m not in METRICS]
+        if bad:
+            errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
+        if cfg["eval"]["select"] not in METRICS:
+            errors.append(f"eval.select={cfg['eval']['select']!r} unknown; choose from {sorted(METRICS)}")
+        if cfg["train"]["batch_size"] < 1 or cfg["train"]["grad_accum"] < 1:
+            errors.append("train.batch_size and train.grad_accum must be >= 1")
+    if errors:
+        if len(errors) == 1:
+            raise RecipeError(f"recipe: {errors[0]}")
+        raise RecipeError("recipe has %d problems: %s" % (len(errors), "; ".join(errors)))
+    return cfg
+
+
+BUILTIN = Path(__file__).parent
+
+
+def resolve_path(recipe: Union[str, Path]) -> Path:
+    """A recipe file path, or the name of a built-in recipe (`camouflage`, `shadow`, `polyp`, `demo`)."""
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    builtin = BUILTIN / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
+    if p.parent == Path(".") and builtin.is_file():
+        return builtin
+    names = sorted(x.stem for x in BUILTIN.glob("*.yaml"))
+    raise RecipeError(f"recipe {str(recipe)!r} not found; give a YAML path or one of {names}")
+
+
+def load_recipe(recipe: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Read, override and validate a recipe.
+
+    Example:
+        >>> from recipes.config import load_recipe
+        >>> load_recipe("demo", ["train.lr=1e-3"])["train"]["lr"]
+        0.001
+    """
+    if isinstance(recipe, dict):
+        raw = copy.deepcopy(recipe)
+    else:
+        path = resolve_path(recipe)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for o in overrides or []:
+        set_value(raw, o)
+    return validate(raw)
+
+
+def dump(cfg: Dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
