@@ -39,7 +39,7 @@ SCHEMA: Dict[str, Any] = {
         "synthetic_eval_size": 32,
         "synthetic_image_size": 256,
         "num_workers": 0,
-        "strict": False,         # images without masks: error instead of warning
+        "strict": True,          # images without masks are an error naming them (false: skip them with a warning)
     },
     "augment": {
         "domain": None,          # augmentation pipeline (None: the recipe's domain)
@@ -123,6 +123,14 @@ def _paths(schema: Dict[str, Any], prefix=()) -> List[tuple]:
     return out
 
 
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
 def _suggest(bad: str, candidates: Iterable[str]) -> str:
     near = difflib.get_close_matches(bad, list(candidates), n=1, cutoff=0.5)
     return f"; did you mean {near[0]!r}?" if near else ""
@@ -153,6 +161,8 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
                 errors.append(f"{dotted} may not be null; give a {type(default).__name__} like {default!r}")
             elif expected is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
+            elif expected is float and isinstance(v, str) and _is_float(v):
+                v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
             elif expected is not None and not isinstance(v, expected) or isinstance(v, bool) and expected in (int, float):
                 name = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
                 errors.append(f"{dotted}={v!r} should be a {name}")

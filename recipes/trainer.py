@@ -446,6 +446,9 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
         log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-write leaves only temporary names behind: clear them
+        for stale in list(run_dir.glob(".*.tmp")) + list((run_dir / "checkpoints").glob(".tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
         accelerator.init_trackers("train")
 

@@ -3,6 +3,7 @@ checkpoints (file or folder) and plain state dicts. Conversions are pure functio
 dicts, in the spirit of timm's `checkpoint_filter_fn`; loading is strict."""
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -32,13 +33,27 @@ def _read_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e}); is it truncated or of another format?") from None
 
 
+def _torch_load_reason(e: Exception) -> str:
+    # torch's weights-only refusal starts with advice to re-run with weights_only=False; never give it.
+    # Report what was refused (the pickled global) or the unpickler's own complaint instead.
+    text = str(e)
+    if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m:
+            return f"it pickles a non-tensor object ({m.group(1)}), refused without running it"
+        m = re.search(r"(Unsupported operand \S+|Unsupported class \S+|[A-Za-z ]*Unpickler error: .+)", text)
+        detail = f": {m.group(1).strip()}" if m else ""
+        return f"not a pickle of tensors{detail}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_torch(path: Path) -> StateDict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({msg}); is it truncated, or a pickle of more than tensors?"
+            f"{path}: not a readable PyTorch checkpoint ({_torch_load_reason(e)}); "
+            f"is it truncated, or a pickle of more than tensors?"
         ) from None
     return _unwrap(obj, str(path))
 
@@ -80,11 +95,18 @@ def read_state_dict(source: Union[str, os.PathLike]) -> StateDict:
         return _read_hf_folder(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file; expected a SAM checkpoint")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or head[:2] == b"PK" or head[:1] == b"\x80":
         return _read_torch(path)  # a zip (torch.save) or a legacy torch file
-    return _read_safetensors(path)
+    try:
+        return _read_safetensors(path)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{path}: not a checkpoint: neither a torch.save file nor a .safetensors file"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- key conversion
@@ -232,11 +254,23 @@ def infer_spec(sd: Mapping[str, torch.Tensor]) -> Tuple[SamArch, int]:
     return spec, grid * PATCH_SIZE
 
 
+def _fits(spec: SamArch, found: Mapping, sd: Mapping[str, torch.Tensor], grid: int) -> bool:
+    # Global and windowed blocks are told apart by the arch's own indexes, not by table length:
+    # when the grid equals the window (tiny at 128 px, vit_b at 224 px) both lengths are equal.
+    if any(getattr(spec, k) != v for k, v in found.items() if k not in ("global_attn_indexes", "window_size")):
+        return False
+    return all(
+        sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0]
+        == (2 * grid - 1 if i in spec.global_attn_indexes else 2 * spec.window_size - 1)
+        for i in range(spec.depth)
+    )
+
+
 def detect_arch(sd: Mapping[str, torch.Tensor]) -> Tuple[str, int]:
     """Name of the known arch whose numbers match the shapes, and the checkpoint's image size."""
     found, native = infer_spec(sd)
     for name, spec in ARCHS.items():
-        if all(getattr(spec, k) == v for k, v in found.items()):
+        if _fits(spec, found, sd, native // PATCH_SIZE):
             return name, native
     desc = ", ".join(f"{k}={v}" for k, v in found.items())
     raise CheckpointError(f"checkpoint matches no known arch ({desc}); known: {sorted(ARCHS)}")
@@ -250,9 +284,12 @@ def _resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     return r.to(dtype).contiguous()
 
 
-def resize_for_image_size(sd: StateDict, image_size: int, window_size: int) -> StateDict:
+def resize_for_image_size(
+    sd: StateDict, image_size: int, window_size: int, global_attn_indexes: Optional[Tuple[int, ...]] = None
+) -> StateDict:
     """Resample the absolute position table and the global blocks' relative-position tables of a
-    checkpoint made at another input size (e.g. 1024 -> 512)."""
+    checkpoint made at another input size (e.g. 1024 -> 512). Pass `global_attn_indexes` where the
+    checkpoint's grid may equal the window (then table lengths cannot tell the blocks apart)."""
     grid = image_size // PATCH_SIZE
     pos = sd["image_encoder.pos_embed"]
     if pos.shape[1] == grid and pos.shape[2] == grid:
@@ -261,19 +298,55 @@ def resize_for_image_size(sd: StateDict, image_size: int, window_size: int) -> S
     sd = dict(sd)
     sd["image_encoder.pos_embed"] = resample_abs_pos_embed_nhwc(pos, [grid, grid]).contiguous()
     for k in list(sd):
-        if re.match(r"image_encoder\.blocks\.\d+\.attn\.rel_pos_[hw]$", k) and sd[k].shape[0] == 2 * old_grid - 1:
+        m = re.match(r"image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]$", k)
+        if not m:
+            continue
+        if global_attn_indexes is not None:
+            is_global = int(m.group(1)) in global_attn_indexes
+        else:
+            is_global = sd[k].shape[0] == 2 * old_grid - 1
+        if is_global:
             sd[k] = _resize_rel_pos(sd[k], 2 * grid - 1)
     return sd
 
 
 # ---------------------------------------------------------------------------- strict loading
-def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Raise `CheckpointError` naming every missing, unexpected or wrongly shaped key."""
+def _file_key_names(raw: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    """Our key -> the key as the file spells it (conversions keep the tensor objects)."""
+    by_id: Dict[int, Optional[str]] = {}
+    for k, v in raw.items():
+        by_id[id(v)] = k if id(v) not in by_id else None  # a tensor under two names: ambiguous
+    return {k: by_id[id(v)] for k, v in converted.items() if by_id.get(id(v))}
+
+
+def _name_missing(key: str, names: Mapping[str, str], fmt: Optional[str]) -> str:
+    # A missing key has no tensor to trace; a converted sibling of the same module gives the file's spelling.
+    parent, _, leaf = key.rpartition(".")
+    for ours, theirs in names.items():
+        if ours.rpartition(".")[0] == parent and ours != theirs:
+            return f"{theirs.rpartition('.')[0]}.{leaf}"
+    if fmt == "meta" and key.startswith("image_encoder."):
+        return key.replace(".mlp.fc1.", ".mlp.lin1.").replace(".mlp.fc2.", ".mlp.lin2.")
+    return key
+
+
+def check_state_dict(
+    model: torch.nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    what: str = "checkpoint",
+    names: Optional[Mapping[str, str]] = None,
+    fmt: Optional[str] = None,
+) -> None:
+    """Raise `CheckpointError` naming every missing, unexpected or wrongly shaped key.
+
+    `names` maps our key names to the checkpoint's own (so that messages name keys as the file
+    spells them); `fmt` is the detected format."""
+    names = dict(names or {})
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-             if k in sd and sd[k].shape != expected[k].shape]
+    missing = [_name_missing(k, names, fmt) for k in expected if k not in sd]
+    unexpected = [names.get(k, k) for k in sd if k not in expected]
+    wrong = [f"{names.get(k, k)}: {tuple(sd[k].shape)} in checkpoint vs {tuple(expected[k].shape)} in model"
+             for k in expected if k in sd and sd[k].shape != expected[k].shape]
 
     def few(xs):
         return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
@@ -321,13 +394,17 @@ def load_sam(
         sd, fmt = to_samadapt_keys(raw)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    detected, native = detect_arch(sd)
+    names = _file_key_names(raw, sd)
+    try:
+        detected, native = detect_arch(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     if arch is not None and arch != detected:
         raise CheckpointError(f"{where} holds a {detected} model, not {arch}; pass arch={detected!r} or another file")
     size = native if image_size is None else image_size
     sam = build_sam(detected, image_size=size)
-    sd = resize_for_image_size(sd, sam.image_size, sam.spec.window_size)
-    check_state_dict(sam, sd, what=where)
+    sd = resize_for_image_size(sd, sam.image_size, sam.spec.window_size, sam.spec.global_attn_indexes)
+    check_state_dict(sam, sd, what=where, names=names, fmt=fmt)
     expected = sam.state_dict()
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     sam.load_state_dict(sd, strict=True)

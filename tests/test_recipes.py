@@ -1,0 +1,150 @@
+"""Recipes: validation, the CLI's user errors, exact resume after SIGKILL, multi-process launch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from recipes.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["base.pretrained_tiny=false", "data.synthetic_train_size=16", "data.synthetic_eval_size=4",
+         "train.batch_size=4", "eval.baseline=false", "eval.samples=1", "data.synthetic_image_size=128",
+         "base.image_size=128"]
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("name", ["demo", "camouflage", "shadow", "polyp", "tiny_pretrain"])
+def test_builtin_recipes_validate(name):
+    cfg = load_recipe(name)
+    assert cfg["name"]
+    # every key the schema knows is present after validation
+    assert set(cfg["train"]) >= {"lr", "epochs", "batch_size"}
+
+
+def test_recipe_errors_suggest_nearest_key():
+    with pytest.raises(RecipeError, match=r"unknown key 'train.lerning_rate'|did you mean"):
+        load_recipe("demo", ["train.lerning_rate=1"])
+    with pytest.raises(RecipeError, match="did you mean 'train.lr'"):
+        load_recipe("demo", ["train.lt=1"])
+    with pytest.raises(RecipeError, match="should be a float"):
+        load_recipe("demo", ["train.lr=fast"])
+    with pytest.raises(RecipeError, match="not one of"):
+        load_recipe("demo", ["adapter.decoder=half"])
+    with pytest.raises(RecipeError, match="unknown adapter kind"):
+        load_recipe("demo", ["adapter.kinds=[{kind: lorra}]"])
+    assert load_recipe("demo", ["train.lr=1e-4"])["train"]["lr"] == 1e-4
+
+
+def _no_output(path: Path):
+    assert not path.exists(), f"{path} was created: {list(path.rglob('*'))}"
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path):
+    from recipes.synthetic import write_synthetic_folder
+
+    out = tmp_path / "run"
+    cases = []
+    cases.append(("missing data folder", ["train", "demo", "--data", str(tmp_path / "nope"), "--out", str(out)]))
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    cases.append(("empty dataset", ["train", "demo", "--data", str(empty), "--out", str(out)]))
+    unpaired = tmp_path / "unpaired"
+    write_synthetic_folder("camouflage", unpaired, 3, 64, 0)
+    victim = sorted((unpaired / "masks").iterdir())[0]
+    victim.unlink()
+    cases.append(("images without masks", ["train", "demo", "--data", str(unpaired), "--out", str(out),
+                                           "--set", "base.pretrained_tiny=false"]))
+    cases.append(("misspelt key", ["train", "demo", "--set", "train.epocs=2", "--out", str(out)]))
+    cases.append(("unknown recipe", ["train", "nosuchrecipe", "--out", str(out)]))
+    # a checkpoint of another arch than the recipe's
+    from sam_core import build_sam
+    ck = tmp_path / "tiny.pth"
+    torch.save(build_sam("tiny").state_dict(), ck)
+    cases.append(("other arch", ["train", "camouflage", "--base", str(ck), "--data", str(unpaired), "--out", str(out)]))
+    cases.append(("bad adapter file", ["inspect", str(ck)]))
+    for what, args in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (what, r.returncode, r.stderr[-2000:])
+        lines = [l for l in r.stderr.strip().splitlines() if not l.startswith(("WARNING", "warn")) and "Warning" not in l]
+        assert lines and lines[-1].startswith("error: "), (what, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (what, r.stderr[-2000:])
+        _no_output(out)
+    assert victim.stem in run_cli(*cases[2][1]).stderr  # the unpaired image is named
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    # an absurd learning rate drives the weights to inf and the loss to NaN after a few steps
+    r = run_cli("train", "demo", "--out", str(out), "--quiet", *sum([["--set", s] for s in SMALL], []),
+                "--set", "train.lr=1e30", "--set", "train.checkpoint_every=1", "--set", "train.epochs=4",
+                "--set", "train.max_grad_norm=0.0", "--set", "train.warmup_steps=0")
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: loss became") and "at step" in err and "Traceback" not in r.stderr
+    cks = sorted((out / "checkpoints").glob("step_*"))
+    assert cks, "the last good checkpoint must be kept"
+    step = int(err.split("at step ")[1].split(";")[0])
+    assert int(cks[-1].name.split("_")[1]) <= step
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    common = ["--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=3",
+              "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=10"]
+    full = tmp_path / "full"
+    r = run_cli("train", "demo", "--out", str(full), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.Popen([sys.executable, "-m", "recipes.cli", "train", "demo", "--out", str(killed), *common],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((killed / "checkpoints").glob("step_00000004")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert list((killed / "checkpoints").glob("step_*")), "no checkpoint before the kill"
+    r = run_cli("train", "demo", "--out", str(killed), "--resume", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _adapter_tensors(full / "adapter.safetensors"), _adapter_tensors(killed / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # nothing half written: no temporary names left anywhere
+    assert not [p for p in killed.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recipes.cli", "train", "demo", "--out", str(out),
+           "--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    files = list(out.glob("*.safetensors"))
+    assert [f.name for f in files] == ["adapter.safetensors"]
+    import adapters
+    info = adapters.inspect(out / "adapter.safetensors")
+    assert info["metrics"]["eval"]["s_measure"] == info["metrics"]["eval"]["s_measure"]  # not NaN
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"]
