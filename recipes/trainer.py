@@ -60,6 +60,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- model
+def load_base(base: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
+    """`base` checkpoint, or the committed pretrained tiny core when None (CLI default)."""
+    if base:
+        return load_sam(base, image_size=image_size)
+    if not TINY_CORE.is_file():
+        raise CheckpointError(f"no --base given and the pretrained tiny core {TINY_CORE} is missing; pass --base CKPT")
+    return load_sam(TINY_CORE, image_size=image_size)
+
+
 def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
     """The frozen core named by the recipe (`--base` overrides `base.checkpoint`)."""
     b = cfg["base"]
@@ -372,6 +381,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     run_dir = Path(out_dir or cfg["output"]["dir"] or Path("runs") / cfg["name"])
 
     # -------- everything that can fail on user input is checked before anything is written
+    set_seed(t["seed"])  # before the core is built: a randomly initialised core must be reproducible too
     sam = build_core(cfg, base)
     fp32_fingerprint = sam.fingerprint
     image_size = sam.image_size
@@ -479,7 +489,12 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
         sampler_ref.set_epoch(epoch)
         train_ds.epoch = epoch
         model.train()
+        # the prepared loader re-seeds its sampler with its own iteration count on every pass:
+        # pin it to the epoch so a resumed process sees the same order
+        train_dl.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         batch_i = skip
         skip = 0
         for batch in loader:
