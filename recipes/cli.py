@@ -176,4 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so exception classes are the ones other modules raise
+    from recipes.cli import main as _main
+
+    sys.exit(_main())

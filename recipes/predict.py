@@ -1,0 +1,645 @@
+"""`samadapt predict`: masks for many images with a frozen core and an optional adapter.
+
+Modes
+-----
+* promptless (no ``--box``/``--point``/``--prompts``): the decoder runs with no prompt at all,
+  the setting promptless adapters (``prompt_mode: none``) are trained in;
+* prompted: ``--box x0,y0,x1,y1`` and/or ``--point x,y[,label]`` (repeatable, label 1 =
+  foreground by default, 0 = background), in original-image pixels, used for every image; or
+  ``--prompts FILE.json``, per image (see :func:`load_prompts_file`);
+* ``--auto``: automatic mask generation from a point grid (``--points-per-side``).
+
+Outputs (in ``--out``, each written atomically: temporary name, then ``os.replace``)
+-------------------------------------------------------------------------------------
+* ``<stem>.png``: the binary mask (0/255) at the original image size; when an image gets
+  several masks (several prompt sets for it) ``<stem>_<k>.png``, k = 0, 1, ... in file order;
+* ``<stem>_prob.png`` (``<stem>_<k>_prob.png``) with ``--probs``: sigmoid of the logits, 0..255;
+* ``<stem>_overlay.png`` unless ``--no-overlay``: the masks tinted over the image;
+* ``--auto``: ``<stem>_auto.png`` (label map: pixel value i is entry i-1 of the JSON list; 16-bit
+  when there are more than 255 masks; smaller masks painted over larger ones) and
+  ``<stem>_auto.json`` (list of {label, area, bbox [x, y, w, h], predicted_iou, stability_score},
+  largest first), plus the overlay.
+
+Images are streamed: files are read a batch ahead in a background thread, each batch of
+``--batch-size`` images is encoded in one ``sam.encode_image`` call, decoded per image and
+written, so memory stays bounded whatever the number of images.
+
+Errors: a bad base, adapter, output folder, image path or prompt exits 2 before anything is
+written. An image that cannot be read (or fails later) is reported as ``error: <file>: ...`` on
+stderr, the others are still written, and the exit code is 1 at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .cli import UserError
+from .config import RecipeError
+from .data import IMAGE_EXTENSIONS, list_images
+
+__all__ = ["PredictError", "PromptError", "run_predict", "parse_box", "parse_point", "load_prompts_file", "collect_images"]
+
+# tint colours of the overlays (RGB), one per mask, cycled
+PALETTE = np.array([
+    (255, 40, 40), (40, 200, 255), (60, 230, 60), (255, 200, 0), (230, 60, 230), (255, 128, 0),
+    (0, 128, 255), (160, 255, 60), (255, 80, 160), (0, 220, 180),
+], dtype=np.float32)
+OVERLAY_ALPHA = 0.5
+
+# A prompt set: {"points": N x 2 float array | None, "labels": N int array | None, "box": 4 floats | None}
+PromptSet = Dict[str, Optional[np.ndarray]]
+
+
+class PredictError(UserError, RecipeError):
+    """A user error of `samadapt predict` (exit 2, nothing written).
+
+    Also a `RecipeError`: under `python -m recipes.cli` the CLI module runs as `__main__` with a
+    `UserError` class of its own, and it still catches this one."""
+
+
+class PromptError(PredictError):
+    """A malformed --box / --point string or prompts file (exit 2, nothing written)."""
+
+
+# ----------------------------------------------------------------------------- prompt parsing
+def _numbers(text: str, what: str, counts: Sequence[int]) -> List[float]:
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in counts or not all(math.isfinite(v) for v in vals):
+        raise PromptError(f"{what} {text!r} is malformed")
+    return vals
+
+
+def _check_box(vals: Sequence[float], where: str) -> np.ndarray:
+    try:
+        box = np.asarray(vals, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise PromptError(f"{where}: box {vals!r} is not 4 numbers x0, y0, x1, y1") from None
+    if box.size != 4 or not np.isfinite(box).all():
+        raise PromptError(f"{where}: box {vals!r} is not 4 finite numbers x0, y0, x1, y1")
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise PromptError(f"{where}: box {list(vals)} has x1 <= x0 or y1 <= y0; give x0,y0,x1,y1 (top-left, bottom-right)")
+    return box
+
+
+def parse_box(text: str) -> np.ndarray:
+    """``"x0,y0,x1,y1"`` -> float array of 4 (original-image pixels).
+
+    Example:
+        >>> parse_box("10, 20, 110, 80").tolist()
+        [10.0, 20.0, 110.0, 80.0]
+    """
+    vals = _numbers(text, "--box", (4,))
+    return _check_box(vals, f"--box {text!r}")
+
+
+def _check_label(label: float, where: str) -> int:
+    if label not in (0.0, 1.0):
+        raise PromptError(f"{where}: point label {label:g} is not 1 (foreground) or 0 (background)")
+    return int(label)
+
+
+def parse_point(text: str) -> Tuple[float, float, int]:
+    """``"x,y[,label]"`` -> (x, y, label); label 1 (foreground, the default) or 0 (background).
+
+    Example:
+        >>> parse_point("30,40"), parse_point("5,6,0")
+        ((30.0, 40.0, 1), (5.0, 6.0, 0))
+    """
+    vals = _numbers(text, "--point", (2, 3))
+    label = _check_label(vals[2], f"--point {text!r}") if len(vals) == 3 else 1
+    return vals[0], vals[1], label
+
+
+def _prompt_set(box: Optional[np.ndarray], points: Sequence[Sequence[float]]) -> PromptSet:
+    pts = np.asarray([p[:2] for p in points], dtype=float).reshape(-1, 2) if points else None
+    lbl = np.asarray([int(p[2]) for p in points], dtype=np.int64) if points else None
+    return {"points": pts, "labels": lbl, "box": box}
+
+
+def _entry_sets(value: Any, where: str) -> List[PromptSet]:
+    """One entry of a prompts mapping -> prompt sets (one mask each)."""
+    if isinstance(value, list):
+        out: List[PromptSet] = []
+        for i, v in enumerate(value):
+            if not isinstance(v, dict):
+                raise PromptError(f"{where}[{i}]: expected an object with 'box' and/or 'points'")
+            out += _entry_sets(v, f"{where}[{i}]")
+        return out
+    if not isinstance(value, dict):
+        raise PromptError(f"{where}: expected an object with 'box' and/or 'points' (or a list of them)")
+    unknown = set(value) - {"box", "boxes", "points"}
+    if unknown:
+        raise PromptError(f"{where}: unknown key(s) {sorted(unknown)}; use 'box', 'boxes' or 'points'")
+    points = []
+    raw_points = value.get("points") or []
+    if not isinstance(raw_points, list):
+        raise PromptError(f"{where}: 'points' must be a list of [x, y] or [x, y, label]")
+    for j, p in enumerate(raw_points):
+        ok = isinstance(p, (list, tuple)) and len(p) in (2, 3) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+        if not ok:
+            raise PromptError(f"{where}: points[{j}] = {p!r} is not [x, y] or [x, y, label]")
+        label = _check_label(float(p[2]), f"{where}: points[{j}]") if len(p) == 3 else 1
+        points.append((float(p[0]), float(p[1]), label))
+    if "boxes" in value:
+        if "box" in value or points:
+            raise PromptError(f"{where}: 'boxes' (one mask per box) cannot be combined with 'box' or 'points'")
+        if not isinstance(value["boxes"], list) or not value["boxes"]:
+            raise PromptError(f"{where}: 'boxes' must be a non-empty list of [x0, y0, x1, y1]")
+        return [_prompt_set(_check_box(b, f"{where}: boxes[{k}]"), []) for k, b in enumerate(value["boxes"])]
+    box = _check_box(value["box"], where) if value.get("box") is not None else None
+    if box is None and not points:
+        raise PromptError(f"{where}: neither 'box' nor 'points' given")
+    return [_prompt_set(box, points)]
+
+
+def load_prompts_file(path: str) -> Dict[str, List[PromptSet]]:
+    """Read a prompts JSON file -> {image file name or stem: [prompt set, ...]} (one mask per set).
+
+    Two layouts are accepted:
+
+    * a mapping ``{"a.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}, ...}``
+      keyed by file name or stem; ``label`` is optional (1); a value may also be a list of such
+      objects, or ``{"boxes": [[...], ...]}``, for several masks of one image;
+    * COCO: ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "bbox": [x, y, w, h]}]}``,
+      one mask per annotation, in file order (an image without annotations gets no mask).
+
+    Example:
+        >>> import json, os, tempfile
+        >>> f = os.path.join(tempfile.mkdtemp(), "p.json")
+        >>> _ = open(f, "w").write(json.dumps({"a.png": {"box": [1, 2, 30, 40], "points": [[5, 6]]}}))
+        >>> s = load_prompts_file(f)["a.png"][0]; s["box"].tolist(), s["points"].tolist(), s["labels"].tolist()
+        ([1.0, 2.0, 30.0, 40.0], [[5.0, 6.0]], [1])
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PromptError(f"--prompts {path}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PromptError(f"--prompts {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"--prompts {path}: expected a JSON object (image name -> prompts, or COCO)")
+    if "images" in data and "annotations" in data:
+        return _load_coco(data, path)
+    return {str(k): _entry_sets(v, f"--prompts {path}: {k!r}") for k, v in data.items()}
+
+
+def _load_coco(data: Dict[str, Any], path: str) -> Dict[str, List[PromptSet]]:
+    images, anns = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(anns, list):
+        raise PromptError(f"--prompts {path}: COCO 'images' and 'annotations' must be lists")
+    names: Dict[Any, str] = {}
+    out: Dict[str, List[PromptSet]] = {}
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise PromptError(f"--prompts {path}: images[{i}] lacks 'id' or 'file_name'")
+        names[im["id"]] = im["file_name"]
+        out.setdefault(im["file_name"], [])
+    for i, a in enumerate(anns):
+        where = f"--prompts {path}: annotations[{i}]"
+        if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a:
+            raise PromptError(f"{where} lacks 'image_id' or 'bbox'")
+        if a["image_id"] not in names:
+            raise PromptError(f"{where}: image_id {a['image_id']!r} is not in 'images'")
+        b = a["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise PromptError(f"{where}: bbox {b!r} is not [x, y, w, h]")
+        x, y, w, h = (float(v) for v in b)
+        out[names[a["image_id"]]].append(_prompt_set(_check_box([x, y, x + w, y + h], where), []))
+    return out
+
+
+def _match_prompts(paths: Sequence[Path], table: Dict[str, List[PromptSet]]) -> Dict[Path, List[PromptSet]]:
+    """Prompt sets per image: the entry keyed by the path as given, its file name or its stem."""
+    by_key: Dict[str, List[PromptSet]] = {}
+    for k, v in table.items():
+        for key in (k, Path(k).name, Path(k).stem):
+            by_key.setdefault(key, v)
+    out = {}
+    for p in paths:
+        for key in (str(p), p.name, p.stem):
+            if key in by_key:
+                out[p] = by_key[key]
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------- images and names
+def collect_images(items: Sequence[str]) -> List[Path]:
+    """Files as given, folders expanded to their images (sorted, image extensions only).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "b.png").write_bytes(b""); _ = (d / "a.txt").write_bytes(b"")
+        >>> [p.name for p in collect_images([str(d)])]
+        ['b.png']
+    """
+    out: List[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p, IMAGE_EXTENSIONS)
+            if not found:
+                raise PredictError(f"{p}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PredictError(f"{p}: no such image file or folder")
+    return out
+
+
+def _output_stems(paths: Sequence[Path]) -> List[str]:
+    """Unique output stems: the file stem, qualified by the extension (then a counter) on clashes."""
+    counts: Dict[str, int] = {}
+    for p in paths:
+        counts[p.stem.lower()] = counts.get(p.stem.lower(), 0) + 1
+    used: set = set()
+    out = []
+    for p in paths:
+        stem = p.stem if counts[p.stem.lower()] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower() or 'img'}"
+        cand, n = stem, 1
+        while cand.lower() in used:
+            n += 1
+            cand = f"{stem}_{n}"
+        used.add(cand.lower())
+        out.append(cand)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+def _atomic_save_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _overlay(image: np.ndarray, masks: Sequence[np.ndarray], prompts: Sequence[Optional[PromptSet]] = ()) -> np.ndarray:
+    """Masks tinted over the image (one palette colour each); boxes and points drawn on top."""
+    from PIL import Image, ImageDraw
+
+    out = image.astype(np.float32)
+    for k, m in enumerate(masks):
+        c = PALETTE[k % len(PALETTE)]
+        out[m] = out[m] * (1 - OVERLAY_ALPHA) + c * OVERLAY_ALPHA
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if not any(prompts):
+        return out
+    im = Image.fromarray(out)
+    draw = ImageDraw.Draw(im)
+    r = max(2, round(max(image.shape[:2]) / 150))
+    for k, ps in enumerate(prompts):
+        if not ps:
+            continue
+        c = tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+        if ps["box"] is not None:
+            draw.rectangle([float(v) for v in ps["box"]], outline=c, width=max(1, r // 2))
+        if ps["points"] is not None:
+            for (x, y), lab in zip(ps["points"], ps["labels"]):
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0) if lab == 1 else (255, 0, 0), outline=(255, 255, 255))
+    return np.asarray(im)
+
+
+# ----------------------------------------------------------------------------- streaming
+def _read_ahead(paths: Sequence[Path], window: int) -> Iterator[Tuple[int, Any]]:
+    """(index, image or the exception reading it), in order, reading up to `window` files ahead."""
+    from .data import read_image
+
+    def read(p: Path):
+        try:
+            return read_image(p)
+        except Exception as e:  # reported per image by the caller
+            return e
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="samadapt-read") as pool:
+        pending: deque = deque()
+        it = iter(range(len(paths)))
+        for i in it:
+            pending.append((i, pool.submit(read, paths[i])))
+            if len(pending) >= window:
+                break
+        while pending:
+            i, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, paths[nxt])))
+            yield i, fut.result()
+
+
+def _error_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, OSError) and getattr(e, "strerror", None):
+        msg = e.strerror + (f": {e.filename}" if getattr(e, "filename", None) else "")
+    name = type(e).__name__
+    if not msg:
+        return name
+    return msg if isinstance(e, (ValueError, OSError)) else f"{name}: {msg}"
+
+
+class _Runner:
+    """Shared state of one predict run: model, output folder, error reporting, write queue."""
+
+    def __init__(self, sam, out: Path, args, paths: Sequence[Path]) -> None:
+        from tqdm import tqdm
+
+        self.sam, self.out, self.args, self.paths = sam, out, args, paths
+        self.stems = _output_stems(paths)
+        self.failed: set = set()
+        # disable=None: a bar when stderr is a terminal; none in logs/pipes, where its carriage
+        # returns would glue themselves to the `error:` lines
+        self.bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+        self.writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="samadapt-write")
+        self.writes: deque = deque()  # (image index, future)
+        self.max_pending = max(4, 2 * int(args.batch_size))
+
+    def error(self, i: int, e: BaseException) -> None:
+        if i in self.failed:
+            return
+        self.failed.add(i)
+        self.bar.write(f"error: {self.paths[i]}: {_error_text(e)}", file=sys.stderr)
+
+    def warn(self, text: str) -> None:
+        self.bar.write(f"warning: {text}", file=sys.stderr)
+
+    def _reap(self, block_until: int) -> None:
+        while self.writes and (len(self.writes) > block_until or self.writes[0][1].done()):
+            i, fut = self.writes.popleft()
+            try:
+                fut.result()
+            except Exception as e:
+                self.error(i, e)
+
+    def submit_write(self, i: int, fn, *fn_args) -> None:
+        """Write on the writer threads; at most `max_pending` images wait (bounded memory)."""
+        self.writes.append((i, self.writer.submit(fn, *fn_args)))
+        self._reap(self.max_pending)
+
+    def close(self) -> int:
+        try:
+            self._reap(0)
+        finally:
+            self.writer.shutdown(wait=True)
+            self.bar.close()
+        return 1 if self.failed else 0
+
+
+def _write_masks(out: Path, stem: str, image: np.ndarray, logits: List[np.ndarray],
+                 prompts: List[Optional[PromptSet]], probs: bool, overlay: bool, threshold: float) -> None:
+    masks = [lg > threshold for lg in logits]
+    for k, (m, lg) in enumerate(zip(masks, logits)):
+        name = stem if len(masks) == 1 else f"{stem}_{k}"
+        _atomic_save_png(m.astype(np.uint8) * 255, out / f"{name}.png")
+        if probs:
+            p = 1.0 / (1.0 + np.exp(-np.clip(lg.astype(np.float64), -60, 60)))
+            _atomic_save_png(np.round(p * 255).astype(np.uint8), out / f"{name}_prob.png")
+    if overlay:
+        _atomic_save_png(_overlay(image, masks, prompts), out / f"{stem}_overlay.png")
+
+
+def _decode_one(sam, emb, input_size, original_size, ps: Optional[PromptSet], transform):
+    """Logits at the original size for one prompt set (None: promptless); as SamPredictor.predict."""
+    import torch
+
+    coords = labels = box_t = None
+    if ps is not None and ps["points"] is not None:
+        coords = torch.as_tensor(transform.apply_coords(ps["points"], original_size), dtype=torch.float, device=sam.device)[None]
+        labels = torch.as_tensor(ps["labels"], dtype=torch.int, device=sam.device)[None]
+    if ps is not None and ps["box"] is not None:
+        box_t = torch.as_tensor(transform.apply_boxes(ps["box"], original_size), dtype=torch.float, device=sam.device)
+    low_res, _ = sam.decode(emb, coords, labels, box_t, None, False)
+    logits = sam.postprocess_masks(low_res.float(), input_size, original_size)
+    return logits[0, 0].cpu().numpy()
+
+
+def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
+    import torch
+
+    from sam_core import ResizeLongestSide
+
+    sam, args = r.sam, r.args
+    transform = ResizeLongestSide(sam.image_size)
+    todo = sorted(jobs)
+    bs = int(args.batch_size)
+
+    def flush(batch: List[Tuple[int, np.ndarray]]) -> None:
+        if not batch:
+            return
+        try:
+            with torch.no_grad():
+                tensors, sizes = [], []
+                for _, img in batch:
+                    resized = transform.apply_image(img)
+                    t = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
+                    sizes.append(tuple(int(s) for s in t.shape[-2:]))
+                    tensors.append(sam.preprocess(t))
+                x = torch.cat(tensors, 0)
+                embs = sam.encode_image(x.to(sam.dtype) if sam.dtype != x.dtype else x)
+        except Exception as e:
+            for i, _ in batch:
+                r.error(i, e)
+            r.bar.update(len(batch))
+            return
+        for j, (i, img) in enumerate(batch):
+            try:
+                with torch.no_grad():
+                    logits = [_decode_one(sam, embs[j:j + 1], sizes[j], img.shape[:2], ps, transform) for ps in jobs[i]]
+                r.submit_write(i, _write_masks, r.out, r.stems[i], img, logits, jobs[i], args.probs,
+                               not args.no_overlay, float(sam.mask_threshold))
+            except Exception as e:
+                r.error(i, e)
+            r.bar.update(1)
+
+    batch: List[Tuple[int, np.ndarray]] = []
+    for k, got in _read_ahead([r.paths[i] for i in todo], window=bs):
+        i = todo[k]
+        if isinstance(got, BaseException):
+            r.error(i, got)
+            r.bar.update(1)
+            continue
+        batch.append((i, got))
+        if len(batch) >= bs:
+            flush(batch)
+            batch = []
+    flush(batch)
+
+
+def _auto_outputs(out: Path, stem: str, image: np.ndarray, masks: List[Dict[str, Any]], overlay: bool) -> None:
+    masks = sorted(masks, key=lambda m: -int(m["area"]))
+    dtype = np.uint8 if len(masks) <= 255 else np.uint16
+    labels = np.zeros(image.shape[:2], dtype)
+    records = []
+    for k, m in enumerate(masks):
+        labels[np.asarray(m["segmentation"], bool)] = k + 1  # smaller masks (later) paint over larger ones
+        records.append({"label": k + 1, "area": int(m["area"]), "bbox": [float(v) for v in m["bbox"]],
+                        "predicted_iou": float(m["predicted_iou"]), "stability_score": float(m["stability_score"])})
+    _atomic_save_png(labels, out / f"{stem}_auto.png")
+    _atomic_write_text(json.dumps(records, indent=1), out / f"{stem}_auto.json")
+    if overlay:
+        _atomic_save_png(_overlay(image, [labels == k + 1 for k in range(len(masks))]), out / f"{stem}_overlay.png")
+
+
+def _run_auto(r: _Runner) -> None:
+    import torch
+
+    from sam_core import SamAutomaticMaskGenerator
+
+    gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side))
+    for i, got in _read_ahead(r.paths, window=2):
+        if isinstance(got, BaseException):
+            r.error(i, got)
+            r.bar.update(1)
+            continue
+        try:
+            with torch.no_grad():
+                masks = gen.generate(got)
+            r.submit_write(i, _auto_outputs, r.out, r.stems[i], got, masks, not r.args.no_overlay)
+        except Exception as e:
+            r.error(i, e)
+        r.bar.update(1)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _check_out(out: Path, inputs: Sequence[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out}: exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PredictError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        raise PredictError(f"--out {out}: {probe} is not writable")
+    if out.exists():
+        o = out.resolve()
+        if any(p.resolve().parent == o for p in inputs):
+            raise PredictError(f"--out {out} holds input images; masks would mix with (or replace) them - choose another folder")
+
+
+def run_predict(args) -> int:
+    """Run `samadapt predict` on parsed arguments; 0 all written, 1 some image failed.
+
+    User errors (bad base/adapter/out path, malformed prompts, no images) raise `PredictError`
+    (or the adapter/checkpoint error) before anything is written; the CLI prints them and exits 2.
+
+    Example:
+        >>> import os, tempfile, numpy as np, torch
+        >>> from PIL import Image
+        >>> from sam_core import build_sam
+        >>> from recipes.cli import main
+        >>> d = tempfile.mkdtemp(); core = os.path.join(d, "core.pth"); out = os.path.join(d, "out")
+        >>> torch.save(build_sam("tiny").state_dict(), core)
+        >>> Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(os.path.join(d, "a.png"))
+        >>> main(["predict", os.path.join(d, "a.png"), "--base", core, "--out", out, "--box", "10,10,50,40"])
+        0
+        >>> sorted(os.listdir(out))
+        ['a.png', 'a_overlay.png']
+    """
+    # 1. everything that can be checked cheaply: prompts, sizes, images
+    if int(args.batch_size) < 1:
+        raise PredictError(f"--batch-size {args.batch_size}: use 1 or more")
+    if args.auto and int(args.points_per_side) < 1:
+        raise PredictError(f"--points-per-side {args.points_per_side}: use 1 or more (e.g. 32)")
+    cli_prompt = args.box is not None or bool(args.point)
+    if args.auto and (cli_prompt or args.prompts):
+        raise PredictError("--auto generates its own point grid; drop --box/--point/--prompts")
+    if cli_prompt and args.prompts:
+        raise PredictError("give either --box/--point (same prompt for every image) or --prompts FILE, not both")
+    box = parse_box(args.box) if args.box is not None else None
+    points = [parse_point(p) for p in args.point]
+    table = load_prompts_file(args.prompts) if args.prompts else None
+    paths = collect_images(args.images)
+    if not paths:
+        raise PredictError("no image given")
+    jobs: Dict[int, List[Optional[PromptSet]]] = {}
+    notes: List[str] = []
+    if table is not None:
+        matched = _match_prompts(paths, table)
+        if not matched:
+            raise PromptError(f"--prompts {args.prompts}: no entry matches any of the {len(paths)} image(s) "
+                              f"(keys are file names or stems, e.g. {paths[0].name!r})")
+        missing = [p.name for p in paths if p not in matched]
+        if missing:
+            notes.append(f"{len(missing)} image(s) have no entry in {args.prompts} and are skipped: "
+                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        empty = [p.name for p, v in matched.items() if not v]
+        if empty:
+            notes.append(f"{len(empty)} image(s) have no annotation in {args.prompts} and get no mask: "
+                         + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+        jobs = {i: list(matched[p]) for i, p in enumerate(paths) if matched.get(p)}
+    elif not args.auto:
+        ps = _prompt_set(box, points) if cli_prompt else None
+        jobs = {i: [ps] for i in range(len(paths))}
+    out = Path(args.out)
+    _check_out(out, paths)
+
+    # 2. the model (bad base / adapter -> exit 2, nothing written yet)
+    import torch
+
+    import adapters
+
+    from .trainer import load_base
+
+    sam = load_base(args.base)
+    if args.adapter:
+        adapters.load(sam, args.adapter)
+        mode = adapters.inspect(args.adapter).get("prompt_mode") or "none"
+        prompted = bool(jobs) and any(ps is not None for v in jobs.values() for ps in v)
+        if mode == "none" and prompted:
+            notes.append(f"{args.adapter} was trained promptless (prompt_mode none); using the given prompts anyway")
+        elif mode != "none" and not prompted and not args.auto:
+            notes.append(f"{args.adapter} was trained with prompt_mode {mode!r}; running promptless as no prompt was given")
+    sam.eval()
+    if torch.cuda.is_available():
+        sam.to("cuda")
+
+    # 3. predict
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PredictError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    r = _Runner(sam, out, args, paths)
+    for n in notes:
+        r.warn(n)
+    try:
+        if args.auto:
+            _run_auto(r)
+        else:
+            skipped = len(paths) - len(jobs)
+            if skipped:
+                r.bar.update(skipped)
+            _run_masks(r, jobs)
+    finally:
+        code = r.close()
+    n_ok = len(jobs if not args.auto else paths) - len(r.failed)
+    print(f"{n_ok} image(s) written to {out}" + (f", {len(r.failed)} failed" if r.failed else ""), file=sys.stderr)
+    return code
