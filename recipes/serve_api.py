@@ -1,0 +1,330 @@
+"""Pieces of `samadapt serve` that are not routes: the request/response schemas, the image store,
+image decoding with limits, mask encoding (PNG, RLE), prompt checks and the request-body limit."""
+import base64
+import io
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+MAX_POINTS = 64
+
+
+# ----------------------------------------------------------------------------- schemas
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    arch: str = Field(description="the frozen core's size (tiny, vit_b, ...)")
+    image_size: int = Field(description="encoder input side in pixels")
+    fingerprint: str = Field(description="the core weights' fingerprint; adapters record the one they were trained on")
+    adapters: int = Field(description="adapter files in the directory now")
+    resident: List[str] = Field(description="adapters loaded in memory (least recently used first)")
+    images: int = Field(description="uploaded images held now")
+    max_upload_bytes: int
+    max_pixels: int
+
+
+class AdapterInfo(BaseModel):
+    name: str = Field(description="use this as `adapter` in requests")
+    source: Literal["file", "attached"]
+    domain: str = ""
+    prompt_mode: str = ""
+    kinds: List[str] = Field(default_factory=list, description="adapter kinds inside (lora, sam_adapter, bottleneck)")
+    decoder: Optional[str] = Field(None, description="mask decoder policy: frozen, lora or full")
+    parameters: Optional[int] = None
+    file_bytes: Optional[int] = None
+    base_arch: Optional[str] = None
+    compatible: bool = Field(True, description="trained on this core (same fingerprint); false: requests get 409")
+    metrics: Optional[Dict[str, Any]] = None
+    error: Optional[str] = Field(None, description="why the file cannot be read, if it cannot")
+
+
+class AdapterList(BaseModel):
+    core: str = Field(description="the core's arch and fingerprint")
+    adapters: List[AdapterInfo]
+
+
+class ImageInfo(BaseModel):
+    image_id: str = Field(description="pass this to /api/segment and /api/auto")
+    width: int
+    height: int
+    mode: str = Field(description="the uploaded image's PIL mode (converted to RGB)")
+    format: Optional[str] = Field(None, description="the uploaded file's format (PNG, JPEG, ...)")
+
+
+class SegmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [
+        {"image_id": "3f1c...", "adapter": None, "points": [[120, 80, 1], [40, 30, 0]], "box": None,
+         "multimask": True, "format": "png"}]})
+
+    image_id: str = Field(max_length=128, description="from POST /api/images")
+    adapter: Optional[str] = Field(None, description="adapter name from GET /api/adapters; null: the plain core")
+    points: List[Tuple[float, float, Literal[0, 1]]] = Field(
+        default_factory=list, max_length=MAX_POINTS,
+        description="[x, y, label] in image pixels; label 1 foreground, 0 background")
+    box: Optional[Tuple[float, float, float, float]] = Field(None, description="[x0, y0, x1, y1] in image pixels")
+    multimask: bool = Field(True, description="three candidate masks (best for one ambiguous click) or one")
+    format: Literal["png", "rle"] = Field("png", description="png: base64 1-bit PNG per mask; rle: uncompressed COCO RLE")
+
+
+class Rle(BaseModel):
+    size: Tuple[int, int] = Field(description="[height, width]")
+    counts: List[int] = Field(description="column-major run lengths, starting with a run of zeros")
+
+
+class SegmentResponse(BaseModel):
+    masks: List[Any] = Field(description="base64 PNG strings (format png) or RLE objects {size, counts} (format rle)")
+    scores: List[float] = Field(description="predicted IoU per mask")
+    best: int = Field(description="index of the highest-scoring mask")
+    width: int
+    height: int
+    adapter: Optional[str]
+    elapsed_ms: float = Field(description="server time for this request")
+
+
+class AutoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    image_id: str = Field(max_length=128)
+    adapter: Optional[str] = None
+    points_per_side: int = Field(16, ge=1, le=64, description="grid of points_per_side^2 single-point prompts")
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
+    max_masks: int = Field(200, ge=1, le=1000, description="return at most this many masks (highest score first)")
+
+
+class AutoMask(BaseModel):
+    rle: Rle
+    bbox: List[float] = Field(description="[x, y, w, h]")
+    area: int
+    score: float = Field(description="predicted IoU")
+    stability_score: float
+    point: List[float] = Field(description="the grid point [x, y] that produced it")
+
+
+class AutoResponse(BaseModel):
+    masks: List[AutoMask]
+    width: int
+    height: int
+    adapter: Optional[str]
+    elapsed_ms: float
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in [
+    (400, "bad request (invalid adapter name, undecodable image)"), (404, "unknown image id or adapter"),
+    (409, "adapter cannot be used with this core"), (413, "upload or image too large"),
+    (415, "not an image"), (422, "malformed or out-of-range request")]}
+
+
+# ----------------------------------------------------------------------------- errors and limits
+class ApiError(HTTPException):
+    """An HTTP error with a one-line message; rendered as {"detail": "..."}."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status_code=status, detail=detail)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit_for(path)` bytes with 413 -- from the
+    Content-Length header before anything is read, or while streaming a body sent without one."""
+
+    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            code, msg = (413, f"request body of {int(length):,} bytes is over the limit of {limit:,}") if length.isdigit() \
+                else (400, "Content-Length is not a number")
+            return await _send_json(send, code, msg)
+        seen = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except ApiError as e:  # raised outside a route (rare): answer here if nothing was sent yet
+            if started:
+                raise
+            await _send_json(send, e.status_code, e.detail)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------- images
+def decode_image(data: bytes, max_pixels: int) -> Tuple[np.ndarray, str, Optional[str]]:
+    """Uploaded bytes -> (H x W x 3 uint8 RGB, original mode, format). EXIF orientation applied.
+
+    Raises ApiError: 400 empty/corrupt, 413 over `max_pixels`, 415 not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning, palette-transparency notes
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ApiError(413, f"image is too large to decode ({e})") from None
+        except UnidentifiedImageError:
+            raise ApiError(415, "the file is not an image this server can read (PNG, JPEG, WebP, BMP, TIFF, GIF ...)") from None
+        except Exception as e:  # noqa: BLE001 -- any reader failure is the file's fault
+            raise ApiError(400, f"could not read the image header ({type(e).__name__}: {e})") from None
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ApiError(400, f"image has no pixels ({w}x{h})")
+        if w * h > max_pixels:
+            raise ApiError(413, f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+        mode, fmt = im.mode, im.format
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+        except Exception as e:  # noqa: BLE001 -- truncated or corrupt data
+            raise ApiError(400, f"could not decode the {fmt or 'image'} file ({type(e).__name__}: {e})") from None
+    rgb.setflags(write=False)
+    return rgb, mode, fmt
+
+
+def _to_rgb(im) -> np.ndarray:
+    """Any PIL mode -> RGB uint8; 16-bit and float images are stretched to 0..255."""
+    from PIL import Image
+
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        a = np.asarray(im, dtype=np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        a = np.nan_to_num((a - lo) / max(hi - lo, 1e-12) * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+class ImageStore:
+    """The most recent `capacity` uploaded images by id (a content hash: the same pixels get the
+    same id, so re-uploading is free and the adapter bank's embedding cache keeps working)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"image_cache={capacity} must be at least 1")
+        self.capacity = capacity
+        self._images: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, image: np.ndarray) -> str:
+        from adapters.bank import image_key
+
+        key = image_key(image)
+        with self._lock:
+            self._images[key] = image
+            self._images.move_to_end(key)
+            while len(self._images) > self.capacity:
+                self._images.popitem(last=False)
+        return key
+
+    def get(self, image_id: str) -> np.ndarray:
+        with self._lock:
+            image = self._images.get(image_id)
+            if image is None:
+                shown = image_id if len(image_id) <= 40 else image_id[:40] + "..."
+                raise ApiError(404, f"unknown image id {shown!r}; upload the image with POST /api/images "
+                                    f"(the server keeps the {self.capacity} most recent)")
+            self._images.move_to_end(image_id)
+            return image
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+
+# ----------------------------------------------------------------------------- prompts and masks
+def check_prompts(req: SegmentRequest, width: int, height: int) -> Dict[str, Any]:
+    """Prompt kwargs for `AdapterBank.predict`, or ApiError 422 naming the offending value."""
+    def inside(x: float, y: float) -> bool:
+        return 0.0 <= x <= width and 0.0 <= y <= height  # False for NaN and infinities
+
+    frame = f"the {width}x{height} image (x in [0, {width}], y in [0, {height}])"
+    prompts: Dict[str, Any] = {"multimask_output": req.multimask}
+    if req.points:
+        for i, (x, y, _) in enumerate(req.points):
+            if not inside(x, y):
+                raise ApiError(422, f"points[{i}] = [{x:g}, {y:g}] is outside {frame}")
+        prompts["point_coords"] = np.array([[x, y] for x, y, _ in req.points], dtype=float)
+        prompts["point_labels"] = np.array([lab for _, _, lab in req.points], dtype=int)
+    if req.box is not None:
+        x0, y0, x1, y1 = req.box
+        for name, (x, y) in (("top-left", (x0, y0)), ("bottom-right", (x1, y1))):
+            if not inside(x, y):
+                raise ApiError(422, f"box {name} corner [{x:g}, {y:g}] is outside {frame}")
+        if not (x0 < x1 and y0 < y1):
+            raise ApiError(422, f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is empty; give x0 < x1 and y0 < y1")
+        prompts["box"] = np.array(req.box, dtype=float)
+    return prompts
+
+
+def mask_png(mask: np.ndarray) -> str:
+    """H x W bool mask -> base64 1-bit PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def masks_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
+    """C x H x W bool masks -> uncompressed COCO RLEs {size: [h, w], counts: [...]}."""
+    from sam_core.amg_utils import mask_to_rle
+
+    return mask_to_rle(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)))
+
+
+def finite(x: float) -> float:
+    x = float(x)
+    return x if math.isfinite(x) else 0.0
+
+
+def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterInfo:
+    """The listing entry for one `AdapterBank.available()` item."""
+    if meta.get("source") == "attached":
+        return AdapterInfo(name=name, source="attached")
+    if "error" in meta:
+        return AdapterInfo(name=name, source="file", compatible=False, error=str(meta["error"]))
+    base = meta.get("base") or {}
+    metrics = meta.get("metrics")
+    return AdapterInfo(
+        name=name, source="file", domain=str(meta.get("domain", "")), prompt_mode=str(meta.get("prompt_mode", "")),
+        kinds=[str(c.get("kind")) for c in meta.get("config") or [] if isinstance(c, dict)],
+        decoder=(meta.get("decoder") or {}).get("policy"), parameters=meta.get("parameters"),
+        file_bytes=meta.get("file_bytes"), base_arch=base.get("arch"),
+        compatible=base.get("fingerprint") == fingerprint, metrics=metrics if isinstance(metrics, dict) else None)
