@@ -134,13 +134,17 @@ class AdapterBank:
 
         out: List[Optional[tuple]] = [None] * len(images)
         todo = []
+        same: Dict[str, List[int]] = {}  # an image repeated in one call is encoded once
         for i, key in enumerate(keys):
             ck = (key, name, version)
             if ck in self._cache:
                 self._cache.move_to_end(ck)
                 out[i] = self._cache[ck]
                 self.stats["cache_hits"] += 1
+            elif key in same:
+                same[key].append(i)
             else:
+                same[key] = [i]
                 todo.append(i)
         if todo:
             self.stats["cache_misses"] += len(todo)
@@ -158,7 +162,8 @@ class AdapterBank:
             for j, i in enumerate(todo):
                 entry = (emb[j: j + 1].clone(), sizes[j][0], sizes[j][1])
                 self._cache[(keys[i], name, version)] = entry
-                out[i] = entry
+                for k in same[keys[i]]:
+                    out[k] = entry
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 DECODER_POLICIES = ("frozen", "full", "lora")
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
 
 
 class AdapterError(ValueError):
@@ -111,7 +111,8 @@ def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
 
 
 def _check_sam(sam: nn.Module) -> None:
-    if not hasattr(sam, "image_encoder") or not hasattr(sam, "mask_decoder") or not hasattr(sam, "fingerprint"):
+    # `fingerprint` is looked up on the class: hasattr on the instance would hash every core weight
+    if not hasattr(sam, "image_encoder") or not hasattr(sam, "mask_decoder") or not hasattr(type(sam), "fingerprint"):
         raise AdapterError(f"expected a sam_core.Sam model, got {type(sam).__name__}; build one with sam_core.build_sam or load_sam")
 
 
@@ -120,6 +121,8 @@ def _check_name(name: str) -> None:
         raise AdapterError(
             f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', starting with a letter"
         )
+    if hasattr(nn.ModuleDict(), name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
+        raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; pick another")
 
 
 def _slots(sam: nn.Module) -> Iterable[Tuple[str, AdapterSlot]]:
@@ -237,6 +240,7 @@ def attach(
             raise AdapterError(f"{c!r} is not an adapter config; make one with adapters.config(kind, ...)")
     if len(set(kinds)) != len(kinds):
         raise AdapterError(f"kind listed twice in {kinds}; combine different kinds only")
+    flags = [(p, p.requires_grad) for p in sam.parameters()]
     for p in sam.parameters():
         p.requires_grad_(False)
     info = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
@@ -246,7 +250,7 @@ def attach(
         if decoder == "full":
             if "adapter_decoders" not in sam._modules:
                 sam.adapter_decoders = AdapterSlot()
-            dec = copy.deepcopy(sam.mask_decoder)
+            dec = _plain_copy(sam.mask_decoder)
             sam.adapter_decoders[name] = dec
         elif decoder == "lora":
             from .lora import inject_decoder_lora
@@ -255,6 +259,8 @@ def attach(
     except Exception:
         state.adapters[name] = info
         _remove(sam, name, state)
+        for p, flag in flags:  # a failed attach leaves requires_grad as it found it
+            p.requires_grad_(flag)
         raise
     state.adapters[name] = info
     link_peft_layers(sam, state)
@@ -263,6 +269,19 @@ def attach(
         globals()["activate"](sam, name)
     else:
         globals()["activate"](sam, state.active[0] if state.active else None)
+
+
+def _plain_copy(decoder: nn.Module) -> nn.Module:
+    """A copy of the frozen decoder without peft wrappers (other adapters' decoder LoRA, or the
+    empty wrappers left after detaching it): the copy holds the core decoder's layers only."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    dec = copy.deepcopy(decoder)
+    for path, mod in list(dec.named_modules()):
+        if isinstance(mod, BaseTunerLayer):
+            parent, _, attr = path.rpartition(".")
+            setattr(dec.get_submodule(parent) if parent else dec, attr, mod.get_base_layer())
+    return dec
 
 
 def set_trainable(sam: nn.Module, name: Optional[str]) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base import (
-    KINDS, AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
+    KINDS, AdapterError, IncompatibleAdapterError, attach, attached, config_from_dict, config_to_dict, detach,
     info, set_trainable, state_of,
 )
 from . import base as _base
@@ -107,12 +107,20 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        _share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _share_mode(path: str) -> None:
+    """mkstemp makes owner-only files; adapter files are meant to be shared: use the umask's mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _read_header(path: Path) -> Dict[str, str]:
@@ -188,6 +196,23 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return out
 
 
+def core_fingerprint(sam: nn.Module) -> str:
+    """`sam.fingerprint`, reused while the core is unchanged.
+
+    The fingerprint hashes every core weight (about a second for vit_b), which would dominate loading
+    a small adapter. It is recomputed whenever a core tensor was replaced (storage, dtype, device) or
+    written in place through autograd-visible tensors (their version counter moved: `copy_`,
+    `load_state_dict`, optimiser steps). Writes through `.data` are not seen.
+    """
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sam.core_state_dict().values())
+    cached = sam.__dict__.get("_samadapt_fingerprint")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fp = sam.fingerprint
+    sam.__dict__["_samadapt_fingerprint"] = (key, fp)
+    return fp
+
+
 def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
     """Raise IncompatibleAdapterError unless `base` (from a file) describes this model."""
     have = {"arch": sam.arch, "image_size": sam.image_size}
@@ -197,7 +222,7 @@ def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
             f"{base.get('fingerprint')}), this model is {have['arch']}@{have['image_size']}; load that base, "
             f"or pass allow_base_mismatch=True to load anyway"
         )
-    fp = sam.fingerprint
+    fp = core_fingerprint(sam)
     if base.get("fingerprint") != fp:
         raise IncompatibleAdapterError(
             f"{where} expects base weights with fingerprint {base.get('fingerprint')} ({base.get('arch')}), "
@@ -234,7 +259,9 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
     except AdapterError as e:
         raise AdapterFormatError(f"{path}: {e}") from None
     dec = parsed["decoder"]
-    previous_trainable = [p for p in sam.parameters() if p.requires_grad]
+    flags = [(p, p.requires_grad) for p in sam.parameters()]
+    # only adapters stay trainable: attach freezes the core, and the core must stay frozen
+    previous_trainable = [p for n in attached(sam) for p in _base.adapter_parameters(sam, n) if p.requires_grad]
     attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -242,6 +269,8 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
         _load_tensors(sam, name, file_sd, str(path))
     except BaseException:
         detach(sam, name)
+        for p, flag in flags:  # a failed load leaves requires_grad as it found it
+            p.requires_grad_(flag)
         raise
     set_trainable(sam, name if is_trainable else None)
     if not is_trainable:

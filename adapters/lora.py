@@ -111,8 +111,11 @@ def _lora_layers(sam: nn.Module, name: str, prefix: str):
 
 
 def _delete(sam: nn.Module, name: str, prefix: str) -> None:
-    for _, mod in list(_lora_layers(sam, name, prefix)):
+    for path, mod in list(_lora_layers(sam, name, prefix)):
         mod.delete_adapter(name)
+        if not mod.lora_A:  # its last LoRA is gone: put the plain layer back, as it was before attach
+            parent, _, attr = path.rpartition(".")
+            setattr(sam.get_submodule(parent), attr, mod.get_base_layer())
     _PEFT_CONFIGS(sam).pop((name, prefix), None)
 
 
@@ -129,8 +132,16 @@ def _state_dict(sam: nn.Module, name: str, prefix: str):
 
     if (name, prefix) not in _PEFT_CONFIGS(sam):
         return {}
+    # peft drops other adapters' tensors only for names listed in `model.peft_config`, which exposes
+    # this one alone: hand it exactly this adapter's tensors, found structurally
+    own = {}
+    for path, mod in _lora_layers(sam, name, prefix):
+        for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            d = getattr(mod, attr, None)
+            if isinstance(d, nn.ModuleDict) and name in d:
+                own.update({f"{path}.{attr}.{name}.{k}": v for k, v in d[name].state_dict().items()})
     with _peft_config_as(sam, name, prefix):
-        sd = get_peft_model_state_dict(sam, adapter_name=name, save_embedding_layers=False)
+        sd = get_peft_model_state_dict(sam, state_dict=own, adapter_name=name, save_embedding_layers=False)
     return {k: v for k, v in sd.items() if k.startswith(prefix)}
 
 

@@ -29,6 +29,7 @@ from . import config as recipe_config
 from .losses import CombinedLoss
 from .metrics import METRICS, MetricSuite
 from .prompts import PromptSampler, append_correction_clicks, box_from_mask
+from adapters.io import _share_mode
 
 LOWER_IS_BETTER = {"mae", "ber"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -48,6 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
