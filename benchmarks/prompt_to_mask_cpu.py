@@ -1,0 +1,145 @@
+"""Prompt -> mask latency on one CPU thread: samadapt's fast path vs Meta's segment_anything.
+
+vit_b dimensions with random weights (the anchor's; ours loads the same state dict). Only the
+prompt encoder, the mask decoder and the post-processing are timed: the image embedding is a
+cached random 1 x 256 x 64 x 64 tensor, as after `set_image`. One foreground point, masks
+returned as booleans at the original size 768 x 1024, single-mask and multimask.
+
+  anchor : segment_anything.SamPredictor.predict_torch (PromptEncoder + MaskDecoder +
+           Sam.postprocess_masks + threshold), exactly as a predictor calls them.
+  ours   : sam_core.fast_attention.fast_decode (the same function, evaluated in a cheaper order,
+           with a per-image DecoderImageCache and a cached channels-last dense PE) +
+           postprocess_masks_fast + threshold, under inference_mode.
+  also   : ours_plain (sam_core's decode + postprocess_masks, no fast path) and ours_nocache
+           (fast_decode without the per-image cache), to show where the time goes.
+
+Timing: the same process, blocks interleaved (see _common.time_blocks), medians of wall and
+process-CPU time. Mask agreement and logit differences are checked on the same inputs.
+
+    python benchmarks/prompt_to_mask_cpu.py [--rounds 8 --block 5] [--json out.json]
+"""
+import argparse
+import copy
+import time
+
+import torch
+
+from _common import fmt_ms, machine, summary, table, time_blocks, write_json
+
+
+def build(seed: int):
+    from segment_anything import SamPredictor as MetaPredictor
+    from segment_anything import sam_model_registry
+
+    from sam_core import load_sam
+    from sam_core.fast_attention import DecoderImageCache, cache_dense_pe, prepare_image_embedding
+
+    torch.manual_seed(seed)
+    ref = sam_model_registry["vit_b"]().eval()
+    ours = load_sam(ref.state_dict())
+    assert ours.arch == "vit_b"
+    emb = torch.randn(1, 256, 64, 64)
+    return ref, ours, emb, MetaPredictor, DecoderImageCache, cache_dense_pe, prepare_image_embedding
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    ap.add_argument("--block", type=int, default=5, help="timed calls per function per round (default 5)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--original-size", type=int, nargs=2, default=(768, 1024), metavar=("H", "W"))
+    ap.add_argument("--point", type=float, nargs=2, default=(610.0, 300.0), metavar=("X", "Y"),
+                    help="the click, in original-image pixels")
+    ap.add_argument("--no-extra", action="store_true", help="time only anchor and ours")
+    ap.add_argument("--json", default="", help="write full figures here")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+
+    from sam_core import SamPredictor, ResizeLongestSide
+    from sam_core.fast_attention import fast_decode, postprocess_masks_fast
+
+    t0 = time.perf_counter()
+    ref, ours, emb, MetaPredictor, DecoderImageCache, cache_dense_pe, prepare_image_embedding = build(args.seed)
+    print(f"built vit_b anchor + ours in {time.perf_counter() - t0:.1f} s; torch threads = {torch.get_num_threads()}")
+
+    original = tuple(args.original_size)
+    transform = ResizeLongestSide(1024)
+    input_size = transform.get_preprocess_shape(original[0], original[1], 1024)
+    coords = torch.as_tensor(transform.apply_coords([list(args.point)], original), dtype=torch.float)[None]
+    labels = torch.ones(1, 1, dtype=torch.int)
+
+    # anchor: Meta's predictor with the embedding already set
+    meta = MetaPredictor(ref)
+    meta.features, meta.is_image_set = emb.clone(), True
+    meta.original_size, meta.input_size = original, input_size
+
+    # ours (plain): sam_core's predictor path with the embedding set
+    plain = SamPredictor(ours)
+    plain.features, plain.is_image_set, plain._generation = emb.clone(), True, ours.generation
+    plain.original_size, plain.input_size = original, input_size
+
+    # ours (fast): per-image state prepared once, as set_image would
+    fast_sam = copy.deepcopy(ours)  # the same weights; a copy so that ours_plain keeps the plain dense PE
+    cache_dense_pe(fast_sam)
+    with torch.inference_mode():  # warm-up on a throwaway image
+        fast_decode(fast_sam, prepare_image_embedding(torch.randn_like(emb)), coords, labels, cache=DecoderImageCache())
+    t0 = time.perf_counter()
+    emb_cl = prepare_image_embedding(emb.clone())
+    image_cache = DecoderImageCache()
+    with torch.inference_mode():
+        low, _ = fast_decode(fast_sam, emb_cl, coords, labels, cache=image_cache)
+    first_call_s = time.perf_counter() - t0
+
+    def anchor(mm: bool, logits: bool = False):
+        return meta.predict_torch(coords, labels, multimask_output=mm, return_logits=logits)[0]
+
+    def ours_plain(mm: bool):
+        return plain.predict_torch(coords, labels, multimask_output=mm)[0]
+
+    def ours_fast(mm: bool, cache=True, logits: bool = False):
+        with torch.inference_mode():
+            low, _ = fast_decode(fast_sam, emb_cl, coords, labels, multimask_output=mm,
+                                 cache=image_cache if cache else None)
+            masks = postprocess_masks_fast(low, 1024, input_size, original)
+            return masks if logits else masks > 0.0
+
+    results = {"machine": machine(), "args": vars(args), "input_size": input_size,
+               "first_decode_on_new_image_s": first_call_s, "modes": {}}
+    rows = [["mode", "anchor (wall)", "ours (wall)", "ratio wall", "ratio cpu", "mask agreement", "max |dlogit|"]]
+    for mm in (False, True):
+        name = "multimask" if mm else "single-mask"
+        # the same masks?
+        a_logits, o_logits = anchor(mm, logits=True), ours_fast(mm, logits=True)
+        a_masks, o_masks = anchor(mm), ours_fast(mm)
+        agree = (a_masks == o_masks).float().mean().item()
+        dlogit = (a_logits - o_logits).abs().max().item()
+        fns = {"anchor": lambda: anchor(mm), "ours": lambda: ours_fast(mm)}
+        if not args.no_extra:
+            fns["ours_nocache"] = lambda: ours_fast(mm, cache=False)
+            fns["ours_plain"] = lambda: ours_plain(mm)
+        raw = time_blocks(fns, args.rounds, args.block)
+        stats = {k: {"wall": summary(v["wall_s"]), "cpu": summary(v["cpu_s"])} for k, v in raw.items()}
+        ratio_wall = stats["ours"]["wall"]["median"] / stats["anchor"]["wall"]["median"]
+        ratio_cpu = stats["ours"]["cpu"]["median"] / stats["anchor"]["cpu"]["median"]
+        results["modes"][name] = {
+            "mask_shape": list(a_masks.shape), "mask_agreement": agree, "max_abs_logit_diff": dlogit,
+            "stats": stats, "ratio_wall_median": ratio_wall, "ratio_cpu_median": ratio_cpu,
+            "samples": raw,
+        }
+        print(f"\n[{name}] masks {tuple(a_masks.shape)}: agreement {agree * 100:.4f} %, max |logit diff| {dlogit:.2e}")
+        for k, st in stats.items():
+            print(f"  {k:13s} wall median {fmt_ms(st['wall']['median'])} (min {fmt_ms(st['wall']['min'])})"
+                  f"   cpu median {fmt_ms(st['cpu']['median'])}")
+        print(f"  ratio ours/anchor: wall {ratio_wall:.3f}   cpu {ratio_cpu:.3f}")
+        rows.append([name, fmt_ms(stats["anchor"]["wall"]["median"]).strip(), fmt_ms(stats["ours"]["wall"]["median"]).strip(),
+                     f"{ratio_wall:.3f}", f"{ratio_cpu:.3f}", f"{agree * 100:.4f} %", f"{dlogit:.1e}"])
+    print(f"\nours, first decode on a new image (channels-last copy + DecoderImageCache fill, single-mask, "
+          f"no postprocess): {first_call_s * 1e3:.1f} ms, once per image")
+    print(table(rows))
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
