@@ -478,11 +478,21 @@ def _fast_decoder_ok(sam: nn.Module) -> bool:
     """The reassociated decoder reads weights directly: only for the unmodified core layout
     (adapters wrapping decoder layers, other activations, ... take the module path)."""
     from .common import LayerNorm2d
+    from .mask_decoder import MaskDecoder
     from .transformer import Attention as DecoderAttention
+    from .transformer import TwoWayAttentionBlock, TwoWayTransformer
 
     md = getattr(sam, "mask_decoder", None)
     tr = getattr(md, "transformer", None)
-    if md is None or tr is None or not hasattr(tr, "layers") or getattr(sam, "prompt_encoder", None) is None:
+    if type(md) is not MaskDecoder or type(tr) is not TwoWayTransformer or getattr(sam, "prompt_encoder", None) is None:
+        return False
+    if any(type(layer) is not TwoWayAttentionBlock for layer in tr.layers):
+        return False
+    # hooks or patched forwards on the modules whose forward is bypassed would be skipped
+    for m in md.modules():
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return False
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return False
     attns = [tr.final_attn_token_to_image]
     for layer in tr.layers:

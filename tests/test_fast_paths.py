@@ -393,6 +393,21 @@ def test_fast_decode_falls_back_for_wrapped_decoder():
         assert _close(fast_decode(sam, emb, multimask_output=True, **kw), sam.decode(emb, multimask_output=True, **kw))
 
 
+def test_fast_decode_respects_hooks():
+    """A forward hook on a module whose forward the fast path bypasses: the module path runs."""
+    sam = _decoder_sam(False, seed=4)
+    emb = torch.randn(1, 64, 16, 16)
+    kw = _prompts(256)["point"]
+    calls = []
+    handle = sam.mask_decoder.output_upscaling.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = fast_decode(sam, emb, multimask_output=True, **kw)
+    handle.remove()
+    assert calls == [1]
+    with torch.no_grad():
+        assert _close(out, fast_decode(sam, emb, multimask_output=True, **kw))
+
+
 def test_fast_decode_gradients():
     sam = _decoder_sam(False, seed=3)
     emb = torch.randn(1, 64, 16, 16)
