@@ -368,7 +368,7 @@ def merge(sam: nn.Module, name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = state_of(sam)
-    inf = info(sam, name)
+    info(sam, name)  # raises for a name that is not attached
     if state.merged is not None:
         raise AdapterError(f"adapter {state.merged!r} is already merged; unmerge first")
     activate(sam, name)
@@ -407,7 +407,6 @@ def trainable_summary(sam: nn.Module) -> Dict[str, Any]:
     total = sum(p.numel() for p in sam.parameters())
     trainable = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     by_kind: Dict[str, int] = {}
-    counted = set()
     for path, p in sam.named_parameters():
         if not p.requires_grad:
             continue

@@ -6,7 +6,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, KindSpec, load_slot_state_dict, register_kind, slot_state_dict
+from .base import AdapterError, AdapterSlot, KindSpec, register_kind, slot_state_dict
 
 POSITIONS = ("attn", "mlp")
 

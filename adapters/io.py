@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import (
     KINDS, AdapterError, IncompatibleAdapterError, attach, attached, config_from_dict, config_to_dict, detach,
-    info, set_trainable, state_of,
+    info, set_trainable,
 )
 from . import base as _base
 

@@ -7,7 +7,6 @@ from typing import ClassVar, List, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .base import AdapterError, AdapterSlot, KindSpec, register_kind
 from .bottleneck import _load, _strict

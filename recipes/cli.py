@@ -6,7 +6,6 @@ User errors (bad path, bad recipe, wrong adapter for this base, unreadable image
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 

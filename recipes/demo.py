@@ -1,5 +1,4 @@
 """`samadapt demo`: a camouflage adapter on the frozen tiny core, frozen vs adapted, on CPU."""
-import json
 import time
 from pathlib import Path
 from typing import List, Optional

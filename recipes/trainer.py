@@ -11,9 +11,8 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from sam_core.checkpoint import CheckpointError
 
 from . import config as recipe_config
 from .losses import CombinedLoss
-from .metrics import METRICS, MetricSuite
+from .metrics import MetricSuite
 from .prompts import PromptSampler, append_correction_clicks, box_from_mask
 from adapters.io import _share_mode
 
@@ -226,10 +225,10 @@ def predict_probs(sam, batch, cfg) -> torch.Tensor:
     return torch.sigmoid(F.interpolate(low.float(), size=batch["image"].shape[-2:], mode="bilinear", align_corners=False))
 
 
-def evaluate(accelerator, sam, loader, cfg, adapter_name: Optional[str], sample_dir: Optional[Path] = None,
-             baseline_probs: Optional[Dict[str, np.ndarray]] = None) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+def evaluate(accelerator, sam, loader, cfg, adapter_name: Optional[str]) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
     """Metrics of `adapter_name` (None: the frozen core) on the eval loader, gathered over processes."""
-    adapters.activate(sam, adapter_name) if adapter_name is not None or adapters.attached(sam) else None
+    if adapter_name is not None or adapters.attached(sam):
+        adapters.activate(sam, adapter_name)
     sam.eval()
     suite = MetricSuite(cfg["eval"]["metrics"] + ([cfg["eval"]["select"]] if cfg["eval"]["select"] not in cfg["eval"]["metrics"] else []))
     kept: Dict[str, np.ndarray] = {}
@@ -252,8 +251,6 @@ def evaluate(accelerator, sam, loader, cfg, adapter_name: Optional[str], sample_
 
 def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray], adapted: Dict[str, np.ndarray]) -> None:
     """image | ground truth | frozen core | adapted, masks drawn in red over the image."""
-    from PIL import Image
-
     sample_dir.mkdir(parents=True, exist_ok=True)
     for key, pa in adapted.items():
         item = dataset[int(key)]
@@ -422,8 +419,6 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
     bs = t["batch_size"]
     sampler = EpochSampler(len(train_ds), t["seed"])
-    for ds in (train_ds, eval_ds):
-        pass
     collate = _collate_with_index
     train_dl = DataLoader(_Indexed(train_ds), batch_size=bs, sampler=sampler, collate_fn=collate,
                           num_workers=cfg["data"]["num_workers"], drop_last=len(train_ds) >= bs)
@@ -445,8 +440,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     model = TrainStep(sam)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
-    # prepare() may wrap the sampler; keep a handle on ours to set the epoch
-    sampler_ref = sampler
+    sampler_ref = sampler  # ours, to set the epoch (prepare() wraps the batch sampler around it)
 
     step, start_epoch, skip, best = 0, 0, 0, None
     if resume:
@@ -464,7 +458,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
         atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
         accelerator.init_trackers("train")
 
-    sampler_prompts = PromptSampler(cfg["prompts"]["mode"] if cfg["prompts"]["mode"] != "mixed" else "mixed",
+    sampler_prompts = PromptSampler(cfg["prompts"]["mode"],
                                     n_pos=cfg["prompts"]["n_pos"], n_neg=cfg["prompts"]["n_neg"],
                                     box_jitter=cfg["prompts"]["box_jitter"], mixed_per="batch") \
         if cfg["prompts"]["mode"] != "none" else None

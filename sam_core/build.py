@@ -1,10 +1,9 @@
 """Builders: one small spec per size feeding one constructor."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Optional, Tuple
 
 import timm
-import torch
 from torch import nn
 
 from .mask_decoder import MaskDecoder
