@@ -482,7 +482,7 @@ def _fast_decoder_ok(sam: nn.Module) -> bool:
     from .transformer import Attention as DecoderAttention
     from .transformer import TwoWayAttentionBlock, TwoWayTransformer
 
-    md = getattr(sam, "mask_decoder", None)
+    md = getattr(sam, "active_mask_decoder", None)
     tr = getattr(md, "transformer", None)
     if type(md) is not MaskDecoder or type(tr) is not TwoWayTransformer or getattr(sam, "prompt_encoder", None) is None:
         return False
@@ -671,7 +671,7 @@ class DecoderImageCache:
 
     @staticmethod
     def _weights(sam: nn.Module) -> list:
-        layer = sam.mask_decoder.transformer.layers[0]
+        layer = sam.active_mask_decoder.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         return [sam.prompt_encoder.no_mask_embed.weight, t2i.k_proj.weight, t2i.k_proj.bias,
                 t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight, i2t.q_proj.bias]
@@ -680,7 +680,7 @@ class DecoderImageCache:
         """The products for this 1 x C x h x w embedding and the no-mask dense prompt `dense`."""
         pe_mod = sam.prompt_encoder
         key = (
-            getattr(sam, "generation", None), len(sam.mask_decoder.transformer.layers),
+            getattr(sam, "generation", None), len(sam.active_mask_decoder.transformer.layers),
             tuple(pe_mod.image_embedding_size), dense.dtype,
         ) + _stamp([embedding, pe_mod.pe_layer.positional_encoding_gaussian_matrix] + self._weights(sam))
         if key != self._key:
@@ -694,7 +694,7 @@ class DecoderImageCache:
 
     @staticmethod
     def _build(sam: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor) -> Dict[str, torch.Tensor]:
-        tr = sam.mask_decoder.transformer
+        tr = sam.active_mask_decoder.transformer
         L0 = tr.layers[0]
         t2i, i2t = L0.cross_attn_token_to_image, L0.cross_attn_image_to_token
         kp = keys + key_pe
@@ -727,17 +727,8 @@ def fast_decode(
     """
     if not _fast_decoder_ok(sam):
         return sam.decode(image_embeddings, point_coords, point_labels, boxes, mask_inputs, multimask_output)
-    pe_mod, md = sam.prompt_encoder, sam.mask_decoder
-    points = (point_coords, point_labels) if point_coords is not None else None
-    b = max(
-        image_embeddings.shape[0],
-        point_coords.shape[0] if point_coords is not None else 1,
-        boxes.shape[0] if boxes is not None else 1,
-        mask_inputs.shape[0] if mask_inputs is not None else 1,
-    )
-    sparse, dense = pe_mod(points=points, boxes=boxes, masks=mask_inputs)
-    if sparse.shape[0] != b:
-        sparse = sparse.expand(b, -1, -1)
+    pe_mod, md = sam.prompt_encoder, sam.active_mask_decoder
+    sparse, dense, b = sam.embed_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
     dt = dense.dtype
     tr = md.transformer
     _, C, h, w = image_embeddings.shape

@@ -156,6 +156,32 @@ class Sam(nn.Module):
         prompt set per image). With no prompt at all the decoder runs promptless (the setting
         SAM-Adapter trains in).
         """
+        sparse, dense, b = self.embed_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
+        if dense.shape[0] != b:
+            dense = dense.expand(b, -1, -1, -1)
+        return self.active_mask_decoder(
+            image_embeddings=image_embeddings.to(dense.dtype),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dense.dtype),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    @property
+    def active_mask_decoder(self) -> nn.Module:
+        """The decoder `decode` runs: the core's, or a replacement its owner put in use (e.g. one
+        trained per domain and held by an adapter)."""
+        return self.__dict__.get("decoder_in_use") or self.mask_decoder
+
+    def embed_prompts(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Sparse prompt embeddings expanded to the call's batch size b, dense ones (1 or b), and b."""
         points = (point_coords, point_labels) if point_coords is not None else None
         b = max(
             image_embeddings.shape[0],
@@ -166,17 +192,7 @@ class Sam(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         if sparse.shape[0] != b:
             sparse = sparse.expand(b, -1, -1)
-        if dense.shape[0] != b:
-            dense = dense.expand(b, -1, -1, -1)
-        # an owner of the model may put a replacement decoder in use (e.g. one trained per domain)
-        decoder = self.__dict__.get("decoder_in_use") or self.mask_decoder
-        return decoder(
-            image_embeddings=image_embeddings.to(dense.dtype),
-            image_pe=self.prompt_encoder.get_dense_pe().to(dense.dtype),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        return sparse, dense, b
 
     def forward_masks(
         self,

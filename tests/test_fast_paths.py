@@ -393,6 +393,29 @@ def test_fast_decode_falls_back_for_wrapped_decoder():
         assert _close(fast_decode(sam, emb, multimask_output=True, **kw), sam.decode(emb, multimask_output=True, **kw))
 
 
+def test_fast_decode_runs_the_decoder_in_use():
+    """An adapter with its own decoder copy (decoder="full") puts that copy in use: the fast path
+    must read it, not the core's decoder, and its per-image cache must follow the switch."""
+    import adapters
+
+    sam = _decoder_sam(False, seed=3)
+    adapters.attach(sam, [], name="dec", decoder="full")
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(sam, "dec"):
+            p.add_(0.05 * torch.randn_like(p))
+        emb = torch.randn(1, 64, 16, 16)
+        kw = _prompts(256)["points"]
+        cache = DecoderImageCache()
+        for name in ("dec", None, "dec"):
+            adapters.activate(sam, name)
+            ref = sam.decode(emb, multimask_output=True, **kw)
+            assert _close(fast_decode(sam, emb, multimask_output=True, cache=cache, **kw), ref), name
+        adapters.activate(sam, None)
+        plain = sam.decode(emb, multimask_output=True, **kw)
+        adapters.activate(sam, "dec")
+        assert not _close(sam.decode(emb, multimask_output=True, **kw), plain)  # the copy does differ
+
+
 def test_fast_decode_respects_hooks():
     """A forward hook on a module whose forward the fast path bypasses: the module path runs."""
     sam = _decoder_sam(False, seed=4)
