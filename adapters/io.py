@@ -3,8 +3,9 @@ path in the `Sam` module) and string metadata (JSON where structured). Written a
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -100,20 +101,40 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
     for k, v in meta.items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v)
     path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+@contextmanager
+def atomic_file(path: Union[str, os.PathLike], fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary name beside `path`; when the block succeeds the file is flushed to disk
+    (`fsync`), given the umask's mode and renamed onto `path`; on any error it is removed. A crash
+    never leaves a half-written `path`.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.txt")
+        >>> with atomic_file(p) as tmp:
+        ...     _ = open(tmp, "w").write("done")
+        >>> open(p).read()
+        'done'
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         _share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path
 
 
 def _share_mode(path: str) -> None:

@@ -28,7 +28,7 @@ from . import config as recipe_config
 from .losses import CombinedLoss
 from .metrics import MetricSuite
 from .prompts import PromptSampler, append_correction_clicks, box_from_mask
-from adapters.io import _share_mode
+from adapters.io import atomic_file
 
 LOWER_IS_BETTER = {"mae", "ber"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -41,19 +41,8 @@ class TrainingError(RuntimeError):
 
 # ---------------------------------------------------------------------------- atomic files
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _share_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -571,9 +560,8 @@ def export(run_dir: Path, sam, cfg, fingerprint: str, res: Dict[str, float]) -> 
         from safetensors.torch import save_file
 
         sd = {k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}
-        tmp = run_dir / ".core.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "samadapt.core/1", "arch": sam.arch, "metrics": json.dumps(res)})
-        os.replace(tmp, run_dir / "core.safetensors")
+        with atomic_file(run_dir / "core.safetensors") as tmp:
+            save_file(sd, tmp, metadata={"format": "samadapt.core/1", "arch": sam.arch, "metrics": json.dumps(res)})
         return run_dir / "core.safetensors"
     return adapters.save(sam, run_dir / "adapter.safetensors", name=cfg["adapter"]["name"], dtype=cfg["output"]["dtype"],
                          base_fingerprint=fingerprint, domain=cfg["domain"], prompt_mode=cfg["prompts"]["mode"],
