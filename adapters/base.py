@@ -125,6 +125,15 @@ def _check_name(name: str) -> None:
         raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; pick another")
 
 
+def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
+    """The encoder blocks a kind adapts (None: all), checked against the encoder's depth."""
+    idx = list(range(n_blocks)) if blocks is None else list(blocks)
+    bad = [i for i in idx if not 0 <= i < n_blocks]
+    if bad or not idx:
+        raise AdapterError(f"{kind} blocks {bad or idx} out of range; this encoder has blocks 0..{n_blocks - 1}")
+    return idx
+
+
 def _slots(sam: nn.Module) -> Iterable[Tuple[str, AdapterSlot]]:
     for path, mod in sam.named_modules():
         if isinstance(mod, AdapterSlot):

@@ -6,7 +6,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, KindSpec, register_kind, slot_state_dict
+from .base import AdapterError, AdapterSlot, KindSpec, block_indices, register_kind, slot_state_dict
 
 POSITIONS = ("attn", "mlp")
 
@@ -85,10 +85,7 @@ def _mlp_hook(block, state):
 
 def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state) -> None:
     blocks = sam.image_encoder.blocks
-    idx = list(range(len(blocks))) if cfg.blocks is None else cfg.blocks
-    bad = [i for i in idx if not 0 <= i < len(blocks)]
-    if bad or not idx:
-        raise AdapterError(f"bottleneck blocks {bad or idx} out of range; this encoder has blocks 0..{len(blocks) - 1}")
+    idx = block_indices(cfg.blocks, len(blocks), "bottleneck")
     dim = sam.image_encoder.embed_dim
     width = cfg.width or max(1, dim // 4)
     for i in idx:

@@ -5,7 +5,7 @@ from typing import ClassVar, List, Optional
 
 from torch import nn
 
-from .base import AdapterError, KindSpec, register_kind
+from .base import AdapterError, KindSpec, block_indices, register_kind
 
 TARGETS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "mlp.fc1": r"mlp\.fc1", "mlp.fc2": r"mlp\.fc2"}
 DECODER_TARGETS = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)"
@@ -46,10 +46,7 @@ class LoraConfig:
 def _peft_config(cfg: LoraConfig, depth: int):
     from peft import LoraConfig as PeftLoraConfig
 
-    blocks = list(range(depth)) if cfg.blocks is None else cfg.blocks
-    bad = [b for b in blocks if not 0 <= b < depth]
-    if bad or not blocks:
-        raise AdapterError(f"lora blocks {bad or blocks} out of range; this encoder has blocks 0..{depth - 1}")
+    blocks = block_indices(cfg.blocks, depth, "lora")
     regex = r"image_encoder\.blocks\.(%s)\.(%s)" % ("|".join(map(str, blocks)), "|".join(TARGETS[t] for t in cfg.targets))
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=regex,
                           use_dora=cfg.use_dora, bias="none")

@@ -8,7 +8,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, KindSpec, register_kind
+from .base import AdapterError, AdapterSlot, KindSpec, block_indices, register_kind
 from .bottleneck import _load, _strict
 
 
@@ -92,10 +92,7 @@ class _Context:
 def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state) -> None:
     enc = sam.image_encoder
     n = len(enc.blocks)
-    idx = list(range(n)) if cfg.blocks is None else cfg.blocks
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad or not idx:
-        raise AdapterError(f"sam_adapter blocks {bad or idx} out of range; this encoder has blocks 0..{n - 1}")
+    idx = block_indices(cfg.blocks, n, "sam_adapter")
     dim = enc.embed_dim
     width = cfg.width or max(1, dim // cfg.scale_factor)
     patch = enc.patch_embed.proj.kernel_size[0]
