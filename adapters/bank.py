@@ -67,6 +67,10 @@ class AdapterBank:
         self._pinned = set(attached(sam))  # attached by the caller: never evicted
         self._cache: "OrderedDict[Tuple[str, Optional[str], Any], Tuple[torch.Tensor, tuple, tuple]]" = OrderedDict()
         self._predictor = SamPredictor(sam)
+        # the predictor's per-image decoder state (channels-last embedding + DecoderImageCache) of the
+        # most recent embeddings, so interleaved requests keep their prompt-independent products
+        self._decoder_state: "OrderedDict[Tuple[str, Optional[str], Any], tuple]" = OrderedDict()
+        self.decoder_state_size = 4
         self.stats = {"loads": 0, "evictions": 0, "cache_hits": 0, "cache_misses": 0}
 
     # ------------------------------------------------------------------ catalogue
@@ -121,6 +125,8 @@ class AdapterBank:
         self._loaded.pop(name, None)
         for key in [k for k in self._cache if k[1] == name]:
             del self._cache[key]
+        for key in [k for k in self._decoder_state if k[1] == name]:
+            del self._decoder_state[key]
         self.stats["evictions"] += 1
 
     def resident(self) -> List[str]:
@@ -168,14 +174,23 @@ class AdapterBank:
                 self._cache.popitem(last=False)
         return out
 
-    def _decode(self, name: Optional[str], entry: tuple, prompts: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode(self, name: Optional[str], entry: tuple, prompts: Dict[str, Any], key: tuple) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from sam_core.fast_attention import DecoderImageCache
+
         activate(self.sam, name)
         p = self._predictor
         p.features, p.input_size, p.original_size = entry
         p.is_image_set = True
         p._generation = self.sam.generation
-        with torch.inference_mode():
-            return p.predict(**prompts)
+        state = self._decoder_state.pop(key, None) or ((None, None), DecoderImageCache())
+        p._features_cl, p.decoder_cache = state
+        try:
+            with torch.inference_mode():
+                return p.predict(**prompts)
+        finally:
+            self._decoder_state[key] = (p._features_cl, p.decoder_cache)
+            while len(self._decoder_state) > self.decoder_state_size:
+                self._decoder_state.popitem(last=False)
 
     # ------------------------------------------------------------------ public calls
     def predict(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None,
@@ -202,9 +217,9 @@ class AdapterBank:
                 version = self._ensure(name)
                 keys = [items[i].get("image_id") or image_key(items[i]["image"]) for i in idx]
                 entries = self._embeddings([items[i]["image"] for i in idx], keys, name, version)
-                for i, entry in zip(idx, entries):
+                for j, (i, entry) in enumerate(zip(idx, entries)):
                     prompts = {k: v for k, v in items[i].items() if k not in ("image", "adapter", "image_id")}
-                    results[i] = self._decode(name, entry, prompts)
+                    results[i] = self._decode(name, entry, prompts, (keys[j], name, version))
         return results
 
     def embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 DECODER_POLICIES = ("frozen", "full", "lora")
+_PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
 
 
@@ -27,15 +28,29 @@ class IncompatibleAdapterError(AdapterError):
 
 # ---------------------------------------------------------------------------- registry
 @dataclass
+class Injected:
+    """What a kind's `inject` hands back for one adapter.
+
+    `tensors` names every tensor of the adapter by its canonical (name-free) path in the `Sam`,
+    as the (owner module, attribute) that holds it: saving, loading, the trainable flags and the
+    parameter list all read this index instead of walking the model. `handle` is the kind's own
+    record, handed back to its `remove`; `peft_layers` are the peft tuner layers (path, layer)
+    that hold this adapter, pointed at the shared active list and used by `merge`.
+    """
+
+    tensors: Dict[str, Tuple[nn.Module, str]]
+    handle: Any = None
+    peft_layers: List[Tuple[str, nn.Module]] = field(default_factory=list)
+
+
+@dataclass
 class KindSpec:
     """What the lifecycle needs from one adapter kind (one file in `adapters/`)."""
 
     name: str
     config_cls: Type
-    inject: Callable  # (sam, config, adapter_name, state) -> list of nn.Module created (for bookkeeping)
-    remove: Callable  # (sam, adapter_name, state) -> None
-    state_dict: Callable  # (sam, adapter_name) -> {canonical name: tensor}
-    load_state_dict: Callable  # (sam, adapter_name, {canonical name: tensor}) -> None (strict)
+    inject: Callable  # (sam, config, adapter_name, state, init) -> Injected; init=False: every tensor is written next
+    remove: Callable  # (sam, adapter_name, state, handle) -> None
     mergeable: bool = False
 
 
@@ -92,6 +107,15 @@ class AdapterInfo:
     configs: List[Any]
     decoder: str = "frozen"
     decoder_r: int = 4
+    parts: Dict[str, Injected] = field(default_factory=dict)  # kind name or "decoder" -> what it injected
+
+    @property
+    def tensors(self) -> Dict[str, Tuple[nn.Module, str]]:
+        """Canonical tensor name -> (owner module, attribute), over all parts."""
+        out: Dict[str, Tuple[nn.Module, str]] = {}
+        for part in self.parts.values():
+            out.update(part.tensors)
+        return out
 
 
 @dataclass
@@ -99,7 +123,7 @@ class AdapterState:
     active: List[str] = field(default_factory=list)  # shared with every adapted layer
     adapters: Dict[str, AdapterInfo] = field(default_factory=dict)
     merged: Optional[str] = None
-    merge_stash: Dict[str, torch.Tensor] = field(default_factory=dict)
+    merge_stash: Dict[str, Tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
 
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
@@ -121,7 +145,7 @@ def _check_name(name: str) -> None:
         raise AdapterError(
             f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', starting with a letter"
         )
-    if hasattr(nn.ModuleDict(), name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
+    if hasattr(_PROBE, name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
         raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; pick another")
 
 
@@ -134,64 +158,71 @@ def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> 
     return idx
 
 
-def _slots(sam: nn.Module) -> Iterable[Tuple[str, AdapterSlot]]:
-    for path, mod in sam.named_modules():
-        if isinstance(mod, AdapterSlot):
-            yield path, mod
-
-
-def slot_state_dict(sam: nn.Module, name: str, prefix_filter: str = "") -> Dict[str, torch.Tensor]:
-    """Canonical tensors of one adapter held in `AdapterSlot`s whose path starts with `prefix_filter`."""
-    out = {}
-    for path, slot in _slots(sam):
-        if name in slot and path.startswith(prefix_filter):
-            for p, t in slot[name].state_dict().items():
-                out[f"{path}.{p}"] = t
+def module_tensors(prefix: str, module: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
+    """The index entries of a module that belongs to one adapter: every parameter and persistent
+    buffer under `prefix` + its path in `module` (the names its `state_dict` would give)."""
+    out: Dict[str, Tuple[nn.Module, str]] = {}
+    for path, mod in module.named_modules():
+        base = f"{prefix}{path}." if path else prefix
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                out[base + attr] = (mod, attr)
+        for attr, b in mod._buffers.items():
+            if b is not None and attr not in mod._non_persistent_buffers_set:
+                out[base + attr] = (mod, attr)
     return out
 
 
-def load_slot_state_dict(sam: nn.Module, name: str, sd: Dict[str, torch.Tensor], prefix_filter: str = "") -> None:
-    own = slot_state_dict(sam, name, prefix_filter)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise AdapterError(
-            f"adapter tensors do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shape {wrong[:5]}"
-        )
-    for path, slot in _slots(sam):
-        if name in slot and path.startswith(prefix_filter):
-            sub = {p[len(path) + 1:]: t for p, t in sd.items() if p.startswith(path + ".")}
-            slot[name].load_state_dict(sub, strict=True)
+def adapter_tensors(sam: nn.Module, name: str) -> Dict[str, torch.Tensor]:
+    """The live tensors of adapter `name` (parameters themselves, not copies) by canonical name."""
+    return {k: getattr(m, a) for k, (m, a) in info(sam, name).tensors.items()}
 
 
 def adapter_parameters(sam: nn.Module, name: str) -> List[nn.Parameter]:
     """Every parameter owned by adapter `name` (all kinds, and its decoder copy or decoder LoRA)."""
-    params = []
-    for _, slot in _slots(sam):
-        if name in slot:
-            params.extend(slot[name].parameters())
-    for mod in sam.modules():
-        for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            d = getattr(mod, attr, None)
-            if isinstance(d, nn.ModuleDict) and name in d:
-                params.extend(d[name].parameters())
     seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
+    for t in adapter_tensors(sam, name).values():
+        if isinstance(t, nn.Parameter) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
     return out
 
 
-def link_peft_layers(sam: nn.Module, state: AdapterState) -> None:
-    """Point every peft layer's active-adapter list at the shared one."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def _known_parameters(sam: nn.Module) -> List[nn.Parameter]:
+    """The core's parameters and every attached adapter's: all the parameters a `Sam` holds,
+    found from the core's references and the adapters' indexes, without walking the model."""
+    params = list(sam.core_parameters())
+    st = state_of(sam, create=False)
+    if st is not None:
+        for n in st.adapters:
+            params.extend(adapter_parameters(sam, n))
+    return params
 
-    for mod in sam.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod._active_adapter = state.active
-            mod._disable_adapters = False
+
+def load_adapter_tensors(sam: nn.Module, name: str, sd: Dict[str, torch.Tensor], where: str = "adapter") -> None:
+    """Copy `sd` (canonical names) into adapter `name`'s tensors. Strict: every tensor of the
+    adapter filled, nothing left over, shapes equal; otherwise nothing is written."""
+    index = info(sam, name).tensors
+    missing = sorted(set(index) - set(sd))
+    unexpected = sorted(set(sd) - set(index))
+    wrong = []
+    for k, (m, a) in index.items():
+        if k in sd and tuple(sd[k].shape) != tuple(getattr(m, a).shape):
+            wrong.append(f"{k} {tuple(sd[k].shape)} vs {tuple(getattr(m, a).shape)}")
+    if missing or unexpected or wrong:
+        raise AdapterError(f"{where}: tensors do not fit this adapter's configuration: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, shape {wrong[:5]}")
+    with torch.no_grad():
+        for k, (m, a) in index.items():
+            getattr(m, a).copy_(sd[k])
+
+
+def _link(parts: Iterable[Injected], state: AdapterState) -> None:
+    """Point peft layers' active-adapter list at the shared one."""
+    for part in parts:
+        for _, layer in part.peft_layers:
+            layer._active_adapter = state.active
+            layer._disable_adapters = False
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -208,12 +239,14 @@ def attach(
     decoder: str = "frozen",
     decoder_r: int = 4,
     activate: bool = True,
+    _init: bool = True,
 ) -> None:
     """Inject adapter `name` (one config or several kinds combined) into a frozen SAM.
 
     The core stays frozen (requires_grad False); the new adapter's parameters (and, with
     `decoder="full"`, a trainable copy of the mask decoder, or with `decoder="lora"`, LoRA on the
-    decoder's attention projections) become trainable. A fresh adapter changes no output.
+    decoder's attention projections) become trainable; other adapters' are frozen. A fresh
+    adapter changes no output.
 
     Args:
         sam: a `sam_core.Sam`.
@@ -222,6 +255,8 @@ def attach(
         decoder: `frozen`, `full` or `lora`.
         decoder_r: LoRA rank for `decoder="lora"`.
         activate: make it the active adapter.
+        _init: False only when every tensor of the adapter is written right after (`load` does):
+            kinds may then skip their random initialisation.
 
     Example:
         >>> import adapters
@@ -249,30 +284,36 @@ def attach(
             raise AdapterError(f"{c!r} is not an adapter config; make one with adapters.config(kind, ...)")
     if len(set(kinds)) != len(kinds):
         raise AdapterError(f"kind listed twice in {kinds}; combine different kinds only")
-    flags = [(p, p.requires_grad) for p in sam.parameters()]
-    for p in sam.parameters():
+    flags = [(p, p.requires_grad) for p in _known_parameters(sam)]
+    for p, _ in flags:
         p.requires_grad_(False)
-    info = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
+    info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
+    state.adapters[name] = info_  # registered first: a failure below is undone by _remove
     try:
         for c in configs:
-            KINDS[c.kind].inject(sam, c, name, state)
+            info_.parts[c.kind] = KINDS[c.kind].inject(sam, c, name, state, _init)
         if decoder == "full":
             if "adapter_decoders" not in sam._modules:
                 sam.adapter_decoders = AdapterSlot()
             dec = _plain_copy(sam.mask_decoder)
             sam.adapter_decoders[name] = dec
+            info_.parts["decoder"] = Injected(tensors=module_tensors("mask_decoder.", dec))
         elif decoder == "lora":
             from .lora import inject_decoder_lora
 
-            inject_decoder_lora(sam, name, decoder_r)
-    except Exception:
-        state.adapters[name] = info
+            info_.parts["decoder"] = inject_decoder_lora(sam, name, decoder_r, _init)
+        seen: Dict[str, str] = {}
+        for part_name, part in info_.parts.items():
+            for k in part.tensors:
+                if k in seen:
+                    raise AdapterError(f"tensor name {k} is claimed by both {seen[k]} and {part_name}")
+                seen[k] = part_name
+    except BaseException:
         _remove(sam, name, state)
         for p, flag in flags:  # a failed attach leaves requires_grad as it found it
             p.requires_grad_(flag)
         raise
-    state.adapters[name] = info
-    link_peft_layers(sam, state)
+    _link(info_.parts.values(), state)
     set_trainable(sam, name)
     if activate:
         globals()["activate"](sam, name)
@@ -294,8 +335,9 @@ def _plain_copy(decoder: nn.Module) -> nn.Module:
 
 
 def set_trainable(sam: nn.Module, name: Optional[str]) -> None:
-    """Make exactly adapter `name`'s parameters trainable (None: nothing trainable)."""
-    for p in sam.parameters():
+    """Make exactly adapter `name`'s parameters trainable (None: nothing trainable): the core and
+    every other adapter are frozen. Reads the adapters' indexes; does not walk the model."""
+    for p in _known_parameters(sam):
         p.requires_grad_(False)
     if name is not None:
         for p in adapter_parameters(sam, name):
@@ -345,12 +387,17 @@ def info(sam: nn.Module, name: str) -> AdapterInfo:
 def _remove(sam: nn.Module, name: str, state: AdapterState) -> None:
     inf = state.adapters.get(name)
     if inf is not None:
-        for c in inf.configs:
-            KINDS[c.kind].remove(sam, name, state)
-        if inf.decoder == "lora":
-            from .lora import remove_decoder_lora
+        if name in state.active:  # peft would otherwise pick another adapter to activate, with a warning
+            state.active[:] = []
+        for part_name, part in list(inf.parts.items()):
+            if part_name in KINDS:
+                KINDS[part_name].remove(sam, name, state, part.handle)
+            elif part_name == "decoder" and inf.decoder == "lora":
+                from .lora import remove_lora
 
-            remove_decoder_lora(sam, name)
+                remove_lora(sam, name, part.handle)
+            _link([part], state)  # peft's delete_adapter may have replaced a layer's active list
+        inf.parts.clear()
     decoders = getattr(sam, "adapter_decoders", None)
     if decoders is not None and name in decoders:
         del decoders[name]
@@ -365,7 +412,6 @@ def detach(sam: nn.Module, name: str) -> None:
         raise AdapterError(f"adapter {name!r} is merged; call adapters.unmerge(sam) first")
     was_active = active(sam) == name
     _remove(sam, name, state)
-    link_peft_layers(sam, state)
     if was_active:
         activate(sam, None)
     sam.generation += 1
@@ -374,19 +420,16 @@ def detach(sam: nn.Module, name: str) -> None:
 def merge(sam: nn.Module, name: str) -> None:
     """Fold adapter `name`'s LoRA into the frozen weights (zero-overhead inference); other kinds
     of the same adapter stay active as modules. `unmerge` restores the core bit for bit."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     state = state_of(sam)
-    info(sam, name)  # raises for a name that is not attached
+    inf = info(sam, name)  # raises for a name that is not attached
     if state.merged is not None:
         raise AdapterError(f"adapter {state.merged!r} is already merged; unmerge first")
     activate(sam, name)
     stash = {}
-    for path, mod in sam.named_modules():
-        if isinstance(mod, BaseTunerLayer) and name in getattr(mod, "lora_A", {}):
-            base = mod.get_base_layer()
-            stash[path] = base.weight.detach().clone()
-            mod.merge(safe_merge=True, adapter_names=[name])
+    for part in inf.parts.values():
+        for path, layer in part.peft_layers:
+            stash[path] = (layer, layer.get_base_layer().weight.detach().clone())
+            layer.merge(safe_merge=True, adapter_names=[name])
     state.merge_stash = stash
     state.merged = name
     sam.generation += 1
@@ -397,12 +440,10 @@ def unmerge(sam: nn.Module) -> None:
     state = state_of(sam)
     if state.merged is None:
         return
-    modules = dict(sam.named_modules())
     with torch.no_grad():
-        for path, w in state.merge_stash.items():
-            mod = modules[path]
-            mod.get_base_layer().weight.copy_(w)
-            mod.merged_adapters.clear()
+        for layer, w in state.merge_stash.values():
+            layer.get_base_layer().weight.copy_(w)
+            layer.merged_adapters.clear()
     state.merge_stash = {}
     state.merged = None
     sam.generation += 1

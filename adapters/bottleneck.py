@@ -6,7 +6,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, KindSpec, block_indices, register_kind, slot_state_dict
+from .base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
 
 POSITIONS = ("attn", "mlp")
 
@@ -83,11 +83,12 @@ def _mlp_hook(block, state):
     return hook
 
 
-def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state) -> None:
+def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool = True) -> Injected:
     blocks = sam.image_encoder.blocks
     idx = block_indices(cfg.blocks, len(blocks), "bottleneck")
     dim = sam.image_encoder.embed_dim
     width = cfg.width or max(1, dim // 4)
+    tensors = {}
     for i in idx:
         blk = blocks[i]
         if "samadapt_bottleneck" not in blk._modules:
@@ -98,11 +99,15 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state) -> None:
                 blk.mlp.register_forward_hook(_mlp_hook(blk, state)),
             ]
         ref = blk.norm1.weight
-        blk.samadapt_bottleneck[name] = BlockAdapters(dim, width, cfg.positions, cfg.scale).to(ref.device)
+        mod = BlockAdapters(dim, width, cfg.positions, cfg.scale).to(ref.device)
+        blk.samadapt_bottleneck[name] = mod
+        tensors.update(module_tensors(f"image_encoder.blocks.{i}.samadapt_bottleneck.", mod))
+    return Injected(tensors=tensors, handle=idx)
 
 
-def remove(sam: nn.Module, name: str, state) -> None:
-    for blk in sam.image_encoder.blocks:
+def remove(sam: nn.Module, name: str, state, handle) -> None:
+    for i in handle:
+        blk = sam.image_encoder.blocks[i]
         slot = blk._modules.get("samadapt_bottleneck")
         if slot is not None and name in slot:
             del slot[name]
@@ -113,30 +118,4 @@ def remove(sam: nn.Module, name: str, state) -> None:
                 del blk._samadapt_hooks
 
 
-def state_dict(sam, name):
-    return {k: v for k, v in slot_state_dict(sam, name, "image_encoder.").items() if ".samadapt_bottleneck." in k}
-
-
-def load_state_dict(sam, name, sd):
-    own = state_dict(sam, name)
-    _strict(own, sd, "bottleneck")
-    _load(sam, name, sd, "samadapt_bottleneck")
-
-
-def _strict(own, sd, kind):
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise AdapterError(f"{kind} tensors do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shape {wrong[:5]}")
-
-
-def _load(sam, name, sd, slot_attr):
-    for path, mod in sam.named_modules():
-        slot = mod._modules.get(slot_attr)
-        if slot is not None and name in slot:
-            prefix = f"{path}.{slot_attr}."
-            slot[name].load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
-
-
-register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove, state_dict, load_state_dict))
+register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove))

@@ -5,13 +5,13 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .base import (
-    KINDS, AdapterError, IncompatibleAdapterError, attach, attached, config_from_dict, config_to_dict, detach,
+    AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
     info, set_trainable,
 )
 from . import base as _base
@@ -36,22 +36,8 @@ def _version() -> str:
 
 
 def adapter_state_dict(sam: nn.Module, name: str) -> Dict[str, torch.Tensor]:
-    """All tensors of adapter `name` under their canonical (name-free) names."""
-    inf = info(sam, name)
-    out: Dict[str, torch.Tensor] = {}
-    for c in inf.configs:
-        part = KINDS[c.kind].state_dict(sam, name)
-        clash = set(part) & set(out)
-        if clash:
-            raise AdapterError(f"tensor names clash between kinds: {sorted(clash)[:3]}")
-        out.update(part)
-    if inf.decoder == "full":
-        out.update({f"mask_decoder.{k}": v for k, v in sam.adapter_decoders[name].state_dict().items()})
-    elif inf.decoder == "lora":
-        from .lora import decoder_state_dict
-
-        out.update(decoder_state_dict(sam, name))
-    return out
+    """All tensors of adapter `name` under their canonical (name-free) names, detached."""
+    return {k: v.detach() for k, v in _base.adapter_tensors(sam, name).items()}
 
 
 def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = "fp32",
@@ -144,15 +130,28 @@ def _share_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _read_header(path: Path) -> Dict[str, str]:
+def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """The file's metadata (checked: a samadapt adapter of a supported format) and, with
+    `tensors`, its tensors: the file is read once and parsed by safetensors."""
     from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
 
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such adapter file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
+        if tensors:
+            data = path.read_bytes()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n]) if len(data) >= 8 + n else None
+            meta = dict((header or {}).get("__metadata__") or {})
+            keys = [k for k in (header or {}) if k != "__metadata__"]
+            # a foreign file is refused below without its tensors being decoded
+            tensor_sd = load_bytes(data) if meta.get("format") == FORMAT or header is None else {}
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = list(f.keys())
+            tensor_sd = {}
     except Exception as e:
         raise AdapterFormatError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from None
     fmt = meta.get("format")
@@ -165,7 +164,11 @@ def _read_header(path: Path) -> Dict[str, str]:
         if k not in meta:
             raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written by samadapt")
     meta["_keys"] = keys
-    return meta
+    return meta, tensor_sd
+
+
+def _read_header(path: Path) -> Dict[str, str]:
+    return _read(path, tensors=False)[0]
 
 
 def _parse(meta: Dict[str, str], path: Path) -> Dict[str, Any]:
@@ -225,7 +228,7 @@ def core_fingerprint(sam: nn.Module) -> str:
     written in place through autograd-visible tensors (their version counter moved: `copy_`,
     `load_state_dict`, optimiser steps). Writes through `.data` are not seen.
     """
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sam.core_state_dict().values())
+    key = sam.core_version_key()
     cached = sam.__dict__.get("_samadapt_fingerprint")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -267,10 +270,8 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
         AdapterFormatError: truncated, foreign or other-version file, or an unknown kind.
         IncompatibleAdapterError: the file was made for another base (says which).
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    meta = _read_header(path)
+    meta, file_sd = _read(path)
     parsed = _parse(meta, path)
     name = name or parsed.get("name") or path.stem
     if not allow_base_mismatch:
@@ -280,53 +281,33 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
     except AdapterError as e:
         raise AdapterFormatError(f"{path}: {e}") from None
     dec = parsed["decoder"]
-    flags = [(p, p.requires_grad) for p in sam.parameters()]
-    # only adapters stay trainable: attach freezes the core, and the core must stay frozen
-    previous_trainable = [p for n in attached(sam) for p in _base.adapter_parameters(sam, n) if p.requires_grad]
-    attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False)
+    # attach freezes the core and makes the new adapter the only trainable one: remember the
+    # flags to give the other adapters theirs back (and everything, if the load fails)
+    flags = [(p, p.requires_grad) for p in _base._known_parameters(sam)]
+    core = {id(p) for p in sam.core_parameters()}
+    attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False,
+           _init=False)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            file_sd = {k: f.get_tensor(k) for k in meta["_keys"]}
-        _load_tensors(sam, name, file_sd, str(path))
+        index = info(sam, name).tensors
+        cast = {k: t.to(getattr(*index[k]).dtype) if k in index else t for k, t in file_sd.items()}
+        try:
+            _base.load_adapter_tensors(sam, name, cast, str(path))
+        except AdapterError as e:
+            raise AdapterFormatError(str(e)) from None
     except BaseException:
         detach(sam, name)
-        for p, flag in flags:  # a failed load leaves requires_grad as it found it
+        for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    set_trainable(sam, name if is_trainable else None)
-    if not is_trainable:
-        for p in previous_trainable:
-            p.requires_grad_(True)
+    if is_trainable:
+        set_trainable(sam, name)
+    else:
+        for p, flag in flags:  # the core stays frozen
+            if id(p) not in core:
+                p.requires_grad_(flag)
+        for p in _base.adapter_parameters(sam, name):
+            p.requires_grad_(False)
+    sam.generation += 1
     if activate:
         _base.activate(sam, name)
     return name
-
-
-def _load_tensors(sam: nn.Module, name: str, file_sd: Dict[str, torch.Tensor], where: str) -> None:
-    inf = info(sam, name)
-    remaining = dict(file_sd)
-
-    def take(expected: Dict[str, torch.Tensor]):
-        part = {}
-        for k, ref in expected.items():
-            if k in remaining:
-                part[k] = remaining.pop(k).to(ref.dtype)
-        return part
-
-    for c in inf.configs:
-        spec = KINDS[c.kind]
-        spec.load_state_dict(sam, name, take(spec.state_dict(sam, name)))
-    if inf.decoder == "full":
-        dec = sam.adapter_decoders[name]
-        part = take({f"mask_decoder.{k}": v for k, v in dec.state_dict().items()})
-        try:
-            dec.load_state_dict({k[len("mask_decoder."):]: v for k, v in part.items()}, strict=True)
-        except RuntimeError as e:
-            raise AdapterFormatError(f"{where}: decoder tensors do not fit ({str(e).splitlines()[0]})") from None
-    elif inf.decoder == "lora":
-        from .lora import decoder_state_dict, load_decoder_state_dict
-
-        load_decoder_state_dict(sam, name, take(decoder_state_dict(sam, name)))
-    if remaining:
-        raise AdapterFormatError(f"{where}: {len(remaining)} tensor(s) belong to no configured kind: {sorted(remaining)[:5]}")
-    sam.generation += 1

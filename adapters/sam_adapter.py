@@ -8,8 +8,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, KindSpec, block_indices, register_kind
-from .bottleneck import _load, _strict
+from .base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
 
 
 @dataclass
@@ -89,7 +88,7 @@ class _Context:
         self.feats = {}
 
 
-def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state) -> None:
+def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool = True) -> Injected:
     enc = sam.image_encoder
     n = len(enc.blocks)
     idx = block_indices(cfg.blocks, n, "sam_adapter")
@@ -130,9 +129,10 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state) -> None:
     gen = PromptGenerator(dim, width, patch, len(idx), cfg).to(enc.patch_embed.proj.weight.device)
     gen.block_index = {b: j for j, b in enumerate(idx)}
     enc.samadapt_sam_adapter[name] = gen
+    return Injected(tensors=module_tensors("image_encoder.samadapt_sam_adapter.", gen))
 
 
-def remove(sam: nn.Module, name: str, state) -> None:
+def remove(sam: nn.Module, name: str, state, handle=None) -> None:
     enc = sam.image_encoder
     slot = enc._modules.get("samadapt_sam_adapter")
     if slot is not None and name in slot:
@@ -145,16 +145,4 @@ def remove(sam: nn.Module, name: str, state) -> None:
             del enc._samadapt_ctx
 
 
-def state_dict(sam, name):
-    slot = sam.image_encoder._modules.get("samadapt_sam_adapter")
-    if slot is None or name not in slot:
-        return {}
-    return {f"image_encoder.samadapt_sam_adapter.{k}": v for k, v in slot[name].state_dict().items()}
-
-
-def load_state_dict(sam, name, sd):
-    _strict(state_dict(sam, name), sd, "sam_adapter")
-    _load(sam, name, sd, "samadapt_sam_adapter")
-
-
-register_kind(KindSpec("sam_adapter", SamAdapterConfig, inject, remove, state_dict, load_state_dict))
+register_kind(KindSpec("sam_adapter", SamAdapterConfig, inject, remove))

@@ -10,8 +10,11 @@ One process, CPU. Timed with time.perf_counter_ns after a warm-up:
   peft  load       PeftModel.load_adapter(dir, adapter_name=...) + set_adapter from a save_pretrained
                    folder; delete_adapter after each, untimed
 
+The two sides run alternately in `--rounds` blocks (the first calls of each block not counted), so
+both see the same machine conditions; medians over all blocks.
+
 Usage:
-    python benchmarks/adapter_swap.py [--reps-activate 5000] [--reps-load 100] [--json out.json]
+    python benchmarks/adapter_swap.py [--reps-activate 20000] [--reps-load 200] [--rounds 10] [--json out.json]
 """
 import argparse
 import json
@@ -57,7 +60,8 @@ def time_loop(step, reps, warmup, after=None):
     return out
 
 
-def bench_ours(args, workdir):
+def setup_ours(workdir):
+    """Ours: two resident adapters a, b; returns (activate step, load step, after-load cleanup, info)."""
     torch.manual_seed(0)
     sam = build_sam("vit_b")
     cfg = adapters.config("lora", r=4, targets=["qkv"])
@@ -67,10 +71,6 @@ def bench_ours(args, workdir):
             for p in adapters.adapter_parameters(sam, name):
                 p.normal_(0, 0.02)
     names = ("a", "b")
-
-    activate = time_loop(lambda i: adapters.activate(sam, names[i % 2]), args.reps_activate, args.warmup_activate)
-    assert adapters.active(sam) in names
-
     path = adapters.save(sam, Path(workdir) / "ours.safetensors", name="a", dtype="fp32")
     want = adapters.adapter_state_dict(sam, "a")
 
@@ -78,29 +78,20 @@ def bench_ours(args, workdir):
         adapters.load(sam, path, name="disk", activate=False)
         adapters.activate(sam, "disk")
 
-    detach_ns = []
-
-    def detach(i):
-        t0 = time.perf_counter_ns()
+    def unload(i):
         adapters.detach(sam, "disk")
-        detach_ns.append(time.perf_counter_ns() - t0)
 
-    load(-1)  # correctness once: the file's tensors land in the model
+    load(-1)  # correctness once: the file's tensors land in the model, and the output is a's
     got = adapters.adapter_state_dict(sam, "disk")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    detach(-1)
-    load_ns = time_loop(load, args.reps_load, args.warmup_load, after=detach)
-    return {
-        "activate": summary(activate),
-        "load_activate": summary(load_ns),
-        "detach": summary(detach_ns[1 + args.warmup_load:]),
-        "file_bytes": os.path.getsize(path),
-        "file": str(path.name),
-        "adapter_parameters": sum(v.numel() for v in want.values()),
-    }
+    unload(-1)
+    return (lambda i: adapters.activate(sam, names[i % 2])), load, unload, {
+        "file_bytes": os.path.getsize(path), "file": str(path.name),
+        "adapter_parameters": sum(v.numel() for v in want.values())}
 
 
-def bench_peft(args, workdir):
+def setup_peft(workdir):
+    """peft on transformers' SamModel: two resident adapters a, b; same closures as setup_ours."""
     from peft import LoraConfig, get_peft_model
     from transformers import SamConfig, SamModel, SamVisionConfig
     from transformers.utils import logging as hf_logging
@@ -122,8 +113,6 @@ def bench_peft(args, workdir):
     assert n_qkv == 12, n_qkv
     names = ("a", "b")
 
-    activate = time_loop(lambda i: pm.set_adapter(names[i % 2]), args.reps_activate_peft, args.warmup_activate)
-
     pm.set_adapter("a")
     save_dir = Path(workdir) / "peft"
     pm.save_pretrained(str(save_dir), selected_adapters=["a"])
@@ -136,7 +125,7 @@ def bench_peft(args, workdir):
         pm.load_adapter(str(adapter_dir), adapter_name="disk")
         pm.set_adapter("disk")
 
-    def delete(i):
+    def unload(i):
         pm.set_adapter("a")
         pm.delete_adapter("disk")
 
@@ -144,14 +133,19 @@ def bench_peft(args, workdir):
     a_sd = {n: p for n, p in pm.named_parameters() if ".lora_" in n and n.endswith(".a.weight")}
     d_sd = {n.replace(".disk.", ".a."): p for n, p in pm.named_parameters() if ".lora_" in n and ".disk." in n}
     assert set(a_sd) == set(d_sd) and all(torch.equal(a_sd[k], d_sd[k]) for k in a_sd)
-    delete(-1)
-    load_ns = time_loop(load, args.reps_load_peft, args.warmup_load, after=delete)
-    return {
-        "activate": summary(activate),
-        "load_activate": summary(load_ns),
-        "file_bytes": os.path.getsize(file),
-        "file": str(file.relative_to(workdir)),
-    }
+    unload(-1)
+    return (lambda i: pm.set_adapter(names[i % 2])), load, unload, {
+        "file_bytes": os.path.getsize(file), "file": str(file.relative_to(workdir))}
+
+
+def interleaved(sides, reps, rounds, warmup, after=None):
+    """Time each side's step `reps[side]` times per round, sides alternating, `rounds` times (both
+    sides see the same machine conditions); the first `warmup` calls of each block are not counted."""
+    out = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, step in sides.items():
+            out[side] += time_loop(step, reps[side], warmup, after=(after or {}).get(side))
+    return out
 
 
 def main(argv=None):
@@ -161,7 +155,8 @@ def main(argv=None):
     ap.add_argument("--reps-activate-peft", type=int, default=2000)
     ap.add_argument("--reps-load-peft", type=int, default=50)
     ap.add_argument("--warmup-activate", type=int, default=200)
-    ap.add_argument("--warmup-load", type=int, default=5)
+    ap.add_argument("--warmup-load", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="blocks per side, alternating ours / peft")
     ap.add_argument("--skip-peft", action="store_true", help="time ours only")
     ap.add_argument("--json", type=str, default=None, help="write all figures to this file")
     args = ap.parse_args(argv)
@@ -169,8 +164,29 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.time()
-        ours = bench_ours(args, workdir)
-        peft_res = None if args.skip_peft else bench_peft(args, workdir)
+        o_act, o_load, o_unload, o_info = setup_ours(workdir)
+        sides_act, sides_load, unloads = {"ours": o_act}, {"ours": o_load}, {"ours": o_unload}
+        if not args.skip_peft:
+            p_act, p_load, p_unload, p_info = setup_peft(workdir)
+            sides_act["peft"], sides_load["peft"], unloads["peft"] = p_act, p_load, p_unload
+        r = args.rounds
+        act = interleaved(sides_act, {"ours": args.reps_activate // r, "peft": args.reps_activate_peft // r}, r,
+                          args.warmup_activate)
+        detach_ns = []
+
+        def timed_unload(side):
+            def f(i):
+                t = time.perf_counter_ns()
+                unloads[side](i)
+                if side == "ours":
+                    detach_ns.append(time.perf_counter_ns() - t)
+            return f
+        lod = interleaved(sides_load, {"ours": args.reps_load // r, "peft": args.reps_load_peft // r}, r,
+                          args.warmup_load, after={s: timed_unload(s) for s in sides_load})
+        ours = {"activate": summary(act["ours"]), "load_activate": summary(lod["ours"]), "detach": summary(detach_ns),
+                **o_info}
+        peft_res = None if args.skip_peft else {"activate": summary(act["peft"]), "load_activate": summary(lod["peft"]),
+                                                 **p_info}
         elapsed = time.time() - t0
 
     import peft

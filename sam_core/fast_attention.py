@@ -470,8 +470,64 @@ def prepare_image_embedding(embedding: torch.Tensor) -> torch.Tensor:
 #     cost page faults).
 
 
+def _lora_linear_ok(m: nn.Module) -> bool:
+    """A peft LoRA `Linear` whose output is `x W_eff^T + b` for a weight we can form: plain LoRA
+    (no DoRA or other variant, no LoRA bias, no active dropout) on an `nn.Linear`."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft is a dependency; a decoder without it has no LoRA layers anyway
+        return False
+    if type(m) is not LoraLinear or type(m.get_base_layer()) is not nn.Linear or m.fan_in_fan_out:
+        return False
+    if m.disable_adapters and m.merged:  # peft would unmerge in forward
+        return False
+    if m.merged or m.disable_adapters:
+        return True
+    for a in m.active_adapters:
+        if a not in m.lora_A:
+            continue
+        if m.use_dora.get(a) or a in m.lora_variant or m.lora_bias.get(a):
+            return False
+        drop = m.lora_dropout[a]
+        if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (not drop.training or drop.p == 0))):
+            return False
+    return True
+
+
 def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear
+    return type(m) is nn.Linear or _lora_linear_ok(m)
+
+
+def _linear_wb(m: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) with `m(x) == x @ weight.T + bias` for a layer `_plain_linear` accepts: a
+    LoRA layer's weight is its base weight plus each active, unmerged adapter's B A scaling (a fresh
+    adapter's B is zero, so the weight is the base weight, bit for bit)."""
+    if type(m) is nn.Linear:
+        return m.weight, m.bias
+    base = m.get_base_layer()
+    w = base.weight
+    if not (m.merged or m.disable_adapters):
+        for a in m.active_adapters:
+            if a in m.lora_A:
+                w = w + m.get_delta_weight(a).to(w.dtype)
+    return w, base.bias
+
+
+def _linear_tensors(m: nn.Module) -> list:
+    """The tensors `_linear_wb(m)` reads (for cache stamps)."""
+    if type(m) is nn.Linear:
+        return [m.weight, m.bias]
+    base = m.get_base_layer()
+    out = [base.weight, base.bias]
+    for a in m.active_adapters:
+        if a in m.lora_A:
+            out += [m.lora_A[a].weight, m.lora_B[a].weight]
+    return out
+
+
+def fast_decoder_applies(sam: nn.Module) -> bool:
+    """True when `fast_decode` takes its own path for `sam`'s decoder in use (else it runs `sam.decode`)."""
+    return _fast_decoder_ok(sam)
 
 
 def _fast_decoder_ok(sam: nn.Module) -> bool:
@@ -540,8 +596,9 @@ def _token_to_image(attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, key
     if H * T >= inner:  # many prompt tokens: the plain order is cheaper
         return attn(q_in, keys + key_pe, keys)
     q = _split_heads(attn.q_proj(q_in), H)  # b, H, T, dh
-    wk = attn.k_proj.weight.view(H, dh, -1)
-    wv = attn.v_proj.weight.view(H, dh, -1)
+    wk = _linear_wb(attn.k_proj)[0].view(H, dh, -1)
+    wv_, bv = _linear_wb(attn.v_proj)
+    wv = wv_.view(H, dh, -1)
     g = torch.einsum("bhtd,hdc->bhtc", q * dh ** -0.5, wk).reshape(b, H * T, -1)  # b, H*T, C
     n = keys.shape[1]
     logits = g.new_empty(b, H * T, n)
@@ -550,7 +607,7 @@ def _token_to_image(attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, key
         logits[:, :, s:e] = torch.matmul(g, (keys[:, s:e] + key_pe[:, s:e]).transpose(-1, -2))
     p = torch.softmax(logits, dim=-1)  # b, H*T, N
     sx = torch.matmul(p, keys).view(b, H, T, -1)  # b, H, T, C
-    o = torch.einsum("bhtc,hdc->bhtd", sx, wv) + attn.v_proj.bias.view(H, 1, dh)
+    o = torch.einsum("bhtc,hdc->bhtd", sx, wv) + bv.view(H, 1, dh)
     return attn.out_proj(o.transpose(1, 2).reshape(b, T, inner))
 
 
@@ -572,12 +629,14 @@ def _image_to_token_update(attn: nn.Module, norm: nn.Module, keys: torch.Tensor,
     k = _split_heads(attn.k_proj(k_in), H) * dh ** -0.5  # b, H, T, dh (scaled)
     v = _split_heads(attn.v_proj(v_in), H)
     if q_t is None:
-        wq, bq = attn.q_proj.weight.view(H, dh, -1), attn.q_proj.bias.view(H, dh)
+        wq, bq = _linear_wb(attn.q_proj)
+        wq, bq = wq.view(H, dh, -1), bq.view(H, dh)
         mt = torch.einsum("hdc,bhtd->bhtc", wq, k).reshape(b, H * T, -1)  # b, H*T, C
         c0 = torch.einsum("hd,bhtd->bht", bq, k).reshape(b, H * T, 1)
-    wo = attn.out_proj.weight.view(-1, H, dh)  # C, H, dh
+    wo, bo = _linear_wb(attn.out_proj)
+    wo = wo.view(-1, H, dh)  # C, H, dh
     u = torch.einsum("chd,bhtd->bhtc", wo, v).reshape(b, H * T, -1)  # b, H*T, C
-    bias = attn.out_proj.bias.expand(b, 1, -1)
+    bias = bo.expand(b, 1, -1)
     n = keys.shape[1]
     out = keys.new_empty(b, n, keys.shape[2], dtype=torch.result_type(keys, u))
     for s in range(0, n, chunk):
@@ -673,8 +732,8 @@ class DecoderImageCache:
     def _weights(sam: nn.Module) -> list:
         layer = sam.active_mask_decoder.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        return [sam.prompt_encoder.no_mask_embed.weight, t2i.k_proj.weight, t2i.k_proj.bias,
-                t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight, i2t.q_proj.bias]
+        return ([sam.prompt_encoder.no_mask_embed.weight] + _linear_tensors(t2i.k_proj)
+                + _linear_tensors(t2i.v_proj) + _linear_tensors(i2t.q_proj))
 
     def get(self, sam: nn.Module, embedding: torch.Tensor, dense: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The products for this 1 x C x h x w embedding and the no-mask dense prompt `dense`."""

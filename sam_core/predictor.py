@@ -4,6 +4,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .fast_attention import DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding
 from .sam import Sam
 from .transforms import ResizeLongestSide
 
@@ -31,8 +32,14 @@ class SamPredictor:
     when the model's function changes (an adapter activated or merged bumps `sam.generation`),
     so a cached embedding is never reused across adapters.
 
+    Prompts are decoded by `fast_attention.fast_decode` with a per-image `DecoderImageCache` and
+    the masks upscaled by `postprocess_masks_fast`: the same function as `Sam.decode` +
+    `Sam.postprocess_masks` in a cheaper order (about a third of the time on a CPU; tested
+    equal). A decoder whose layers an adapter wraps (decoder LoRA, hooks) takes `Sam.decode`.
+
     Args:
         sam_model: a `Sam` from `build_sam` / `load_sam`.
+        fast: False runs `Sam.decode` + `Sam.postprocess_masks` as they are.
 
     Example:
         >>> import numpy as np
@@ -44,8 +51,9 @@ class SamPredictor:
         ((3, 120, 160), (3,), (3, 64, 64))
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, fast: bool = True) -> None:
         self.model = sam_model
+        self.fast = fast
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.reset_image()
 
@@ -61,6 +69,8 @@ class SamPredictor:
         self.input_size = None
         self._input_image = None
         self._generation = None
+        self.decoder_cache = DecoderImageCache()  # prompt-independent decoder products of this image
+        self._features_cl = (None, None)  # (features it was made from, channels-last copy)
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute and cache the embedding of an H x W x 3 uint8 image (gray and RGBA accepted)."""
@@ -161,8 +171,17 @@ class SamPredictor:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prompts already in the input frame (B x N x 2, B x N, B x 4, B x 1 x 4h x 4w)."""
         features = self._fresh_features()
-        low_res, scores = self.model.decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)
-        masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
+        if self.fast and fast_decoder_applies(self.model):
+            src, cl = self._features_cl
+            if src is not features:  # the decoder's image tokens as contiguous rows, once per image
+                cl = prepare_image_embedding(features)
+                self._features_cl = (features, cl)
+            low_res, scores = fast_decode(self.model, cl, point_coords, point_labels, boxes, mask_input,
+                                          multimask_output, cache=self.decoder_cache)
+            masks = postprocess_masks_fast(low_res.float(), self.model.image_size, self.input_size, self.original_size)
+        else:
+            low_res, scores = self.model.decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)
+            masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res

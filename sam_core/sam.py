@@ -117,6 +117,20 @@ class Sam(nn.Module):
         """The frozen core's weights under their plain names (no adapter wrapping)."""
         return {name: getattr(mod, attr).detach() for name, mod, attr in self._core_refs}
 
+    def core_parameters(self) -> List[nn.Parameter]:
+        """The frozen core's parameters themselves (not copies), without walking the module tree."""
+        return [mod._parameters[attr] for _, mod, attr in self._core_refs if attr in mod._parameters]
+
+    def core_version_key(self) -> tuple:
+        """Cheap identity of the core's current weights (about 0.1 ms for vit_b): changes when a
+        core tensor is replaced (new storage or dtype) or written in place through autograd-visible
+        tensors (its version counter moves: `copy_`, `load_state_dict`, optimiser steps)."""
+        slots = self.__dict__.get("_core_slots")
+        if slots is None:  # the dicts that hold each core tensor, looked up once
+            slots = [(mod._parameters if attr in mod._parameters else mod._buffers, attr) for _, mod, attr in self._core_refs]
+            self.__dict__["_core_slots"] = slots
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in (d[attr] for d, attr in slots))
+
     def bump_generation(self) -> None:
         """Tell embedding caches that the model's function changed."""
         self.generation += 1

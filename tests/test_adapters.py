@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -402,8 +403,7 @@ def test_merge_unmerge(case, policy):
         cfg = [c for c in configs_of(case) if c.kind == "lora"]
         adapters.attach(only_lora, cfg, name="m")
         sd = {k: v for k, v in adapters.adapter_state_dict(sam, "m").items() if ".lora_" in k and k.startswith("image_")}
-        from adapters import lora as lora_kind
-        lora_kind.load_state_dict(only_lora, "m", sd)
+        adapters.base.load_adapter_tensors(only_lora, "m", sd)
         assert max_diff(outputs(only_lora, promptless=False), merged) > 1e-3
 
 
@@ -745,3 +745,95 @@ def test_bank_capacity_and_listing(bank_dir, lone_results, tmp_path):
     with pytest.raises(AdapterError, match="no adapter named 'seg_lora'"):
         bank.predict(BANK_IMAGES[0], adapter="seg_lora", **BANK_PROMPTS[0])
     assert sorted(bank.available()) == ["seg_bottle", "seg_evp", "seg_new"]
+
+
+# ----------------------------------------------------------------------------- peft as the reference
+PEFT_CASES = {
+    "qkv-all-blocks": (dict(r=4, targets=["qkv"]), "frozen"),
+    "all-targets-some-blocks": (dict(r=3, alpha=6.0, targets=["qkv", "proj", "mlp.fc1", "mlp.fc2"], blocks=[0, 2]), "frozen"),
+    "dora": (dict(r=2, use_dora=True, targets=["qkv", "proj"]), "frozen"),
+    "decoder-lora": (dict(r=4, targets=["proj"]), "lora"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_lora_matches_peft_inject_adapter_in_model(case):
+    """Our targeted construction gives what peft's model-wide `inject_adapter_in_model` gives: the
+    same layers (type, r, alpha, scaling, DoRA), the same tensor names as peft's
+    `get_peft_model_state_dict`, tensors that peft's `set_peft_model_state_dict` places identically,
+    and bit-identical outputs."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    kw, policy = PEFT_CASES[case]
+    ours = fresh()
+    adapters.attach(ours, adapters.config("lora", **kw), name="dom", decoder=policy)
+    perturb(ours, "dom")
+    sd = adapters.adapter_state_dict(ours, "dom")
+
+    ref = fresh()
+    cfg = adapters.config("lora", **kw)
+    blocks = "|".join(map(str, cfg.blocks if cfg.blocks is not None else range(len(ref.image_encoder.blocks))))
+    regex = r"image_encoder\.blocks\.(%s)\.(%s)" % (blocks, "|".join(re.escape(t if t.startswith("mlp") else "attn." + t)
+                                                                  for t in cfg.targets))
+    enc_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=regex, use_dora=cfg.use_dora, bias="none")
+    inject_adapter_in_model(enc_cfg, ref, adapter_name="dom")
+    peft_cfgs = [("image_encoder.", enc_cfg)]
+    if policy == "lora":
+        dec_cfg = LoraConfig(r=4, lora_alpha=4, target_modules=r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+                             bias="none")
+        inject_adapter_in_model(dec_cfg, ref, adapter_name="dom_dec")
+        peft_cfgs.append(("mask_decoder.", dec_cfg))
+
+    def lora_layers(model):
+        return {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+    mine, theirs = lora_layers(ours), lora_layers(ref)
+    for path, layer in theirs.items():  # peft's second injection made its adapter the active one everywhere
+        layer.set_adapter("dom" if path.startswith("image_encoder.") else "dom_dec")
+    assert sorted(mine) == sorted(theirs)
+    for path, layer in mine.items():
+        other = theirs[path]
+        key = "dom" if path.startswith("image_encoder.") else "dom_dec"
+        assert type(layer) is type(other)
+        assert (layer.r["dom"], layer.lora_alpha["dom"], layer.scaling["dom"], layer.use_dora["dom"]) == \
+            (other.r[key], other.lora_alpha[key], other.scaling[key], other.use_dora[key])
+
+    # peft's names for peft's tensors = our file's names; peft places our tensors where ours are
+    ref_sd = {}
+    for prefix, pcfg in peft_cfgs:
+        key = "dom" if prefix == "image_encoder." else "dom_dec"
+        ref.__dict__["peft_config"] = {key: pcfg}
+        part = {k: v for k, v in get_peft_model_state_dict(ref, adapter_name=key).items() if k.startswith(prefix)}
+        ref_sd.update(part)
+        res = set_peft_model_state_dict(ref, {k: v for k, v in sd.items() if k.startswith(prefix)}, adapter_name=key)
+        assert not [k for k in res.unexpected_keys if "lora_" in k]
+    assert sorted(ref_sd) == sorted(sd)
+    for prefix, _ in peft_cfgs:
+        key = "dom" if prefix == "image_encoder." else "dom_dec"
+        ref.__dict__["peft_config"] = {key: peft_cfgs[0][1] if key == "dom" else peft_cfgs[-1][1]}
+        for k, v in get_peft_model_state_dict(ref, adapter_name=key).items():
+            if k.startswith(prefix):
+                assert torch.equal(v, sd[k]), k
+    assert_equal_outputs(outputs(ours), outputs(ref))
+
+
+def test_adapter_index_is_every_adapter_tensor():
+    """The per-adapter index (what save, load, trainable flags and parameter lists read) holds
+    exactly the tensors the model's state_dict shows for that adapter, for every kind and policy."""
+    sam = fresh()
+    adapters.attach(sam, configs_of("all-kinds") if "all-kinds" in CASES else configs_of(CASE_NAMES[0]), name="a",
+                    decoder="full")
+    adapters.attach(sam, adapters.config("lora", r=2, use_dora=True), name="b", decoder="lora")
+    full = sam.state_dict(keep_vars=True)
+    for name in ("a", "b"):
+        idx = adapters.base.adapter_tensors(sam, name)
+        owned = {id(t) for t in idx.values()}
+        in_model = {id(v) for k, v in full.items() if f".{name}." in f".{k}." and (".lora_" in k or "samadapt_" in k
+                                                                                  or k.startswith("adapter_decoders."))}
+        assert owned == in_model, name
+        assert {id(p) for p in adapters.adapter_parameters(sam, name)} == owned
+    # nothing outside the core and the indexes holds parameters
+    known = {id(p) for p in sam.core_parameters()} | {id(p) for n in ("a", "b") for p in adapters.adapter_parameters(sam, n)}
+    assert known == {id(p) for p in sam.parameters()}

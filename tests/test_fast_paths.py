@@ -379,18 +379,99 @@ def test_fast_decode_cache_and_helpers():
         assert _close(fast_decode(fast_sam, e, cache=cache, **kw), sam.decode(e.clone(), **kw))
 
 
-def test_fast_decode_falls_back_for_wrapped_decoder():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fast_decode_with_lora_wrapped_decoder(use_dora):
+    """peft LoRA on the decoder's projections: the fast path forms W + B A s for the layers whose
+    weights it reads (plain LoRA); DoRA takes the module path. Same function either way."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from sam_core.fast_attention import fast_decoder_applies
+
     sam = _decoder_sam(False, seed=2)
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), sam.mask_decoder)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                       use_dora=use_dora), sam.mask_decoder)
+    assert fast_decoder_applies(sam) is (not use_dora)
     with torch.no_grad():
         for name, p in sam.mask_decoder.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
         emb = torch.randn(1, 64, 16, 16)
         kw = _prompts(256)["points"]
-        assert _close(fast_decode(sam, emb, multimask_output=True, **kw), sam.decode(emb, multimask_output=True, **kw))
+        ref = sam.decode(emb, multimask_output=True, **kw)
+        assert _close(fast_decode(sam, emb, multimask_output=True, **kw), ref)
+        cache = DecoderImageCache()
+        assert _close(fast_decode(sam, emb, multimask_output=True, cache=cache, **kw), ref)
+        # a training step writes the LoRA tensors in place: the per-image cache must see it
+        for name, p in sam.mask_decoder.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05)
+        ref2 = sam.decode(emb, multimask_output=True, **kw)
+        assert not _close(ref2, ref)
+        assert _close(fast_decode(sam, emb, multimask_output=True, cache=cache, **kw), ref2)
+
+
+def test_fresh_decoder_lora_changes_no_bit_on_the_fast_path():
+    """A fresh decoder-LoRA adapter (B = 0) gives the core's outputs bit for bit on the fast path
+    (its weight is W + 0), so `SamPredictor` keeps the no-op guarantee of a fresh adapter."""
+    import adapters
+
+    sam = _decoder_sam(False, seed=4)
+    emb = torch.randn(1, 64, 16, 16)
+    kw = _prompts(256)["points"]
+    with torch.no_grad():
+        before = fast_decode(sam, emb, multimask_output=True, **kw)
+        adapters.attach(sam, [], name="d", decoder="lora")
+        after = fast_decode(sam, emb, multimask_output=True, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+PREDICTOR_PROMPTS = [
+    dict(point_coords=[[100.0, 70.0]], point_labels=[1], multimask_output=True),
+    dict(point_coords=[[100.0, 70.0], [20.0, 130.0]], point_labels=[1, 0], multimask_output=False),
+    dict(box=[50.0, 30.0, 160.0, 110.0], multimask_output=False),
+    dict(point_coords=[[100.0, 70.0]], point_labels=[1], box=[50.0, 30.0, 160.0, 110.0], multimask_output=True),
+]
+
+
+@pytest.mark.parametrize("decoder", ["core", "full", "lora"])
+def test_predictor_fast_equals_plain(decoder):
+    """`SamPredictor` (fast by default) against `SamPredictor(fast=False)` (`Sam.decode` +
+    `Sam.postprocess_masks`): same masks, logits and scores within fp32 rounding, for point, box,
+    mask prompts, batched prompts, under the core and under adapters with their own decoder."""
+    import numpy as np
+
+    import adapters
+    from sam_core import SamPredictor
+
+    sam = _decoder_sam(False, seed=5)
+    if decoder != "core":
+        adapters.attach(sam, [], name="d", decoder=decoder)
+        with torch.no_grad():
+            for p in adapters.adapter_parameters(sam, "d"):
+                p.add_(0.05 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    fast, plain = SamPredictor(sam), SamPredictor(sam, fast=False)
+    fast.set_image(image)
+    plain.set_image(image)
+    for kw in PREDICTOR_PROMPTS:
+        kw = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in kw.items()}
+        (m1, s1, l1), (m2, s2, l2) = fast.predict(**kw), plain.predict(**kw)
+        assert m1.shape == m2.shape == (3 if kw["multimask_output"] else 1, 150, 200)
+        assert (m1 == m2).mean() >= 0.9999 and np.abs(l1 - l2).max() <= 1e-4 and np.abs(s1 - s2).max() <= 1e-4
+        # the previous logits as a mask prompt
+        (m1, _, l1), (m2, _, l2) = fast.predict(mask_input=l1[:1], **kw), plain.predict(mask_input=l2[:1], **kw)
+        assert (m1 == m2).mean() >= 0.9999 and np.abs(l1 - l2).max() <= 1e-4
+        lg1 = fast.predict(return_logits=True, **kw)[0]
+        lg2 = plain.predict(return_logits=True, **kw)[0]
+        assert np.abs(lg1 - lg2).max() <= 1e-4
+    # batched prompts through predict_torch
+    pts = torch.tensor([[[40.0, 60.0]], [[150.0, 100.0]], [[90.0, 20.0]]])
+    lbl = torch.ones(3, 1, dtype=torch.int)
+    coords = torch.as_tensor(fast.transform.apply_coords(pts.numpy(), fast.original_size), dtype=torch.float)
+    a = fast.predict_torch(coords, lbl, multimask_output=True, return_logits=True)
+    b = plain.predict_torch(coords, lbl, multimask_output=True, return_logits=True)
+    assert all((x - y).abs().max().item() <= 1e-4 for x, y in zip(a, b))
 
 
 def test_fast_decode_runs_the_decoder_in_use():
