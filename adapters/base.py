@@ -240,6 +240,7 @@ def attach(
     decoder_r: int = 4,
     activate: bool = True,
     _init: bool = True,
+    _trainable: bool = True,
 ) -> None:
     """Inject adapter `name` (one config or several kinds combined) into a frozen SAM.
 
@@ -257,6 +258,8 @@ def attach(
         activate: make it the active adapter.
         _init: False only when every tensor of the adapter is written right after (`load` does):
             kinds may then skip their random initialisation.
+        _trainable: False (`load`): the new adapter is frozen and the other adapters keep their
+            requires_grad flags, instead of only the new adapter being trainable.
 
     Example:
         >>> import adapters
@@ -285,6 +288,7 @@ def attach(
     if len(set(kinds)) != len(kinds):
         raise AdapterError(f"kind listed twice in {kinds}; combine different kinds only")
     flags = [(p, p.requires_grad) for p in _known_parameters(sam)]
+    core = {id(p) for p in sam.core_parameters()}
     for p, _ in flags:
         p.requires_grad_(False)
     info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
@@ -314,7 +318,11 @@ def attach(
             p.requires_grad_(flag)
         raise
     _link(info_.parts.values(), state)
-    set_trainable(sam, name)
+    # peft's update_layer re-flags the adapters of the layers it touches: settle every flag here
+    for p, flag in flags:  # the core stays frozen; other adapters frozen, or as they were
+        p.requires_grad_(flag and not _trainable and id(p) not in core)
+    for p in adapter_parameters(sam, name):
+        p.requires_grad_(_trainable)
     if activate:
         globals()["activate"](sam, name)
     else:

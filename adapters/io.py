@@ -281,12 +281,10 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
     except AdapterError as e:
         raise AdapterFormatError(f"{path}: {e}") from None
     dec = parsed["decoder"]
-    # attach freezes the core and makes the new adapter the only trainable one: remember the
-    # flags to give the other adapters theirs back (and everything, if the load fails)
-    flags = [(p, p.requires_grad) for p in _base._known_parameters(sam)]
-    core = {id(p) for p in sam.core_parameters()}
+    # attached frozen, the other adapters' requires_grad flags kept (the core stays frozen)
+    core_flags = [(p, p.requires_grad) for p in sam.core_parameters()]
     attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False,
-           _init=False)
+           _init=False, _trainable=False)
     try:
         index = info(sam, name).tensors
         cast = {k: t.to(getattr(*index[k]).dtype) if k in index else t for k, t in file_sd.items()}
@@ -296,17 +294,11 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
             raise AdapterFormatError(str(e)) from None
     except BaseException:
         detach(sam, name)
-        for p, flag in flags:
+        for p, flag in core_flags:  # a failed load leaves requires_grad as it found it
             p.requires_grad_(flag)
         raise
     if is_trainable:
         set_trainable(sam, name)
-    else:
-        for p, flag in flags:  # the core stays frozen
-            if id(p) not in core:
-                p.requires_grad_(flag)
-        for p in _base.adapter_parameters(sam, name):
-            p.requires_grad_(False)
     sam.generation += 1
     if activate:
         _base.activate(sam, name)

@@ -1,4 +1,4 @@
-"""Prompt -> mask latency on one CPU thread: samadapt's fast path vs Meta's segment_anything.
+"""Prompt -> mask latency on one CPU thread: samadapt's SamPredictor vs Meta's segment_anything.
 
 vit_b dimensions with random weights (the anchor's; ours loads the same state dict). Only the
 prompt encoder, the mask decoder and the post-processing are timed: the image embedding is a
@@ -7,11 +7,11 @@ returned as booleans at the original size 768 x 1024, single-mask and multimask.
 
   anchor : segment_anything.SamPredictor.predict_torch (PromptEncoder + MaskDecoder +
            Sam.postprocess_masks + threshold), exactly as a predictor calls them.
-  ours   : sam_core.fast_attention.fast_decode (the same function, evaluated in a cheaper order,
-           with a per-image DecoderImageCache and a cached channels-last dense PE) +
-           postprocess_masks_fast + threshold, under inference_mode.
-  also   : ours_plain (sam_core's decode + postprocess_masks, no fast path) and ours_nocache
-           (fast_decode without the per-image cache), to show where the time goes.
+  ours   : sam_core.SamPredictor.predict_torch as it runs by default: fast_attention.fast_decode
+           (the same function, evaluated in a cheaper order, with the predictor's per-image
+           DecoderImageCache) + postprocess_masks_fast + threshold.
+  also   : ours_plain (SamPredictor(fast=False): Sam.decode + Sam.postprocess_masks) and
+           ours_nocache (fast_decode without the per-image cache), to show where the time goes.
 
 Timing: the same process, blocks interleaved (see _common.time_blocks), medians of wall and
 process-CPU time. Mask agreement and logit differences are checked on the same inputs.
@@ -19,7 +19,6 @@ process-CPU time. Mask agreement and logit differences are checked on the same i
     python benchmarks/prompt_to_mask_cpu.py [--rounds 8 --block 5] [--json out.json]
 """
 import argparse
-import copy
 import time
 
 import torch
@@ -32,14 +31,14 @@ def build(seed: int):
     from segment_anything import sam_model_registry
 
     from sam_core import load_sam
-    from sam_core.fast_attention import DecoderImageCache, cache_dense_pe, prepare_image_embedding
+    from sam_core.fast_attention import prepare_image_embedding
 
     torch.manual_seed(seed)
     ref = sam_model_registry["vit_b"]().eval()
     ours = load_sam(ref.state_dict())
     assert ours.arch == "vit_b"
     emb = torch.randn(1, 256, 64, 64)
-    return ref, ours, emb, MetaPredictor, DecoderImageCache, cache_dense_pe, prepare_image_embedding
+    return ref, ours, emb, MetaPredictor, prepare_image_embedding
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
     from sam_core.fast_attention import fast_decode, postprocess_masks_fast
 
     t0 = time.perf_counter()
-    ref, ours, emb, MetaPredictor, DecoderImageCache, cache_dense_pe, prepare_image_embedding = build(args.seed)
+    ref, ours, emb, MetaPredictor, prepare_image_embedding = build(args.seed)
     print(f"built vit_b anchor + ours in {time.perf_counter() - t0:.1f} s; torch threads = {torch.get_num_threads()}")
 
     original = tuple(args.original_size)
@@ -75,22 +74,20 @@ def main() -> None:
     meta.features, meta.is_image_set = emb.clone(), True
     meta.original_size, meta.input_size = original, input_size
 
-    # ours (plain): sam_core's predictor path with the embedding set
-    plain = SamPredictor(ours)
-    plain.features, plain.is_image_set, plain._generation = emb.clone(), True, ours.generation
-    plain.original_size, plain.input_size = original, input_size
+    def with_embedding(pred, e):  # the predictor state set_image leaves, with this embedding
+        pred.reset_image()
+        pred.features, pred.is_image_set, pred._generation = e, True, ours.generation
+        pred.original_size, pred.input_size = original, input_size
+        return pred
 
-    # ours (fast): per-image state prepared once, as set_image would
-    fast_sam = copy.deepcopy(ours)  # the same weights; a copy so that ours_plain keeps the plain dense PE
-    cache_dense_pe(fast_sam)
-    with torch.inference_mode():  # warm-up on a throwaway image
-        fast_decode(fast_sam, prepare_image_embedding(torch.randn_like(emb)), coords, labels, cache=DecoderImageCache())
+    plain = with_embedding(SamPredictor(ours, fast=False), emb.clone())
+    fast = with_embedding(SamPredictor(ours), torch.randn_like(emb))
+    fast.predict_torch(coords, labels, multimask_output=False)  # warm-up on a throwaway image
+    with_embedding(fast, emb.clone())
     t0 = time.perf_counter()
-    emb_cl = prepare_image_embedding(emb.clone())
-    image_cache = DecoderImageCache()
-    with torch.inference_mode():
-        low, _ = fast_decode(fast_sam, emb_cl, coords, labels, cache=image_cache)
+    fast.predict_torch(coords, labels, multimask_output=False)
     first_call_s = time.perf_counter() - t0
+    emb_cl = prepare_image_embedding(emb.clone())
 
     def anchor(mm: bool, logits: bool = False):
         return meta.predict_torch(coords, labels, multimask_output=mm, return_logits=logits)[0]
@@ -98,12 +95,13 @@ def main() -> None:
     def ours_plain(mm: bool):
         return plain.predict_torch(coords, labels, multimask_output=mm)[0]
 
-    def ours_fast(mm: bool, cache=True, logits: bool = False):
-        with torch.inference_mode():
-            low, _ = fast_decode(fast_sam, emb_cl, coords, labels, multimask_output=mm,
-                                 cache=image_cache if cache else None)
-            masks = postprocess_masks_fast(low, 1024, input_size, original)
-            return masks if logits else masks > 0.0
+    def ours_fast(mm: bool, logits: bool = False):
+        return fast.predict_torch(coords, labels, multimask_output=mm, return_logits=logits)[0]
+
+    def ours_nocache(mm: bool):
+        with torch.no_grad():
+            low, _ = fast_decode(ours, emb_cl, coords, labels, multimask_output=mm)
+            return postprocess_masks_fast(low, 1024, input_size, original) > 0.0
 
     results = {"machine": machine(), "args": vars(args), "input_size": input_size,
                "first_decode_on_new_image_s": first_call_s, "modes": {}}
@@ -117,7 +115,7 @@ def main() -> None:
         dlogit = (a_logits - o_logits).abs().max().item()
         fns = {"anchor": lambda: anchor(mm), "ours": lambda: ours_fast(mm)}
         if not args.no_extra:
-            fns["ours_nocache"] = lambda: ours_fast(mm, cache=False)
+            fns["ours_nocache"] = lambda: ours_nocache(mm)
             fns["ours_plain"] = lambda: ours_plain(mm)
         raw = time_blocks(fns, args.rounds, args.block)
         stats = {k: {"wall": summary(v["wall_s"]), "cpu": summary(v["cpu_s"])} for k, v in raw.items()}
@@ -135,8 +133,8 @@ def main() -> None:
         print(f"  ratio ours/anchor: wall {ratio_wall:.3f}   cpu {ratio_cpu:.3f}")
         rows.append([name, fmt_ms(stats["anchor"]["wall"]["median"]).strip(), fmt_ms(stats["ours"]["wall"]["median"]).strip(),
                      f"{ratio_wall:.3f}", f"{ratio_cpu:.3f}", f"{agree * 100:.4f} %", f"{dlogit:.1e}"])
-    print(f"\nours, first decode on a new image (channels-last copy + DecoderImageCache fill, single-mask, "
-          f"no postprocess): {first_call_s * 1e3:.1f} ms, once per image")
+    print(f"\nours, first prompt on a new image (channels-last copy + DecoderImageCache fill, single-mask): "
+          f"{first_call_s * 1e3:.1f} ms, once per image")
     print(table(rows))
     write_json(args.json, results)
 

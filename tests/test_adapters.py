@@ -837,3 +837,27 @@ def test_adapter_index_is_every_adapter_tensor():
     # nothing outside the core and the indexes holds parameters
     known = {id(p) for p in sam.core_parameters()} | {id(p) for n in ("a", "b") for p in adapters.adapter_parameters(sam, n)}
     assert known == {id(p) for p in sam.parameters()}
+
+
+def test_load_keeps_requires_grad_flags(tmp_path):
+    """Loading a LoRA file onto layers that already hold a LoRA being trained (peft re-flags the
+    adapters of a layer it adds to): the trainee stays trainable, the loaded adapter and the core
+    stay frozen; `is_trainable=True` makes the loaded adapter the only trainable one."""
+    donor = fresh()
+    adapters.attach(donor, adapters.config("lora", r=2, targets=["qkv"]), name="x", decoder="lora")
+    path = adapters.save(donor, tmp_path / "x.safetensors", name="x")
+
+    sam = fresh()
+    adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv", "proj"]), name="trainee", decoder="lora")
+    adapters.activate(sam, "trainee")
+    trainee = {id(p) for p in adapters.adapter_parameters(sam, "trainee")}
+
+    def trainable():
+        return {id(p) for p in sam.parameters() if p.requires_grad}
+
+    assert trainable() == trainee
+    adapters.load(sam, path)
+    assert adapters.active(sam) == "x" and trainable() == trainee
+    adapters.load(sam, path, name="y", activate=False, is_trainable=True)
+    assert adapters.active(sam) == "x"
+    assert trainable() == {id(p) for p in adapters.adapter_parameters(sam, "y")}
