@@ -861,3 +861,24 @@ def test_load_keeps_requires_grad_flags(tmp_path):
     adapters.load(sam, path, name="y", activate=False, is_trainable=True)
     assert adapters.active(sam) == "x"
     assert trainable() == {id(p) for p in adapters.adapter_parameters(sam, "y")}
+
+
+def test_deepcopy_keeps_its_own_adapter_index(tmp_path):
+    """A deep copy of an adapted model has its own index (pointing into the copy): swapping,
+    detaching and loading on the copy leaves the original untouched."""
+    import copy
+
+    sam = fresh()
+    adapters.attach(sam, [adapters.config("bottleneck", width=8), adapters.config("lora", r=2)], name="a", decoder="lora")
+    perturb(sam, "a")
+    ref = outputs(sam)
+    twin = copy.deepcopy(sam)
+    own = {id(p) for p in sam.parameters()}
+    assert not own & {id(p) for p in adapters.adapter_parameters(twin, "a")}
+    assert_equal_outputs(outputs(twin), ref)
+    path = adapters.save(twin, tmp_path / "a.safetensors", name="a")
+    adapters.detach(twin, "a")
+    adapters.load(twin, path, name="b")
+    assert_equal_outputs(outputs(twin), ref)
+    assert adapters.attached(sam) == ["a"] and adapters.active(sam) == "a"
+    assert_equal_outputs(outputs(sam), ref)
