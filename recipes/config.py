@@ -101,7 +101,7 @@ CHOICES = {
     ("base", "arch"): ["vit_b", "vit_l", "vit_h", "tiny"],
     ("adapter", "decoder"): ["frozen", "full", "lora"],
     ("data", "layout"): ["auto", "generic", "cod10k", "camo", "istd", "sbu", "kvasir", "cvc_clinicdb"],
-    ("data", "synthetic"): [None, "generic", "camouflage", "shadow", "polyp"],
+    ("data", "synthetic"): [None, "generic", "objects", "camouflage", "shadow", "polyp"],
     ("prompts", "mode"): ["none", "box", "points", "box+points", "mixed"],
     ("train", "scheduler"): ["cosine", "constant"],
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],

@@ -6,6 +6,10 @@ Domains (each returns an RGB uint8 image and a non-empty bool mask):
   blobs) in saturated colours, solid or striped/checkered, on a muted
   low-contrast noise background.  The mask is the **union of all objects**, the
   convention of the binary benchmarks (salient/camouflaged objects, polyps).
+* ``objects`` -- ``generic``'s scenes, but the mask is **one** of the objects (chosen at random;
+  the parts that objects drawn later cover are not in it, and an object mostly covered gives way
+  to the top one): a box or a click on it must select that object and not its neighbours, as
+  SAM's prompts do. The tiny core is pretrained on it.
 * ``camouflage`` -- one blob whose texture comes from the *same* process as
   the background (a noise-warped sinusoidal grating mixed with fractal noise,
   coloured by one two-colour palette).  The only cues are a rotated grating
@@ -39,7 +43,7 @@ from torch.utils.data import Dataset
 __all__ = ["SYNTHETIC_DOMAINS", "make_sample", "SyntheticDataset", "write_synthetic_folder"]
 
 #: Domains understood by :func:`make_sample` (``"demo"`` is an alias of ``"generic"``).
-SYNTHETIC_DOMAINS: Tuple[str, ...] = ("generic", "camouflage", "shadow", "polyp")
+SYNTHETIC_DOMAINS: Tuple[str, ...] = ("generic", "objects", "camouflage", "shadow", "polyp")
 _ALIASES = {"demo": "generic"}
 _MIN_SIZE = 16
 
@@ -160,12 +164,13 @@ def _lerp(c0: np.ndarray, c1: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- domains
-def _generic(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
+def _generic(rng: np.random.Generator, s: int, instance: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     base_h = rng.uniform(0, 360)
     c0 = _hsv(base_h, rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.55))
     c1 = _hsv(base_h + rng.uniform(-30, 30), rng.uniform(0.05, 0.25), rng.uniform(0.45, 0.7))
     img = _lerp(c0, c1, np.clip(0.5 + 0.25 * _fbm(rng, s, s, s / 6.0), 0, 1))
     mask = np.zeros((s, s), bool)
+    shapes = []
     for _ in range(int(rng.integers(1, 4))):
         r = s * rng.uniform(0.1, 0.22)
         cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
@@ -198,7 +203,18 @@ def _generic(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
         region = img[sy, sx]
         region[sub] = (col * tex[..., None])[sub]
         mask |= shape
+        shapes.append(shape)
+    if instance and shapes:  # one object, less what the objects drawn after it cover
+        k = int(rng.integers(0, len(shapes)))
+        one = shapes[k].copy()
+        for later in shapes[k + 1:]:
+            one &= ~later
+        mask = one if one.sum() >= 0.25 * shapes[k].sum() else shapes[-1]
     return _finish(img, rng, 3.0), _ensure_nonempty(mask, s, s)
+
+
+def _objects(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
+    return _generic(rng, s, instance=True)
 
 
 def _camo_texture(rng: np.random.Generator, s: int, freq: float, theta: float,
@@ -356,6 +372,7 @@ def _polyp(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
 
 _MAKERS: Dict[str, Callable[[np.random.Generator, int], Tuple[np.ndarray, np.ndarray]]] = {
     "generic": _generic,
+    "objects": _objects,
     "camouflage": _camouflage,
     "shadow": _shadow,
     "polyp": _polyp,
