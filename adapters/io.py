@@ -19,6 +19,7 @@ from . import base as _base
 FORMAT = "samadapt.adapter/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 RESERVED = {"format", "config", "decoder", "base", "samadapt_version", "name", "dtype"}
 
 
@@ -138,15 +139,23 @@ def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, t
 
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such adapter file")
+    size = path.stat().st_size
     try:
         if tensors:
-            data = path.read_bytes()
-            n = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + n]) if len(data) >= 8 + n else None
-            meta = dict((header or {}).get("__metadata__") or {})
-            keys = [k for k in (header or {}) if k != "__metadata__"]
-            # a foreign file is refused below without its tensors being decoded
-            tensor_sd = load_bytes(data) if meta.get("format") == FORMAT or header is None else {}
+            with open(path, "rb") as fh:  # the header first: a foreign (maybe huge) file is refused unread
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < n <= _MAX_HEADER or n > size - 8:
+                    raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+                header_bytes = fh.read(n)
+                header = json.loads(header_bytes)
+                meta = dict(header.get("__metadata__") or {})
+                keys = [k for k in header if k != "__metadata__"]
+                if meta.get("format") == FORMAT:
+                    fh.seek(0)
+                    tensor_sd = load_bytes(fh.read())
+                else:
+                    tensor_sd = {}
         else:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
