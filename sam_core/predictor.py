@@ -35,7 +35,8 @@ class SamPredictor:
     Prompts are decoded by `fast_attention.fast_decode` with a per-image `DecoderImageCache` and
     the masks upscaled by `postprocess_masks_fast`: the same function as `Sam.decode` +
     `Sam.postprocess_masks` in a cheaper order (about a third of the time on a CPU; tested
-    equal). A decoder whose layers an adapter wraps (decoder LoRA, hooks) takes `Sam.decode`.
+    equal), also under a plain decoder LoRA; a decoder with DoRA, hooks or changed layers takes
+    `Sam.decode`.
 
     Args:
         sam_model: a `Sam` from `build_sam` / `load_sam`.
