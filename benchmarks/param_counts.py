@@ -6,8 +6,6 @@ import argparse
 import os
 import tempfile
 
-import torch
-
 import adapters
 from sam_core import build_sam
 

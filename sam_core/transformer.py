@@ -1,8 +1,6 @@
 """Two-way transformer: prompt tokens and image embedding attend to each other."""
-import math
 from typing import Tuple, Type
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 

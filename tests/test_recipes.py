@@ -7,10 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 from recipes.config import RecipeError, load_recipe
 
