@@ -68,6 +68,7 @@ def test_pretrained_tiny_core_follows_prompts():
     print(f"box IoU {np.mean(box_iou):.3f}, click IoU {np.mean(click_iou):.3f} (best-scored of 3: "
           f"{np.mean(click_mm_iou):.3f}), share of the other objects a click takes {np.mean(taken):.3f} (n={len(taken)})")
     # measured with the committed core: box 0.825, click 0.756 (best of 3: 0.764), others taken 0.118; the
-    # previous core, trained on union masks, took 0.97 of the other objects and its best of 3 scored 0.14
+    # previous core, trained on union masks, fails this (on 60 other scenes a click took 0.92-0.97 of the
+    # other objects, and its best of 3 scored 0.14)
     assert np.mean(box_iou) >= 0.7 and np.mean(click_iou) >= 0.6 and np.mean(click_mm_iou) >= 0.6
     assert np.mean(taken) <= 0.3
