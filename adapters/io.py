@@ -295,10 +295,8 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
     attach(sam, configs, name, decoder=dec.get("policy", "frozen"), decoder_r=int(dec.get("r", 4)), activate=False,
            _init=False, _trainable=False)
     try:
-        index = info(sam, name).tensors
-        cast = {k: t.to(getattr(*index[k]).dtype) if k in index else t for k, t in file_sd.items()}
-        try:
-            _base.load_adapter_tensors(sam, name, cast, str(path))
+        try:  # copy_ casts the file's dtype (fp16/bf16) to the adapter's
+            _base.load_adapter_tensors(sam, name, file_sd, str(path))
         except AdapterError as e:
             raise AdapterFormatError(str(e)) from None
     except BaseException:

@@ -72,6 +72,19 @@ def _compiling() -> bool:
         return False
 
 
+def _memo(cache: Dict, key: Tuple, build, max_size: Optional[int] = None):
+    """`cache[key]`, made by `build()` on a miss and stored under the lock (past `max_size`
+    entries the oldest is dropped)."""
+    val = cache.get(key)
+    if val is None:
+        val = build()
+        with _CACHE_LOCK:
+            if max_size is not None and len(cache) >= max_size:
+                cache.pop(next(iter(cache)))
+            cache[key] = val
+    return val
+
+
 def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
     """timm's `get_rel_pos` index (q_size x k_size, long) on `device`, cached."""
     def build():
@@ -79,15 +92,7 @@ def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
         k_coords = torch.arange(k_size, dtype=torch.float32, device=device)[None, :] * max(q_size / k_size, 1.0)
         return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
 
-    if _compiling():
-        return build()
-    key = (q_size, k_size, str(device))
-    idx = _REL_INDEX_CACHE.get(key)
-    if idx is None:
-        idx = build()
-        with _CACHE_LOCK:
-            _REL_INDEX_CACHE[key] = idx
-    return idx
+    return build() if _compiling() else _memo(_REL_INDEX_CACHE, (q_size, k_size, str(device)), build)
 
 
 def _rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -112,15 +117,7 @@ def _key_codes(h: int, w: int, pad: int, device: torch.device, dtype: torch.dtyp
         codes[n, h + cols] = 1
         return codes
 
-    if _compiling():
-        return build()
-    key = (h, w, pad, str(device), dtype)
-    codes = _KEY_CODE_CACHE.get(key)
-    if codes is None:
-        codes = build()
-        with _CACHE_LOCK:
-            _KEY_CODE_CACHE[key] = codes
-    return codes
+    return build() if _compiling() else _memo(_KEY_CODE_CACHE, (h, w, pad, str(device), dtype), build)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -374,17 +371,13 @@ def composed_postprocess_matrices(
 
 
 def _post_maps(low_hw, image_size, input_size, original_size, device, dtype) -> Tuple[_BandedMap, _BandedMap]:
-    key = (tuple(low_hw), int(image_size), tuple(input_size), tuple(original_size), str(device), dtype)
-    maps = _POST_CACHE.get(key)
-    if maps is None:
+    def build():
         index_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         a_h, a_w = composed_postprocess_matrices(low_hw, image_size, input_size, original_size, index_dtype)
-        maps = (_BandedMap(a_h, device, dtype), _BandedMap(a_w, device, dtype))
-        with _CACHE_LOCK:
-            if len(_POST_CACHE) >= _POST_CACHE_MAX:
-                _POST_CACHE.pop(next(iter(_POST_CACHE)))
-            _POST_CACHE[key] = maps
-    return maps
+        return _BandedMap(a_h, device, dtype), _BandedMap(a_w, device, dtype)
+
+    key = (tuple(low_hw), int(image_size), tuple(input_size), tuple(original_size), str(device), dtype)
+    return _memo(_POST_CACHE, key, build, _POST_CACHE_MAX)
 
 
 def postprocess_masks_fast(
@@ -526,13 +519,10 @@ def _linear_tensors(m: nn.Module) -> list:
 
 
 def fast_decoder_applies(sam: nn.Module) -> bool:
-    """True when `fast_decode` takes its own path for `sam`'s decoder in use (else it runs `sam.decode`)."""
-    return _fast_decoder_ok(sam)
+    """True when `fast_decode` takes its own path for `sam`'s decoder in use (else it runs `sam.decode`).
 
-
-def _fast_decoder_ok(sam: nn.Module) -> bool:
-    """The reassociated decoder reads weights directly: only for the unmodified core layout
-    (adapters wrapping decoder layers, other activations, ... take the module path)."""
+    The reassociated decoder reads weights directly: only for the core layout, with plain peft LoRA
+    at most on its projections (DoRA, hooks, other activations, ... take the module path)."""
     from .common import LayerNorm2d
     from .mask_decoder import MaskDecoder
     from .transformer import Attention as DecoderAttention
@@ -784,7 +774,7 @@ def fast_decode(
     `DecoderImageCache` kept per image to reuse the prompt-independent products (used with one
     embedding and no mask prompt; ignored otherwise).
     """
-    if not _fast_decoder_ok(sam):
+    if not fast_decoder_applies(sam):
         return sam.decode(image_embeddings, point_coords, point_labels, boxes, mask_inputs, multimask_output)
     pe_mod, md = sam.prompt_encoder, sam.active_mask_decoder
     sparse, dense, b = sam.embed_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
