@@ -77,13 +77,17 @@ def summary(samples: Sequence[float]) -> Dict[str, float]:
     }
 
 
-def write_json(path: str, payload: Dict) -> None:
+def write_json(path: str, payload: Dict, quiet: bool = False) -> None:
+    """Write payload as JSON (to a temporary name, then renamed: a reader never sees half a file)."""
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, default=str)
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def fmt_ms(seconds: float) -> str:

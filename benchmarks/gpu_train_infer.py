@@ -1,36 +1,48 @@
 """GPU benchmark: LoRA training and inference of the SAM image encoder, samadapt vs transformers.
 
-Defaults (an H100 or similar; finishes in well under 5 minutes):
-  * vit_b at 1024 x 1024, batch 4, LoRA r=4 on every `qkv` (peft `inject_adapter_in_model`), loss =
-    mean square of the neck output, one AdamW step over the LoRA parameters (kept in fp32);
-  * ours:   sam_core's timm encoder, core weights in bf16, `enable_fast_attention` (no N x N bias;
-            flash / memory-efficient SDPA), optional `--compile`, `--ckpt` gradient checkpointing;
-  * anchor: transformers' SamVisionModel (vit_b config, its default attention), fp32 weights under
-            `torch.autocast(bfloat16)`;
-  * also:   ours with timm's own attention (same bf16 core), to isolate the attention change
-            (`--no-plain` skips it), and on CUDA ours with v zero-padded to the q/k width so that
-            flash attention can take it (`--no-pad-v-variant` skips it; not with --compile);
-  * first, a probe of which SDPA backends accept the fast path's shapes (fwd + bwd), and whether
-    a whole fast forward/backward runs with the math fallback switched off;
-  * training and inference images/s (median step time), peak memory
-    (torch.cuda.max_memory_allocated, reset before each phase);
-  * a vit_h batch-4 training step with gradient checkpointing: peak memory and time, ours and
-    the anchor (each guarded: an out-of-memory is reported, not fatal).
-Prints a short table last; `--json PATH` writes every figure.
+One call, under a time budget (`--budget`, seconds; later phases are skipped past it), the JSON
+rewritten after every phase so a cut-off run still leaves its figures:
 
-`--tiny` swaps in tiny sizes (samadapt's `tiny` arch, 256 px, batch 2) so the whole script can be
-verified end to end on a CPU; its numbers mean nothing.
+1. attention alone, at the model's two shapes (a 64 x 64 global block; 14 x 14 windows), bf16:
+   every route to the same function - timm's N x N bias (4-D, the best the bias route gets),
+   the factorised bias through SDPA (q/k widened; v as is or zero-padded; each fused backend
+   forced in turn), FlexAttention (the bias added per score in the kernel), and plain attention
+   without any bias (a lower bound, not the same function). Forward and forward + backward
+   median ms, and each route's output and q/k/v gradients against an fp32 materialised reference.
+2. the model routes are picked from (1): fastest forward for inference, fastest forward +
+   backward for training, separately for global and windowed blocks (`enable_fast_attention`'s
+   `kernel` / `window_kernel` / `pad_v`, and the SDPA backend order). An eager check that the
+   flex model route and the SDPA model route give the same outputs and LoRA gradients.
+3. vit_b at 1024 x 1024, batch 4, LoRA r=4 on every `qkv` (peft `inject_adapter_in_model`, adapter
+   weights fp32), loss = mean square of the neck output, one AdamW step:
+   * anchor: transformers' SamVisionModel (its default attention), fp32 weights under
+     `torch.autocast(bfloat16)`;
+   * ours: sam_core's timm encoder with the core in bf16 and the picked fast attention, eager
+     and under `torch.compile` (the headline), training and inference images/s (median step),
+     peak memory (`torch.cuda.max_memory_allocated`, reset before each phase).
+4. vit_h, batch 4, training with gradient checkpointing: peak memory and speed, ours and the
+   anchor (each guarded: an out-of-memory is reported, not fatal).
+5. if time is left: ours compiled with the other routes, and timm's own attention (bf16 core).
 
-    python benchmarks/gpu_train_infer.py [--compile] [--ckpt] [--json out.json]
-    python benchmarks/gpu_train_infer.py --tiny --device cpu            # a smoke run
+Prints a short table last; `--json PATH` has every figure.
+
+`--tiny` swaps in tiny sizes (samadapt's `tiny` arch, 256 px, batch 2) so the whole script runs
+end to end on a CPU (FlexAttention has no CPU backward: its training rows fail there, reported);
+the numbers mean nothing.
+
+    python benchmarks/gpu_train_infer.py --json gpu.json
+    python benchmarks/gpu_train_infer.py --tiny --device cpu --budget 120     # a smoke run
 """
 import argparse
+import contextlib
+import copy
 import gc
 import statistics
 import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from _common import machine, table, write_json
 
@@ -42,6 +54,7 @@ HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
     "tiny": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, global_attn_indexes=[1, 3],
                  mlp_dim=384, output_channels=64, window_size=8),
 }
+HEADS = {"vit_b": (12, 64), "vit_h": (16, 80), "tiny": (3, 32)}
 
 
 def _sync(device):
@@ -62,40 +75,25 @@ def _peak_gib(device):
     return None
 
 
-def _lora(model, seed=1):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    torch.manual_seed(seed)
-    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["qkv"]), model)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()  # adapters train in fp32 whatever the core's dtype
-    return model
+def _first_line(e: BaseException, n: int = 200) -> str:
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[0][:n] if s else ''}"
 
 
-def build_ours(arch, image_size, device, fast=True, ckpt=False, pad_v=None):
-    from sam_core import build_sam
-    from sam_core.fast_attention import enable_fast_attention
+def _backends(names):
+    """An `sdpa_kernel` context for the named SDPA backends, in priority order (None: SDPA's own choice)."""
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    enc = build_sam(arch, image_size=image_size).image_encoder
-    enc = enc.to(device=device, dtype=torch.bfloat16)
-    if fast:
-        enable_fast_attention(enc, pad_v=pad_v)
-    if ckpt:
-        enc.set_grad_checkpointing(True)
-    return _lora(enc)
-
-
-def build_anchor(arch, image_size, device, ckpt=False):
-    from transformers import SamVisionConfig, SamVisionModel
-
-    model = SamVisionModel(SamVisionConfig(image_size=image_size, **HF_DIMS[arch])).to(device)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return _lora(model), model.config._attn_implementation
+    order = [getattr(SDPBackend, n) for n in names]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority order
+        return sdpa_kernel(order)
 
 
-def run_phase(name, fn, steps, warmup, device):
+def timed(fn, steps, warmup, device):
     """Median seconds per call of fn and the peak memory of the measured calls."""
     for _ in range(warmup):
         fn()
@@ -107,52 +105,221 @@ def run_phase(name, fn, steps, warmup, device):
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return {"name": name, "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-            "peak_gib": _peak_gib(device)}
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "peak_gib": _peak_gib(device)}
 
 
-def probe_fused_kernels(arch, size, device, pad_v):
-    """Which SDPA backends take our fast attention's shapes (fwd + bwd, bf16), one by one, and
-    whether a whole fast forward/backward runs with the math fallback switched off."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# ============================================================================ 1. attention alone
+def _attention_routes(device):
+    """name -> (fn(q, k, v, table_h, table_w, hw, scale), sdpa backends, same function as SAM's)."""
+    from sam_core.fast_attention import fast_sam_attention, flex_sam_attention
 
-    from sam_core.fast_attention import fast_sam_attention
+    def bias_route(q, k, v, th, tw, hw, scale):  # timm's decomposed bias, materialised, 4-D
+        from sam_core.fast_attention import _rel_pos_table
 
-    out = {}
-    grid = size // 16
-    heads, dh = {"vit_b": (12, 64), "vit_h": (16, 80), "tiny": (3, 32)}[arch]
-    for label, hw in (("global", (grid, grid)), ("window", (14, 14) if arch != "tiny" else (8, 8))):
-        q, k, v = (torch.randn(2, heads, hw[0] * hw[1], dh, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        tables = [torch.randn(2 * n - 1, dh, device=device, dtype=torch.bfloat16) for n in hw]
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.MATH):
-            try:
-                with sdpa_kernel([backend]):
-                    o = fast_sam_attention(q, k, v, tables[0], tables[1], hw, dh ** -0.5, pad_v=pad_v)
-                    o.float().sum().backward()
-                out[f"{label}/{backend.name}"] = "ok"
-            except Exception as e:
-                out[f"{label}/{backend.name}"] = f"refused: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}"
+        h, w = hw
+        B, nh, N, d = q.shape
+        rq = q.reshape(B, nh, h, w, d)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, _rel_pos_table(th, h, h, q.dtype))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(tw, w, w, q.dtype))
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+    def fact(pad_v):
+        return lambda q, k, v, th, tw, hw, scale: fast_sam_attention(q, k, v, th, tw, hw, scale, pad_v=pad_v)
+
+    routes = {
+        "bias N x N (timm's route, 4-D)": (bias_route, None, True),
+        "sdpa factorised": (fact(False), None, True),
+        "sdpa factorised, v padded": (fact(True), None, True),
+    }
     if device.type == "cuda":
-        try:
-            model = build_ours(arch, size, device, fast=True, pad_v=pad_v)
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-                model.forward_features(torch.randn(1, 3, size, size, device=device, dtype=torch.bfloat16)).float().mean().backward()
-            out["model_without_math_fallback"] = "ok"
-            del model
-        except Exception as e:
-            out["model_without_math_fallback"] = f"failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+        routes.update({
+            "sdpa factorised [cudnn]": (fact(False), ["CUDNN_ATTENTION"], True),
+            "sdpa factorised, v padded [cudnn]": (fact(True), ["CUDNN_ATTENTION"], True),
+            "sdpa factorised, v padded [flash]": (fact(True), ["FLASH_ATTENTION"], True),
+            "sdpa factorised [efficient]": (fact(False), ["EFFICIENT_ATTENTION"], True),
+        })
+    routes["flex"] = (lambda q, k, v, th, tw, hw, scale: flex_sam_attention(q, k, v, th, tw, hw, scale), None, True)
+    routes["no bias (lower bound, another function)"] = (
+        lambda q, k, v, th, tw, hw, scale: F.scaled_dot_product_attention(q, k, v, scale=scale), None, False)
+    return routes
+
+
+def _reference(q, k, v, th, tw, hw, scale):
+    """fp32, materialised: softmax(scale q k^T + rel_h + rel_w) v, the decomposed bias as timm builds it."""
+    from sam_core.fast_attention import _rel_pos_table
+
+    h, w = hw
+    q, k, v = q.float(), k.float(), v.float()
+    B, nh, N, d = q.shape
+    rq = q.reshape(B, nh, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, _rel_pos_table(th.float(), h, h, torch.float32))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(tw.float(), w, w, torch.float32))
+    s = (q * scale) @ k.transpose(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)
+    return s.softmax(-1) @ v
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def attention_bench(shapes, device, steps, warmup, deadline, log):
+    routes = _attention_routes(device)
+    out = {}
+    for label, (B, nh, hw, d) in shapes.items():
+        h, w = hw
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, nh, h * w, d, device=device, generator=g).to(torch.bfloat16) for _ in range(3))
+        th = (torch.randn(2 * h - 1, d, device=device, generator=g) * 0.5).to(torch.bfloat16)
+        tw = (torch.randn(2 * w - 1, d, device=device, generator=g) * 0.5).to(torch.bfloat16)
+        gout = torch.randn(B, nh, h * w, d, device=device, generator=g).to(torch.bfloat16)
+        scale = d ** -0.5
+        qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = _reference(qr, kr, vr, th, tw, hw, scale)
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), gout.float())
+        ref = ref.detach()
+        rows = {}
+        for name, (fn, backends, same) in routes.items():
+            if time.perf_counter() > deadline:
+                rows[name] = {"skipped": "time budget"}
+                continue
+            row = {}
+            try:
+                with _backends(backends):
+                    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                    o = fn(qg, kg, vg, th, tw, hw, scale)
+                    if same:
+                        row["out_rel_err"] = _rel(o, ref)
+                    with torch.no_grad():
+                        row["fwd"] = timed(lambda: fn(q, k, v, th, tw, hw, scale), steps, warmup, device)
+                    grads = torch.autograd.grad(o, (qg, kg, vg), gout)
+                    if same:
+                        row["grad_rel_err"] = max(_rel(a, b) for a, b in zip(grads, ref_grads))
+
+                    def fwd_bwd():
+                        o = fn(qg, kg, vg, th, tw, hw, scale)
+                        torch.autograd.grad(o, (qg, kg, vg), gout)
+
+                    row["fwd_bwd"] = timed(fwd_bwd, steps, warmup, device)
+            except Exception as e:  # a refused route is a finding, not a failure of the run
+                row["error"] = _first_line(e)
+            rows[name] = row
+            fmt = (lambda r, key: f"{r[key]['median_s'] * 1e3:8.3f}" if key in r else "       -")
+            err = f"err out {row['out_rel_err']:.1e} grad {row.get('grad_rel_err', float('nan')):.1e}" if "out_rel_err" in row else ""
+            log(f"  [{label}] {name:42s} fwd {fmt(row, 'fwd')} ms  fwd+bwd {fmt(row, 'fwd_bwd')} ms  {err} {row.get('error', '')}")
+        out[label] = {"shape": {"batch": B, "heads": nh, "grid": list(hw), "head_dim": d}, "routes": rows}
+        del q, k, v, gout, qr, kr, vr, ref, ref_grads
+        _reset_peak(device)
     return out
 
 
-def trainer(model, forward, x, device, autocast):
+BF16_OK = 3e-2  # a route counts only if its bf16 output and gradients are within this of the fp32 reference
+
+
+def pick_routes(att):
+    """{infer|train: {"global"|"window": route name}} from the attention table (exact routes only)."""
+    picks = {}
+    for phase, key in (("infer", "fwd"), ("train", "fwd_bwd")):
+        picks[phase] = {}
+        for label, res in att.items():
+            best = None
+            for name, r in res["routes"].items():
+                if key not in r or "out_rel_err" not in r or name.startswith("bias"):
+                    continue
+                if r["out_rel_err"] > BF16_OK or r.get("grad_rel_err", 0.0) > BF16_OK:
+                    continue
+                if best is None or r[key]["median_s"] < res["routes"][best][key]["median_s"]:
+                    best = name
+            picks[phase][label] = best or "sdpa factorised"
+    return picks
+
+
+def route_settings(picks):
+    """enable_fast_attention kwargs + SDPA backend order for a {global, window} pick."""
+    def parse(name):
+        if name == "flex":
+            return "flex", None, None
+        pad = "v padded" in name
+        backend = None
+        for tag, b in (("[cudnn]", "CUDNN_ATTENTION"), ("[flash]", "FLASH_ATTENTION"), ("[efficient]", "EFFICIENT_ATTENTION")):
+            if tag in name:
+                backend = b
+        return "sdpa", pad, backend
+
+    gk, gpad, gb = parse(picks["global"])
+    wk, wpad, wb = parse(picks["window"])
+    # one pad_v and one backend order per model: the global blocks (most of the attention time) decide
+    pad = gpad if gk == "sdpa" else wpad
+    backend = gb if gk == "sdpa" else wb
+    order = [backend] + [b for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH") if b != backend] \
+        if backend else None
+    kw = {"kernel": gk, "window_kernel": wk, "pad_v": pad}
+    return kw, order
+
+
+def describe(kw, order):
+    if kw is None:
+        return "timm's own attention"
+    parts = [f"global {kw['kernel']}", f"windows {kw['window_kernel']}"]
+    if "sdpa" in (kw["kernel"], kw["window_kernel"]):
+        parts.append("v padded" if kw["pad_v"] else "v as is")
+        if order:
+            parts.append(order[0].split("_")[0].lower() + " first")
+    return ", ".join(parts)
+
+
+# ============================================================================ 3. models
+def _lora(model, seed=1):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["qkv"]), model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # adapters train in fp32 whatever the core's dtype
+    return model
+
+
+def _on(device):
+    # build straight on the device (random init there is fast); fall back to a CPU build + move
+    return torch.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def build_ours(arch, image_size, device, attn=None, ckpt=False, seed=0):
+    """sam_core's encoder, core in bf16, LoRA r=4 on qkv; attn: enable_fast_attention kwargs
+    (None: timm's own attention)."""
+    from sam_core import build_sam
+    from sam_core.fast_attention import enable_fast_attention
+
+    torch.manual_seed(seed)
+    with _on(device):
+        enc = build_sam(arch, image_size=image_size).image_encoder
+    enc = enc.to(device=device, dtype=torch.bfloat16)
+    if attn is not None:
+        enable_fast_attention(enc, **attn)
+    if ckpt:
+        enc.set_grad_checkpointing(True)
+    return _lora(enc)
+
+
+def build_anchor(arch, image_size, device, ckpt=False):
+    from transformers import SamVisionConfig, SamVisionModel
+
+    with _on(device):
+        model = SamVisionModel(SamVisionConfig(image_size=image_size, **HF_DIMS[arch]))
+    model = model.to(device)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _lora(model), model.config._attn_implementation
+
+
+def trainer(model, forward, x, device, autocast, backends=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with _backends(backends), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = forward(model, x)
         loss = out.float().square().mean()
         loss.backward()
@@ -161,11 +328,11 @@ def trainer(model, forward, x, device, autocast):
     return step
 
 
-def inferer(model, forward, x, autocast, device):
+def inferer(model, forward, x, device, autocast, backends=None):
     model.eval()
 
     def run():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), _backends(backends), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return forward(model, x)
 
     return run
@@ -179,155 +346,254 @@ def anchor_fwd(model, x):
     return model(pixel_values=x).last_hidden_state
 
 
-def guarded(label, fn, device, results):
+def _compiled(model):
+    fn = torch.compile(model.forward_features)
+    return lambda m, x: fn(x)
+
+
+def guarded(label, fn, device, log):
     try:
-        out = fn()
-        results.append(out)
-        return out
+        return fn()
     except torch.OutOfMemoryError as e:  # report and go on
-        print(f"  {label}: out of memory ({str(e).splitlines()[0][:120]})")
-        results.append({"name": label, "oom": True})
+        log(f"  {label}: out of memory ({_first_line(e, 120)})")
+        return {"oom": True}
     except Exception as e:  # a failing variant must not hide the others' figures
-        print(f"  {label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        results.append({"name": label, "error": f"{type(e).__name__}: {e}"})
+        log(f"  {label}: failed: {_first_line(e)}")
+        return {"error": _first_line(e, 400)}
     finally:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke run of the whole script")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our encoder's forward")
-    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing for our vit_b training")
-    ap.add_argument("--pad-v", choices=["auto", "on", "off"], default="auto",
-                    help="fast attention: zero-pad v to the q/k width (flash kernels need equal widths); "
-                         "auto: on for CPU only")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds; later phases are skipped past it")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per phase")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--no-plain", action="store_true", help="skip ours-with-timm-attention")
-    ap.add_argument("--no-pad-v-variant", action="store_true",
-                    help="on CUDA with --pad-v auto, skip the extra row with v padded (flash attention)")
-    ap.add_argument("--no-vit-h", action="store_true", help="skip the vit_h checkpointing line")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-vit-h", action="store_true", help="skip the vit_h checkpointing rows")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run: one thread is steadier on a shared machine
-    if device.type == "cuda":
+    else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.tiny:
         arch, big, size, batch, steps, warmup = "tiny", "tiny", 256, args.batch or 2, args.steps or 2, args.warmup or 1
     else:
         arch, big, size, batch, steps, warmup = "vit_b", "vit_h", 1024, args.batch or 4, args.steps or 10, args.warmup or 3
-    pad_v = {"auto": None, "on": True, "off": False}[args.pad_v]
     info = machine()
-    print(f"device {device} ({info.get('gpu', info['cpu'])}), torch {torch.__version__}, arch {arch} {size}px batch {batch}")
-    t_start = time.perf_counter()
+    import timm
+    import transformers
+    import peft
+
+    info.update(timm=timm.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    log(f"device {device} ({info.get('gpu', info['cpu'])}), torch {torch.__version__}, timm {timm.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}; {arch} {size}px batch {batch}")
+    res = {"machine": info, "args": vars(args), "device": str(device), "arch": arch, "big_arch": big,
+           "image_size": size, "batch": batch, "rows": [], "log": lines}
+
+    def save():
+        res["total_s"] = time.perf_counter() - t_start
+        write_json(args.json, res, quiet=True)
+
+    # ---------------------------------------------------------------- 1. attention alone
+    nh, d = HEADS[arch]
+    grid = size // 16
+    win = HF_DIMS[arch]["window_size"]
+    n_win = (-(-grid // win)) ** 2
+    shapes = {"global": (batch, nh, (grid, grid), d), "window": (batch * n_win, nh, (win, win), d)}
+    log("attention alone (bf16), median ms:")
+    res["attention"] = attention_bench(shapes, device, steps, warmup, deadline, log)
+    picks = pick_routes(res["attention"])
+    res["picks"] = picks
+    train_kw, train_order = route_settings(picks["train"])
+    infer_kw, infer_order = route_settings(picks["infer"])
+    log(f"picked: training {describe(train_kw, train_order)}; inference {describe(infer_kw, infer_order)}")
+    save()
+
     torch.manual_seed(0)
     x32 = torch.randn(batch, 3, size, size, device=device)
     x16 = x32.to(torch.bfloat16)
-    results = []
-    kernels = probe_fused_kernels(arch, size, device, pad_v)
-    print("SDPA backends for the fast path's shapes:",
-          ", ".join(f"{k}: {'ok' if v == 'ok' else v.split(':')[0]}" for k, v in kernels.items()))
-    _reset_peak(device)
 
-    # ---------------------------------------------------------------- ours, fast attention, bf16 core
-    def ours_phases(label, fast, compile_, ckpt, pad=pad_v):
-        model = build_ours(arch, size, device, fast=fast, ckpt=ckpt, pad_v=pad)
-        fwd = ours_fwd
-        if compile_:
-            compiled = torch.compile(model.forward_features)
-            fwd = lambda m, x: compiled(x)  # noqa: E731
-        tr = run_phase(f"{label} train", trainer(model, fwd, x16, device, autocast=False), steps, warmup + (2 if compile_ else 0), device)
-        inf = run_phase(f"{label} infer", inferer(model, fwd, x16, False, device), steps, warmup + (2 if compile_ else 0), device)
-        del model
-        return {"name": label, "train": tr, "infer": inf}
+    # ---------------------------------------------------------------- 2. flex vs sdpa, whole model, eager
+    def model_check():
+        a = build_ours(arch, size, device, attn={"kernel": "sdpa", "pad_v": None})
+        b = copy.deepcopy(a)
+        from sam_core.fast_attention import enable_fast_attention
 
-    label = "ours (bf16 core, fast attention" + (", compile" if args.compile else "") + (", ckpt" if args.ckpt else "") + ")"
-    guarded(label, lambda: ours_phases(label, True, args.compile, args.ckpt), device, results)
-    if device.type == "cuda" and args.pad_v == "auto" and not args.no_pad_v_variant and not args.compile:
-        # the same with v zero-padded to the q/k width, which lets flash attention take it
-        lv = label[:-1] + ", v padded for flash)"
-        guarded(lv, lambda: ours_phases(lv, True, False, args.ckpt, pad=True), device, results)
-    if not args.no_plain:
-        lp = "ours (bf16 core, timm attention" + (", ckpt" if args.ckpt else "") + ")"
-        guarded(lp, lambda: ours_phases(lp, False, False, args.ckpt), device, results)
+        enable_fast_attention(b, kernel="flex")
+        outs = []
+        for m in (a, b):
+            m.train()
+            o = m.forward_features(x16)
+            o.float().square().mean().backward()
+            g = torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "lora_" in n and p.grad is not None])
+            outs.append((o.detach(), g))
+        return {"out_rel_diff": _rel(outs[1][0], outs[0][0]), "lora_grad_rel_diff": _rel(outs[1][1], outs[0][1])}
 
-    # ---------------------------------------------------------------- anchor: transformers under autocast
-    def anchor_phases():
+    chk = guarded("model check", model_check, device, log)
+    res["flex_vs_sdpa_model"] = chk
+    if "out_rel_diff" in chk:
+        log(f"whole encoder, flex vs sdpa route (bf16, one image): output rel diff {chk['out_rel_diff']:.2e}, "
+            f"LoRA gradient rel diff {chk['lora_grad_rel_diff']:.2e}")
+    save()
+
+    def add_row(name, tr, inf, extra=None):
+        row = {"name": name, "train": tr, "infer": inf}
+        row.update(extra or {})
+        res["rows"].append(row)
+        fmt = (lambda r: f"{batch / r['median_s']:.1f} img/s, {r['peak_gib']:.2f} GiB" if r and "median_s" in r and r["peak_gib"] is not None
+               else (f"{batch / r['median_s']:.1f} img/s" if r and "median_s" in r else str(r)))
+        log(f"{name}: train {fmt(tr)} | infer {fmt(inf)}  [{time.perf_counter() - t_start:.0f} s]")
+        save()
+
+    def late(what):
+        if time.perf_counter() > deadline:
+            log(f"{what}: skipped (time budget)")
+            return True
+        return False
+
+    # ---------------------------------------------------------------- 3. vit_b: anchor, ours eager, ours compiled
+    def anchor_rows():
         model, impl = build_anchor(arch, size, device)
-        tr = run_phase("anchor train", trainer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device)
-        inf = run_phase("anchor infer", inferer(model, anchor_fwd, x32, True, device), steps, warmup, device)
-        del model
-        return {"name": f"anchor (transformers SamVisionModel, {impl}, bf16 autocast)", "train": tr, "infer": inf}
+        tr = guarded("anchor train", lambda: timed(trainer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device), device, log)
+        inf = guarded("anchor infer", lambda: timed(inferer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device), device, log)
+        add_row(f"anchor: transformers SamVisionModel ({impl}), fp32 weights, bf16 autocast", tr, inf, {"anchor": True})
 
-    guarded("anchor", anchor_phases, device, results)
+    guarded("anchor", anchor_rows, device, log)
 
-    # ---------------------------------------------------------------- vit_h, batch 4, training with checkpointing
-    big_rows = []
+    def ours_rows(label, kw_train, order_train, kw_infer, order_infer, compile_):
+        fwd = _compiled if compile_ else (lambda m: ours_fwd)
+        w = warmup + (2 if compile_ else 0)
+        m = build_ours(arch, size, device, attn=kw_train)
+        tr = guarded(f"{label} train", lambda: timed(trainer(m, fwd(m), x16, device, False, order_train), steps, w, device), device, log)
+        del m
+        _reset_peak(device)
+        m = build_ours(arch, size, device, attn=kw_infer)
+        inf = guarded(f"{label} infer", lambda: timed(inferer(m, fwd(m), x16, device, False, order_infer), steps, w, device), device, log)
+        del m
+        add_row(label, tr, inf, {"ours": True, "compiled": compile_, "train_attention": describe(kw_train, order_train),
+                                 "infer_attention": describe(kw_infer, order_infer)})
+
+    if not late("ours eager"):
+        guarded("ours eager", lambda: ours_rows("ours: bf16 core, fast attention (picked), eager",
+                                                train_kw, train_order, infer_kw, infer_order, False), device, log)
+    if not args.no_compile and not late("ours compiled"):
+        guarded("ours compiled", lambda: ours_rows("ours: bf16 core, fast attention (picked), torch.compile",
+                                                   train_kw, train_order, infer_kw, infer_order, True), device, log)
+
+    # ---------------------------------------------------------------- 4. vit_h, batch 4, checkpointing
+    big_rows = res.setdefault("big", [])
     if not args.no_vit_h:
-        h_steps, h_warm = max(2, steps // 3), 1
+        h_steps = max(2, steps // 3)
+
+        # the factorised SDPA route (v padded): no kernel to compile for vit_h's head dim of 80
+        h_kw, h_order = route_settings({"global": "sdpa factorised, v padded", "window": "sdpa factorised, v padded"})
 
         def ours_h():
-            model = build_ours(big, size, device, fast=True, ckpt=True, pad_v=pad_v)
-            r = run_phase(f"ours {big} train ckpt", trainer(model, ours_fwd, x16, device, autocast=False), h_steps, h_warm, device)
-            del model
+            m = build_ours(big, size, device, attn=h_kw, ckpt=True)
+            r = timed(trainer(m, ours_fwd, x16, device, False, h_order), h_steps, 1, device)
+            r["name"] = f"ours {big} train, checkpointing, eager, {describe(h_kw, h_order)}"
             return r
 
         def anchor_h():
-            model, _ = build_anchor(big, size, device, ckpt=True)
-            r = run_phase(f"anchor {big} train ckpt", trainer(model, anchor_fwd, x32, device, autocast=True), h_steps, h_warm, device)
-            del model
+            m, _ = build_anchor(big, size, device, ckpt=True)
+            r = timed(trainer(m, anchor_fwd, x32, device, True), h_steps, 1, device)
+            r["name"] = f"anchor {big} train, checkpointing"
             return r
 
-        guarded(f"ours {big} train ckpt", ours_h, device, big_rows)
-        guarded(f"anchor {big} train ckpt", anchor_h, device, big_rows)
+        for label, fn in ((f"ours {big} ckpt", ours_h), (f"anchor {big} ckpt", anchor_h)):
+            if late(label):
+                break
+            r = guarded(label, fn, device, log)
+            r.setdefault("name", label)
+            big_rows.append(r)
+            if "median_s" in r:
+                log(f"{r['name']}: {batch / r['median_s']:.1f} img/s, peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None
+                    else f"{r['name']}: {batch / r['median_s']:.1f} img/s")
+            save()
 
-    total_s = time.perf_counter() - t_start
-    res = {"machine": info, "args": vars(args), "device": str(device), "arch": arch, "big_arch": big, "sdpa_backends": kernels,
-           "image_size": size, "batch": batch, "results": results, "big": big_rows, "total_s": total_s}
+    # ---------------------------------------------------------------- 5. extras while time is left
+    from sam_core import fast_attention as fa
+
+    sdpa_kw, sdpa_order = route_settings({"global": "sdpa factorised, v padded", "window": "sdpa factorised, v padded"})
+    flex_kw = {"kernel": "flex", "window_kernel": "flex", "pad_v": None}
+    uses_flex = "flex" in (train_kw["kernel"], train_kw["window_kernel"], infer_kw["kernel"], infer_kw["window_kernel"])
+    extras = []  # (label, kw, order, compile, FLEX_UNDER_COMPILE)
+    if not args.no_compile:
+        if train_kw != sdpa_kw or infer_kw != sdpa_kw:
+            extras.append(("ours: bf16 core, factorised sdpa (v padded), torch.compile", sdpa_kw, sdpa_order, True, None))
+        if uses_flex:
+            extras.append(("ours: bf16 core, fast attention (picked), torch.compile, flex inline", None, None, True, "inline"))
+        elif flex_kw != train_kw:
+            extras.append(("ours: bf16 core, flex everywhere, torch.compile", flex_kw, None, True, None))
+    extras.append(("ours: bf16 core, timm attention, eager", None, None, False, None))
+    for label, kw, order, comp, flex_mode in extras:
+        if late(label):
+            break
+        before = fa.FLEX_UNDER_COMPILE
+        try:
+            if flex_mode:
+                fa.FLEX_UNDER_COMPILE = flex_mode
+                guarded(label, lambda: ours_rows(label, train_kw, train_order, infer_kw, infer_order, comp), device, log)
+            else:
+                guarded(label, lambda: ours_rows(label, kw, order, kw, order, comp), device, log)
+        finally:
+            fa.FLEX_UNDER_COMPILE = before
 
     # ---------------------------------------------------------------- the table, last
-    def gib(v):
-        return "-" if v is None else f"{v:.2f} GiB"
+    save()
+    rows = [["config", "train img/s", "train peak", "infer img/s", "infer peak", "x anchor (train / infer)"]]
+    anchor = next((r for r in res["rows"] if r.get("anchor")), None)
 
-    rows = [["config", "train imgs/s", "train peak", "infer imgs/s", "infer peak"]]
-    by = {}
-    for r in results:
-        if "train" not in r:
-            rows.append([r["name"], "OOM" if r.get("oom") else "error", "", "", ""])
-            continue
-        t, i = r["train"], r["infer"]
-        by[r["name"]] = (batch / t["median_s"], batch / i["median_s"], t["peak_gib"], i["peak_gib"])
-        rows.append([r["name"], f"{batch / t['median_s']:.2f}", gib(t["peak_gib"]), f"{batch / i['median_s']:.2f}", gib(i["peak_gib"])])
+    def ips(r):
+        return batch / r["median_s"] if r and "median_s" in r else None
+
+    def gib(r):
+        return f"{r['peak_gib']:.2f} GiB" if r and r.get("peak_gib") is not None else "-"
+
+    best = None
+    for r in res["rows"]:
+        t, i = ips(r["train"]), ips(r["infer"])
+        ratio = ""
+        if anchor and not r.get("anchor") and t and i and ips(anchor["train"]) and ips(anchor["infer"]):
+            r["train_x"], r["infer_x"] = t / ips(anchor["train"]), i / ips(anchor["infer"])
+            ratio = f"x{r['train_x']:.2f} / x{r['infer_x']:.2f}"
+            if r.get("ours") and (best is None or r["train_x"] + r["infer_x"] > best["train_x"] + best["infer_x"]):
+                best = r
+        rows.append([r["name"], f"{t:.1f}" if t else "fail", gib(r["train"]), f"{i:.1f}" if i else "fail", gib(r["infer"]), ratio])
     for r in big_rows:
-        if "median_s" in r:
-            rows.append([f"{r['name']} (batch {batch})", f"{batch / r['median_s']:.2f}", gib(r["peak_gib"]), "", ""])
-        else:
-            rows.append([f"{r['name']} (batch {batch})", "OOM" if r.get("oom") else "error", "", "", ""])
-    ours_key = next((k for k in by if "fast attention" in k and "padded" not in k), None)
-    anchor_key = next((k for k in by if k.startswith("anchor")), None)
-    if ours_key and anchor_key:
-        o, a = by[ours_key], by[anchor_key]
-        res["ratios"] = {"train_speedup": o[0] / a[0], "infer_speedup": o[1] / a[1],
-                         "train_peak_ratio": (o[2] / a[2]) if o[2] and a[2] else None,
-                         "infer_peak_ratio": (o[3] / a[3]) if o[3] and a[3] else None}
-    write_json(args.json, res)
-    print(f"\n{arch} {size}px batch {batch} on {info.get('gpu', device)}; {total_s:.0f} s in all")
+        t = ips(r)
+        rows.append([f"{r['name']} (batch {batch})", f"{t:.1f}" if t else ("OOM" if r.get("oom") else "fail"), gib(r), "", "", ""])
+    if best:
+        res["best"] = {"name": best["name"], "train_x": best["train_x"], "infer_x": best["infer_x"],
+                       "train_peak_ratio": (best["train"]["peak_gib"] / anchor["train"]["peak_gib"])
+                       if best["train"].get("peak_gib") and anchor["train"].get("peak_gib") else None}
+    save()
+    print(f"\n{arch} {size}px batch {batch} on {info.get('gpu', device)}; {res['total_s']:.0f} s in all")
     print(table(rows))
-    if "ratios" in res:
-        r = res["ratios"]
-        mem = "" if r["train_peak_ratio"] is None else f", train peak memory x{r['train_peak_ratio']:.2f}, infer peak x{r['infer_peak_ratio']:.2f}"
-        print(f"ours vs anchor: training x{r['train_speedup']:.2f} images/s, inference x{r['infer_speedup']:.2f}{mem}")
+    if best:
+        b = res["best"]
+        mem = f", training peak memory x{b['train_peak_ratio']:.2f} of the anchor's" if b["train_peak_ratio"] else ""
+        print(f"best of ours vs anchor: training x{b['train_x']:.2f} images/s, inference x{b['infer_x']:.2f}{mem}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@
   scale 1) with a head dim of head_dim + kh + kw, which flash / memory-efficient kernels accept.
   No N x N tensor is built, everything runs in the input's dtype, autograd works, parameters and
   module names are unchanged (peft LoRA may wrap `attn.qkv` / `attn.proj` before or after).
+  The price is a wider q/k (head_dim + h + w: 64 -> 192 for a 64 x 64 global block), so
+  `kernel="flex"` offers a second exact route: PyTorch's FlexAttention with the bias added per
+  score inside the fused kernel (`score + rel_h[q, row(k)] + rel_w[q, col(k)]`), head dim unchanged.
 
 * `postprocess_masks_fast(low_res, image_size, input_size, original_size)`: SAM's
   `postprocess_masks` (bilinear 4x upsample to image_size, crop, bilinear resize to the original
@@ -44,6 +47,8 @@ __all__ = [
     "enable_fast_attention_default",
     "fast_attention_enabled",
     "fast_sam_attention",
+    "flex_sam_attention",
+    "flex_available",
     "postprocess_masks_fast",
     "interp_matrix",
     "composed_postprocess_matrices",
@@ -77,7 +82,8 @@ def _memo(cache: Dict, key: Tuple, build, max_size: Optional[int] = None):
     entries the oldest is dropped)."""
     val = cache.get(key)
     if val is None:
-        val = build()
+        with torch.inference_mode(False):  # a plain tensor: usable by later autograd calls too
+            val = build()
         with _CACHE_LOCK:
             if max_size is not None and len(cache) >= max_size:
                 cache.pop(next(iter(cache)))
@@ -181,6 +187,92 @@ def fast_sam_attention(
     return F.scaled_dot_product_attention(q2, k2, v, dropout_p=dropout_p, scale=1.0)
 
 
+_FLEX_COMPILED = None
+KERNELS = ("sdpa", "flex")
+# How FlexAttention meets a torch.compile around the encoder (CUDA): "separate" (a graph break at
+# each attention, which then runs its own once-compiled kernel, as in eager use) or "inline"
+# (traced into the caller's graph). Off CUDA, compiled calls take the SDPA route.
+FLEX_UNDER_COMPILE = "separate"
+
+
+def _flex_fn(device_type: str):
+    """FlexAttention to call: the plain function inside torch.compile (inductor fuses it), a
+    once-compiled one on CUDA, and PyTorch's eager reference elsewhere (it builds the scores: a
+    check, not a fast path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiling() or device_type != "cuda":
+        return flex_attention
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        with _CACHE_LOCK:
+            if _FLEX_COMPILED is None:
+                _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def flex_available() -> bool:
+    """True when this torch has FlexAttention (torch.nn.attention.flex_attention)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return True
+
+
+def flex_sam_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: Tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """The same function as `fast_sam_attention`, through FlexAttention: the decomposed bias is
+    added to each score inside the kernel (`rel_h[q, k // w] + rel_w[q, k % w]`), so q, k and v
+    keep their head dim and no N x N tensor is built. Gradients reach q (through rel_h / rel_w),
+    k, v and the tables. FlexAttention's backward runs on CUDA only; eager calls off CUDA use its
+    reference implementation.
+
+    Args, returns: as `fast_sam_attention` (no dropout).
+    """
+    h, w = hw
+    B, nh, N, d = q.shape
+    if N != h * w:
+        raise ValueError(f"{N} tokens for an {h} x {w} grid")
+    dt = q.dtype
+    Rh = _rel_pos_table(rel_pos_h, h, h, dt)
+    Rw = _rel_pos_table(rel_pos_w, w, w, dt)
+    rq = q.reshape(B, nh, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, Rh).reshape(B, nh, N, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, Rw).reshape(B, nh, N, w)
+    if _compiling() and FLEX_UNDER_COMPILE == "separate":
+        return _flex_separate(q, k, v, rel_h, rel_w, w, scale)
+    return _flex_core(q, k, v, rel_h, rel_w, w, scale)
+
+
+def _flex_core(q, k, v, rel_h, rel_w, w: int, scale: float) -> torch.Tensor:
+    def score_mod(score, b, head, q_idx, kv_idx):
+        return score + rel_h[b, head, q_idx, kv_idx // w] + rel_w[b, head, q_idx, kv_idx % w]
+
+    return _flex_fn(q.device.type)(q, k, v, score_mod=score_mod, scale=scale)
+
+
+# under an outer torch.compile: a graph break, then the once-compiled FlexAttention kernel
+_flex_separate = torch.compiler.disable(_flex_core, recursive=False)
+
+
+def _use_flex(q: torch.Tensor, dropout_p: float) -> bool:
+    # FlexAttention has no dropout; off CUDA it is a reference (no backward, no compiled CPU
+    # kernel for this bias): there, training and compiled calls take the SDPA route
+    if dropout_p:
+        return False
+    if q.device.type == "cuda":
+        return True
+    return not _compiling() and not (torch.is_grad_enabled() and q.requires_grad)
+
+
 class FastSamAttention(TimmSamAttention):
     """timm's SAM `Attention` with the factorised rel-pos path; the same parameters and names.
 
@@ -188,6 +280,7 @@ class FastSamAttention(TimmSamAttention):
     """
 
     _fast_pad_v: Optional[bool] = None
+    _fast_kernel: str = "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_rel_pos and self.rope is not None:
@@ -200,7 +293,9 @@ class FastSamAttention(TimmSamAttention):
         q, k, v = qkv.unbind(0)  # B x heads x N x d each
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if self.use_rel_pos:
+        if self.use_rel_pos and self._fast_kernel == "flex" and _use_flex(q, dropout_p):
+            x = flex_sam_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale)
+        elif self.use_rel_pos:
             x = fast_sam_attention(
                 q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale, dropout_p, self._fast_pad_v
             )
@@ -216,7 +311,13 @@ def _encoder_of(sam_or_encoder: nn.Module) -> nn.Module:
     return getattr(sam_or_encoder, "image_encoder", sam_or_encoder)
 
 
-def enable_fast_attention(sam_or_encoder: nn.Module, enabled: bool = True, pad_v: Optional[bool] = None) -> int:
+def enable_fast_attention(
+    sam_or_encoder: nn.Module,
+    enabled: bool = True,
+    pad_v: Optional[bool] = None,
+    kernel: str = "sdpa",
+    window_kernel: Optional[str] = None,
+) -> int:
     """Switch every timm SAM `Attention` of the image encoder to the factorised path (or back).
 
     The modules keep their parameters, buffers, names and hooks (only their class changes, to
@@ -227,6 +328,10 @@ def enable_fast_attention(sam_or_encoder: nn.Module, enabled: bool = True, pad_v
         sam_or_encoder: a `Sam` (its `image_encoder` is used) or the timm encoder itself.
         enabled: False restores timm's own forward.
         pad_v: see `fast_sam_attention` (None: pad v on CPU only).
+        kernel: the route of the global-attention blocks: `"sdpa"` (the factorised bias as extra
+            q/k columns, any SDPA backend) or `"flex"` (FlexAttention, the bias added per score;
+            CUDA; dropout or a CPU backward take the SDPA route).
+        window_kernel: the same for the windowed blocks (None: as `kernel`).
     Returns:
         the number of attention modules switched.
 
@@ -237,7 +342,15 @@ def enable_fast_attention(sam_or_encoder: nn.Module, enabled: bool = True, pad_v
         >>> enable_fast_attention(sam)
         4
     """
+    window_kernel = kernel if window_kernel is None else window_kernel
+    for name, val in (("kernel", kernel), ("window_kernel", window_kernel)):
+        if val not in KERNELS:
+            raise ValueError(f"{name}={val!r} is not a fast attention route; use one of {list(KERNELS)}")
+    if "flex" in (kernel, window_kernel) and enabled and not flex_available():
+        raise ValueError("kernel='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); use kernel='sdpa'")
     encoder = _encoder_of(sam_or_encoder)
+    windowed = {id(blk.attn) for blk in encoder.modules()
+                if getattr(blk, "window_size", 0) and isinstance(getattr(blk, "attn", None), TimmSamAttention)}
     n = 0
     for mod in encoder.modules():
         if enabled and type(mod) is TimmSamAttention:
@@ -245,10 +358,12 @@ def enable_fast_attention(sam_or_encoder: nn.Module, enabled: bool = True, pad_v
         elif not enabled and type(mod) is FastSamAttention:
             mod.__class__ = TimmSamAttention
             mod.__dict__.pop("_fast_pad_v", None)
+            mod.__dict__.pop("_fast_kernel", None)
             n += 1
             continue
         if enabled and type(mod) is FastSamAttention:
             mod._fast_pad_v = pad_v
+            mod._fast_kernel = window_kernel if id(mod) in windowed else kernel
             n += 1
     return n
 

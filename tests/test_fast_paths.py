@@ -233,6 +233,88 @@ def test_peft_lora_on_qkv(order):
     assert not any(p.grad is not None for n, p in fast.named_parameters() if "lora_" not in n)
 
 
+# ----------------------------------------------------------------------------- FlexAttention route
+# Off CUDA FlexAttention runs PyTorch's reference implementation and has no backward, so these
+# tests check the route's function (the score_mod and its indexing) in the forward pass; the
+# CUDA kernels and their gradients are checked by benchmarks/gpu_train_infer.py against an fp32
+# materialised reference on the GPU.
+@pytest.mark.parametrize("hw,table,label", GRIDS, ids=[g[2] for g in GRIDS])
+def test_flex_route_matches_fp64_reference(hw, table, label):
+    attn = _attention(input_size=table, seed=6)
+    fast = _fast_copy(attn, kernel="flex")
+    assert fast._fast_kernel == "flex"
+    x = torch.randn(3, *hw, 96)
+    ref = _plain_fp64(attn, x)
+    with torch.no_grad():
+        out = fast(x)
+    assert out.shape == x.shape and (out.double() - ref).abs().max().item() <= FP32_ATOL
+
+
+def test_flex_sam_attention_equals_sdpa_route():
+    from sam_core.fast_attention import fast_sam_attention, flex_sam_attention
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 6 * 10, 32, generator=g) for _ in range(3))
+    th, tw = torch.randn(11, 32, generator=g), torch.randn(19, 32, generator=g)
+    a = flex_sam_attention(q, k, v, th, tw, (6, 10), 32 ** -0.5)
+    b = fast_sam_attention(q, k, v, th, tw, (6, 10), 32 ** -0.5)
+    assert (a - b).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="tokens for an"):
+        flex_sam_attention(q, k, v, th, tw, (6, 9), 1.0)
+
+
+def test_flex_kernel_on_the_encoder_and_its_cpu_fallbacks():
+    """kernel / window_kernel reach the right blocks; the whole encoder through flex gives the
+    plain function; a CPU training call (no flex backward there) takes the SDPA route and gives
+    the plain gradients; bad names are refused."""
+    sam = _tiny_encoder_sam(160, seed=8)
+    enc = sam.image_encoder
+    windowed = [blk.window_size > 0 for blk in enc.blocks]
+    mixed = copy.deepcopy(enc)
+    assert enable_fast_attention(mixed, kernel="flex", window_kernel="sdpa") == 4
+    assert [b.attn._fast_kernel for b in mixed.blocks] == ["sdpa" if w else "flex" for w in windowed]
+    flex = copy.deepcopy(enc)
+    enable_fast_attention(flex, kernel="flex")
+    assert all(b.attn._fast_kernel == "flex" for b in flex.blocks)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        r = copy.deepcopy(enc).double().forward_features(x.double())
+        for m in (mixed, flex):
+            assert (m.forward_features(x).double() - r).abs().max().item() <= FP32_ATOL
+    g = []
+    for m in (enc, flex):
+        xi = x.clone().requires_grad_(True)
+        m.forward_features(xi).square().mean().backward()
+        g.append((xi.grad, m.blocks[1].attn.qkv.weight.grad))
+    for a, b in zip(*g):
+        assert (a - b).abs().max().item() <= GRAD_ATOL
+    # switching back drops the route; names and state are unchanged throughout
+    assert enable_fast_attention(flex, enabled=False) == 4
+    assert "_fast_kernel" not in vars(flex.blocks[0].attn) and list(flex.state_dict()) == list(enc.state_dict())
+    for bad in (dict(kernel="flash"), dict(window_kernel="xformers")):
+        with pytest.raises(ValueError, match="is not a fast attention route"):
+            enable_fast_attention(copy.deepcopy(enc), **bad)
+
+
+def test_cached_index_tensors_made_under_inference_mode_serve_autograd_later():
+    """The rel-pos index and key-code caches are filled outside inference mode, so an encoder
+    first run under torch.inference_mode (a predictor) can train afterwards in the same process."""
+    from sam_core import fast_attention as fa
+
+    fa._REL_INDEX_CACHE.clear()
+    fa._KEY_CODE_CACHE.clear()
+    attn = _attention(input_size=(5, 7), seed=9)
+    fast = _fast_copy(attn)
+    x = torch.randn(2, 5, 7, 96)
+    with torch.inference_mode():
+        fast(x)
+    assert fa._REL_INDEX_CACHE and fa._KEY_CODE_CACHE
+    assert not any(t.is_inference() for t in list(fa._REL_INDEX_CACHE.values()) + list(fa._KEY_CODE_CACHE.values()))
+    xi = x.clone().requires_grad_(True)
+    fast(xi).square().mean().backward()
+    assert fast.rel_pos_h.grad is not None and xi.grad is not None
+
+
 # ----------------------------------------------------------------------------- postprocess
 def _reference_postprocess(masks, image_size, input_size, original_size):
     return Sam.postprocess_masks(types.SimpleNamespace(image_size=image_size), masks, input_size, original_size)
