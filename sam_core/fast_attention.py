@@ -48,6 +48,7 @@ __all__ = [
     "fast_attention_enabled",
     "fast_sam_attention",
     "flex_sam_attention",
+    "triton_sam_attention",
     "flex_available",
     "postprocess_masks_fast",
     "interp_matrix",
@@ -188,7 +189,7 @@ def fast_sam_attention(
 
 
 _FLEX_COMPILED = None
-KERNELS = ("sdpa", "flex")
+KERNELS = ("sdpa", "triton", "flex")
 # How FlexAttention meets a torch.compile around the encoder (CUDA): "separate" (a graph break at
 # each attention, which then runs its own once-compiled kernel, as in eager use) or "inline"
 # (traced into the caller's graph). Off CUDA, compiled calls take the SDPA route.
@@ -263,6 +264,44 @@ def _flex_core(q, k, v, rel_h, rel_w, w: int, scale: float) -> torch.Tensor:
 _flex_separate = torch.compiler.disable(_flex_core, recursive=False)
 
 
+def triton_sam_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    hw: Tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """The same function as `fast_sam_attention`, through samadapt's fused Triton kernel
+    (`sam_core.relpos_attention`): head dim unchanged, the bias added per key tile (one rel_h
+    column, one rel_w tile), nothing N x N built, forward and backward fused; a custom op, so
+    `torch.compile` keeps it in its graph. CUDA (or TRITON_INTERPRET=1).
+
+    Args, returns: as `fast_sam_attention` (no dropout).
+    """
+    from .relpos_attention import relpos_attention
+
+    h, w = hw
+    B, nh, N, d = q.shape
+    if N != h * w:
+        raise ValueError(f"{N} tokens for an {h} x {w} grid")
+    dt = q.dtype
+    rq = q.reshape(B, nh, h, w, d)
+    # the row term with the query index last (key row major): what the kernel reads per key row
+    rel_h_t = torch.einsum("bnhwc,hkc->bnkhw", rq, _rel_pos_table(rel_pos_h, h, h, dt)).reshape(B, nh, h, N)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(rel_pos_w, w, w, dt)).reshape(B, nh, N, w)
+    return relpos_attention(q, k, v, rel_h_t, rel_w, w, scale)
+
+
+def _use_triton(q: torch.Tensor, w: int, dropout_p: float) -> bool:
+    if dropout_p:
+        return False
+    from .relpos_attention import triton_route_ok
+
+    return triton_route_ok(q, w)
+
+
 def _use_flex(q: torch.Tensor, dropout_p: float) -> bool:
     # FlexAttention has no dropout; off CUDA it is a reference (no backward, no compiled CPU
     # kernel for this bias): there, training and compiled calls take the SDPA route
@@ -293,7 +332,9 @@ class FastSamAttention(TimmSamAttention):
         q, k, v = qkv.unbind(0)  # B x heads x N x d each
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if self.use_rel_pos and self._fast_kernel == "flex" and _use_flex(q, dropout_p):
+        if self.use_rel_pos and self._fast_kernel == "triton" and _use_triton(q, W, dropout_p):
+            x = triton_sam_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale)
+        elif self.use_rel_pos and self._fast_kernel == "flex" and _use_flex(q, dropout_p):
             x = flex_sam_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale)
         elif self.use_rel_pos:
             x = fast_sam_attention(
@@ -329,8 +370,10 @@ def enable_fast_attention(
         enabled: False restores timm's own forward.
         pad_v: see `fast_sam_attention` (None: pad v on CPU only).
         kernel: the route of the global-attention blocks: `"sdpa"` (the factorised bias as extra
-            q/k columns, any SDPA backend) or `"flex"` (FlexAttention, the bias added per score;
-            CUDA; dropout or a CPU backward take the SDPA route).
+            q/k columns, any SDPA backend), `"triton"` (samadapt's fused kernel,
+            `sam_core.relpos_attention`; CUDA) or `"flex"` (FlexAttention, the bias added per
+            score; CUDA). Off CUDA, with dropout, or where a kernel does not apply, a call takes
+            the SDPA route.
         window_kernel: the same for the windowed blocks (None: as `kernel`).
     Returns:
         the number of attention modules switched.
