@@ -6,31 +6,37 @@ rewritten after every phase so a cut-off run still leaves its figures:
 1. attention alone, at the model's two shapes (a 64 x 64 global block; 14 x 14 windows), bf16:
    every route to the same function - timm's N x N bias (4-D, the best the bias route gets),
    the factorised bias through SDPA (q/k widened; v as is or zero-padded; each fused backend
-   forced in turn), FlexAttention (the bias added per score in the kernel), and plain attention
-   without any bias (a lower bound, not the same function). Forward and forward + backward
-   median ms, and each route's output and q/k/v gradients against an fp32 materialised reference.
-2. the model routes are picked from (1): fastest forward for inference, fastest forward +
-   backward for training, separately for global and windowed blocks (`enable_fast_attention`'s
-   `kernel` / `window_kernel` / `pad_v`, and the SDPA backend order). An eager check that the
-   flex model route and the SDPA model route give the same outputs and LoRA gradients.
+   forced in turn), samadapt's fused Triton kernel (`sam_core.relpos_attention`), FlexAttention
+   (`--flex`), and plain attention without any bias (a lower bound, not the same function).
+   Forward and forward + backward median ms, and each route's output and q/k/v gradients against
+   an fp32 materialised reference.
+2. the whole encoder (one image, rel-pos tables and lora_B made non-zero, a random projection of
+   the output as the loss) through each route against the same weights in fp32 through timm's
+   own attention: output and LoRA-gradient relative errors; a route worse than 3x timm's own bf16
+   error is left out. Then the model routes are picked from (1): fastest forward for inference,
+   fastest forward + backward for training, separately for global and windowed blocks
+   (`enable_fast_attention`'s `kernel` / `window_kernel` / `pad_v`, and the SDPA backend order).
 3. vit_b at 1024 x 1024, batch 4, LoRA r=4 on every `qkv` (peft `inject_adapter_in_model`, adapter
    weights fp32), loss = mean square of the neck output, one AdamW step:
    * anchor: transformers' SamVisionModel (its default attention), fp32 weights under
      `torch.autocast(bfloat16)`;
-   * ours: sam_core's timm encoder with the core in bf16 and the picked fast attention, eager
-     and under `torch.compile` (the headline), training and inference images/s (median step),
-     peak memory (`torch.cuda.max_memory_allocated`, reset before each phase).
-4. vit_h, batch 4, training with gradient checkpointing: peak memory and speed, ours and the
-   anchor (each guarded: an out-of-memory is reported, not fatal).
-5. if time is left: ours compiled with the other routes, and timm's own attention (bf16 core).
+   * ours: sam_core's timm encoder with the core in bf16 and the picked fast attention under
+     `torch.compile` (the headline; its output checked against eager on the same weights),
+     training and inference images/s (median step), peak memory
+     (`torch.cuda.max_memory_allocated`, reset before each phase).
+4. vit_h, batch 4, training with gradient checkpointing: peak memory and speed, ours (eager, the
+   picked training route) and the anchor (each guarded: an out-of-memory is reported, not fatal).
+5. while time is left: ours eager, ours compiled through the factorised SDPA route (cuDNN first),
+   ours with timm's own attention (bf16 core).
 
-Prints a short table last; `--json PATH` has every figure.
+Prints a short table last; `--json PATH` has every figure. The H100 runs are in
+benchmarks/RESULTS.md and benchmarks/results/gpu_h100_run*.json.
 
 `--tiny` swaps in tiny sizes (samadapt's `tiny` arch, 256 px, batch 2) so the whole script runs
-end to end on a CPU (FlexAttention has no CPU backward: its training rows fail there, reported);
-the numbers mean nothing.
+end to end on a CPU (with TRITON_INTERPRET=1 the Triton route runs too, through the interpreter,
+whose bf16 matrix product is wrong: the checks then leave that route out); the numbers mean nothing.
 
-    python benchmarks/gpu_train_infer.py --json gpu.json
+    python benchmarks/gpu_train_infer.py --json gpu.json                 # about 4 minutes on an H100
     python benchmarks/gpu_train_infer.py --tiny --device cpu --budget 120     # a smoke run
 """
 import argparse

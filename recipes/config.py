@@ -72,6 +72,8 @@ SCHEMA: Dict[str, Any] = {
         "warmup_steps": 0,
         "mixed_precision": "no",  # no | bf16 | fp16
         "grad_checkpointing": False,
+        "attention": "auto",     # image-encoder attention: auto | timm | sdpa | triton (same function; see sam_core.fast_attention)
+        "compile": False,        # torch.compile the image encoder (minutes to compile; pays on long GPU runs)
         "max_grad_norm": 1.0,
         "seed": 0,
         "log_every": 10,
@@ -105,6 +107,7 @@ CHOICES = {
     ("prompts", "mode"): ["none", "box", "points", "box+points", "mixed"],
     ("train", "scheduler"): ["cosine", "constant"],
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],
+    ("train", "attention"): ["auto", "timm", "sdpa", "triton"],
     ("output", "dtype"): ["fp32", "fp16", "bf16"],
 }
 

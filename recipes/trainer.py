@@ -81,6 +81,32 @@ def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
     return build_sam(b["arch"], image_size=b["image_size"])
 
 
+def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device) -> str:
+    """Route the image encoder's attention (`train.attention`); every route computes the same
+    function (tests/test_fast_paths.py, tests/test_relpos_attention.py).
+
+    * `timm`: timm's own path (an N x N bias for every global block);
+    * `sdpa`: the factorised bias through fused SDPA kernels;
+    * `triton`: samadapt's fused Triton kernel for the global blocks, SDPA for the windows (the
+      fastest training on an H100: benchmarks/RESULTS.md); off CUDA the SDPA route;
+    * `auto`: `triton` on CUDA; elsewhere the encoder is left as built (CPU training gains nothing).
+    Returns the route taken.
+    """
+    from sam_core.fast_attention import enable_fast_attention
+
+    if attention == "auto":
+        if device.type != "cuda":
+            return "as built"
+        attention = "triton"
+    if attention == "timm":
+        enable_fast_attention(sam, enabled=False)
+    elif attention == "sdpa":
+        enable_fast_attention(sam, kernel="sdpa")
+    else:
+        enable_fast_attention(sam, kernel="triton", window_kernel="sdpa")
+    return attention
+
+
 class TrainStep(nn.Module):
     """Wraps the model so the whole step (image encoding + decoding + correction rounds) is one
     `forward` call: DDP/FSDP then see one forward per backward and synchronise gradients."""
@@ -403,6 +429,10 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
                     p.data = p.data.to(torch.bfloat16)
     if t["grad_checkpointing"]:
         sam.image_encoder.set_grad_checkpointing(True)
+    set_encoder_attention(sam, t["attention"], accelerator.device)
+    if t["compile"]:
+        # the encoder's forward only: the decoder's prompt-dependent shapes would recompile often
+        sam.image_encoder.forward_features = torch.compile(sam.image_encoder.forward_features)
 
     params = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
