@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import machine, table, write_json
+from sam_core.fast_attention import _decomposed_terms  # the per-query bias terms, as every route computes them
 
 HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11],
@@ -122,14 +123,9 @@ def _attention_routes(device, flex=False):
     from sam_core.relpos_attention import HAS_TRITON
 
     def bias_route(q, k, v, th, tw, hw, scale):  # timm's decomposed bias, materialised, 4-D
-        from sam_core.fast_attention import _rel_pos_table
-
-        h, w = hw
-        B, nh, N, d = q.shape
-        rq = q.reshape(B, nh, h, w, d)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, _rel_pos_table(th, h, h, q.dtype))
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(tw, w, w, q.dtype))
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)
+        B, nh, N, _ = q.shape
+        rel_h, rel_w = _decomposed_terms(q, th, tw, hw)
+        bias = (rel_h.reshape(B, nh, N, hw[0], 1) + rel_w.reshape(B, nh, N, 1, hw[1])).reshape(B, nh, N, N)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
     def fact(pad_v):
@@ -158,16 +154,11 @@ def _attention_routes(device, flex=False):
 
 def _reference(q, k, v, th, tw, hw, scale):
     """fp32, materialised: softmax(scale q k^T + rel_h + rel_w) v, the decomposed bias as timm builds it."""
-    from sam_core.fast_attention import _rel_pos_table
-
-    h, w = hw
     q, k, v = q.float(), k.float(), v.float()
-    B, nh, N, d = q.shape
-    rq = q.reshape(B, nh, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, _rel_pos_table(th.float(), h, h, torch.float32))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(tw.float(), w, w, torch.float32))
-    s = (q * scale) @ k.transpose(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)
-    return s.softmax(-1) @ v
+    B, nh, N, _ = q.shape
+    rel_h, rel_w = _decomposed_terms(q, th.float(), tw.float(), hw)
+    bias = (rel_h.reshape(B, nh, N, hw[0], 1) + rel_w.reshape(B, nh, N, 1, hw[1])).reshape(B, nh, N, N)
+    return ((q * scale) @ k.transpose(-1, -2) + bias).softmax(-1) @ v
 
 
 def _rel(a, b):
@@ -434,12 +425,15 @@ def main() -> None:
     shapes = {"global": (batch, nh, (grid, grid), d), "window": (batch * n_win, nh, (win, win), d)}
     log("attention alone (bf16), median ms:")
     res["attention"] = attention_bench(shapes, device, steps, warmup, deadline, log, args.flex)
-    picks = pick_routes(res["attention"])
-    res["picks"] = picks
-    train_kw, train_order = route_settings(picks["train"])
-    infer_kw, infer_order = route_settings(picks["infer"])
-    log(f"picked: training {describe(train_kw, train_order)}; inference {describe(infer_kw, infer_order)}")
-    save()
+
+    def choose():
+        res["picks"] = picks = pick_routes(res["attention"])
+        tr, inf = route_settings(picks["train"]), route_settings(picks["infer"])
+        log(f"picked: training {describe(*tr)}; inference {describe(*inf)}")
+        save()
+        return (*tr, *inf)
+
+    train_kw, train_order, infer_kw, infer_order = choose()
 
     torch.manual_seed(0)
     x32 = torch.randn(batch, 3, size, size, device=device)
@@ -514,12 +508,7 @@ def main() -> None:
                 for n in list(res_shape["routes"]):
                     if n in bad:
                         res_shape["routes"][n]["excluded"] = "whole-encoder check"
-        picks = pick_routes(res["attention"])
-        res["picks"] = picks
-        train_kw, train_order = route_settings(picks["train"])
-        infer_kw, infer_order = route_settings(picks["infer"])
-        log(f"picked: training {describe(train_kw, train_order)}; inference {describe(infer_kw, infer_order)}")
-    save()
+        train_kw, train_order, infer_kw, infer_order = choose()
 
     def add_row(name, tr, inf, extra=None):
         row = {"name": name, "train": tr, "infer": inf}

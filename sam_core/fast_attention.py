@@ -13,9 +13,12 @@
   scale 1) with a head dim of head_dim + kh + kw, which flash / memory-efficient kernels accept.
   No N x N tensor is built, everything runs in the input's dtype, autograd works, parameters and
   module names are unchanged (peft LoRA may wrap `attn.qkv` / `attn.proj` before or after).
-  The price is a wider q/k (head_dim + h + w: 64 -> 192 for a 64 x 64 global block), so
-  `kernel="flex"` offers a second exact route: PyTorch's FlexAttention with the bias added per
-  score inside the fused kernel (`score + rel_h[q, row(k)] + rel_w[q, col(k)]`), head dim unchanged.
+  The price is a wider q/k (head_dim + h + w: 64 -> 192 for a 64 x 64 global block), so two
+  more exact routes keep the head dim: `kernel="triton"`, samadapt's fused kernel
+  (`sam_core.relpos_attention`: the bias added per key tile, forward and backward fused; the
+  fastest training route on an H100, benchmarks/RESULTS.md), and `kernel="flex"`, PyTorch's
+  FlexAttention with `score + rel_h[q, row(k)] + rel_w[q, col(k)]` per score (measured 10x
+  slower than the factorised route on an H100; kept for newer PyTorch versions to try).
 
 * `postprocess_masks_fast(low_res, image_size, input_size, original_size)`: SAM's
   `postprocess_masks` (bilinear 4x upsample to image_size, crop, bilinear resize to the original
@@ -113,6 +116,23 @@ def _rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int, dtype: torch
     return rel_pos.to(dtype)[_rel_index(q_size, k_size, rel_pos.device)]
 
 
+def _decomposed_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int],
+                      rows_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's per-query bias terms in q's dtype: rel_h (B x heads x N x h; with `rows_first`,
+    B x heads x h x N: the key row first) and rel_w (B x heads x N x w)."""
+    h, w = hw
+    B, nh, N, d = q.shape
+    rq = q.reshape(B, nh, h, w, d)
+    Rh = _rel_pos_table(rel_pos_h, h, h, q.dtype)  # (h, h, d): query row x key row
+    Rw = _rel_pos_table(rel_pos_w, w, w, q.dtype)
+    if rows_first:
+        rel_h = torch.einsum("bnhwc,hkc->bnkhw", rq, Rh).reshape(B, nh, h, N)
+    else:
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, Rh).reshape(B, nh, N, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, Rw).reshape(B, nh, N, w)
+    return rel_h, rel_w
+
+
 def _key_codes(h: int, w: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(h*w, h + w + pad): one-hot row code then one-hot column code of each key, then zeros."""
     def build():
@@ -162,11 +182,7 @@ def fast_sam_attention(
     if N != h * w:
         raise ValueError(f"{N} tokens for an {h} x {w} grid")
     dt = q.dtype
-    Rh = _rel_pos_table(rel_pos_h, h, h, dt)  # (h, h, d): query row x key row
-    Rw = _rel_pos_table(rel_pos_w, w, w, dt)
-    rq = q.reshape(B, nh, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, Rh).reshape(B, nh, N, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, Rw).reshape(B, nh, N, w)
+    rel_h, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw)
     width = d + h + w
     if pad_v is None:
         pad_v = q.device.type == "cpu"
@@ -190,19 +206,14 @@ def fast_sam_attention(
 
 _FLEX_COMPILED = None
 KERNELS = ("sdpa", "triton", "flex")
-# How FlexAttention meets a torch.compile around the encoder (CUDA): "separate" (a graph break at
-# each attention, which then runs its own once-compiled kernel, as in eager use) or "inline"
-# (traced into the caller's graph). Off CUDA, compiled calls take the SDPA route.
-FLEX_UNDER_COMPILE = "separate"
 
 
 def _flex_fn(device_type: str):
-    """FlexAttention to call: the plain function inside torch.compile (inductor fuses it), a
-    once-compiled one on CUDA, and PyTorch's eager reference elsewhere (it builds the scores: a
-    check, not a fast path)."""
+    """FlexAttention to call: a once-compiled one on CUDA, and PyTorch's eager reference
+    elsewhere (it builds the scores: a check, not a fast path)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if _compiling() or device_type != "cuda":
+    if device_type != "cuda":
         return flex_attention
     global _FLEX_COMPILED
     if _FLEX_COMPILED is None:
@@ -242,13 +253,8 @@ def flex_sam_attention(
     B, nh, N, d = q.shape
     if N != h * w:
         raise ValueError(f"{N} tokens for an {h} x {w} grid")
-    dt = q.dtype
-    Rh = _rel_pos_table(rel_pos_h, h, h, dt)
-    Rw = _rel_pos_table(rel_pos_w, w, w, dt)
-    rq = q.reshape(B, nh, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, Rh).reshape(B, nh, N, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, Rw).reshape(B, nh, N, w)
-    if _compiling() and FLEX_UNDER_COMPILE == "separate":
+    rel_h, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw)
+    if _compiling():  # a graph break: the once-compiled kernel runs as in eager use
         return _flex_separate(q, k, v, rel_h, rel_w, w, scale)
     return _flex_core(q, k, v, rel_h, rel_w, w, scale)
 
@@ -286,11 +292,8 @@ def triton_sam_attention(
     B, nh, N, d = q.shape
     if N != h * w:
         raise ValueError(f"{N} tokens for an {h} x {w} grid")
-    dt = q.dtype
-    rq = q.reshape(B, nh, h, w, d)
-    # the row term with the query index last (key row major): what the kernel reads per key row
-    rel_h_t = torch.einsum("bnhwc,hkc->bnkhw", rq, _rel_pos_table(rel_pos_h, h, h, dt)).reshape(B, nh, h, N)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, _rel_pos_table(rel_pos_w, w, w, dt)).reshape(B, nh, N, w)
+    # the row term key row first: the kernel reads one key row's terms for a query block in one run
+    rel_h_t, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw, rows_first=True)
     return relpos_attention(q, k, v, rel_h_t, rel_w, w, scale)
 
 

@@ -44,12 +44,12 @@ def _next_pow2(n: int) -> int:
 
 def triton_route_ok(q: torch.Tensor, cols: int) -> bool:
     """True when the fused kernel takes this call: Triton present, a CUDA tensor (or the
-    interpreter), a float dtype, head dim <= 256, a key row of <= 256 columns."""
+    interpreter), a float dtype, head dim <= 128 (SAM's are 64 and 80), a key row of <= 256 columns."""
     if not HAS_TRITON:
         return False
     if not (q.is_cuda or _INTERPRET):
         return False
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256 and cols <= 256
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 128 and cols <= 256
 
 
 if HAS_TRITON:
