@@ -81,7 +81,7 @@ def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
     return build_sam(b["arch"], image_size=b["image_size"])
 
 
-def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device) -> str:
+def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, bf16: bool = True) -> str:
     """Route the image encoder's attention (`train.attention`); every route computes the same
     function (tests/test_fast_paths.py, tests/test_relpos_attention.py).
 
@@ -89,7 +89,8 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device) 
     * `sdpa`: the factorised bias through fused SDPA kernels;
     * `triton`: samadapt's fused Triton kernel for the global blocks, SDPA for the windows (the
       fastest training on an H100: benchmarks/RESULTS.md); off CUDA the SDPA route;
-    * `auto`: `triton` on CUDA; elsewhere the encoder is left as built (CPU training gains nothing).
+    * `auto`: on CUDA `triton` for a bf16 core (the case measured on an H100), `sdpa` otherwise;
+      elsewhere the encoder is left as built (CPU training gains nothing).
     Returns the route taken.
     """
     from sam_core.fast_attention import enable_fast_attention
@@ -97,7 +98,7 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device) 
     if attention == "auto":
         if device.type != "cuda":
             return "as built"
-        attention = "triton"
+        attention = "triton" if bf16 else "sdpa"
     if attention == "timm":
         enable_fast_attention(sam, enabled=False)
     elif attention == "sdpa":
@@ -429,7 +430,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
                     p.data = p.data.to(torch.bfloat16)
     if t["grad_checkpointing"]:
         sam.image_encoder.set_grad_checkpointing(True)
-    set_encoder_attention(sam, t["attention"], accelerator.device)
+    set_encoder_attention(sam, t["attention"], accelerator.device, bf16=t["mixed_precision"] == "bf16")
     if t["compile"]:
         # the encoder's forward only: the decoder's prompt-dependent shapes would recompile often
         sam.image_encoder.forward_features = torch.compile(sam.image_encoder.forward_features)

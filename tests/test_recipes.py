@@ -112,6 +112,7 @@ def test_encoder_attention_routes_and_compile(tmp_path):
     assert set_encoder_attention(sam, "triton", cpu) == "triton"
     assert fast_attention_enabled(sam) and {b.attn._fast_kernel for b in sam.image_encoder.blocks} == {"triton", "sdpa"}
     assert set_encoder_attention(sam, "auto", torch.device("cuda")) == "triton"
+    assert set_encoder_attention(sam, "auto", torch.device("cuda"), bf16=False) == "sdpa"
     assert set_encoder_attention(sam, "timm", cpu) == "timm" and not fast_attention_enabled(sam)
 
     common = ["--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=1", "--set", "train.seed=3",
