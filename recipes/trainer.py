@@ -81,6 +81,19 @@ def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
     return build_sam(b["arch"], image_size=b["image_size"])
 
 
+def pick_multimask(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, loss_fn) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's multimask training: of each sample's candidate masks (B x C x H x W logits, B x C
+    predicted IoUs) keep the one with the lowest loss against that sample's target, so only it
+    is trained. Returns the B x 1 x H x W logits and B IoU predictions picked."""
+    B, C = logits.shape[:2]
+    with torch.no_grad():
+        per = torch.stack([torch.stack([loss_fn(logits[b:b + 1, j:j + 1], target[b:b + 1], iou[b:b + 1, j])[0]
+                                        for j in range(C)]) for b in range(B)])  # B x C
+    pick = per.argmin(1)
+    rows = torch.arange(B, device=logits.device)
+    return logits[rows, pick.to(logits.device)].unsqueeze(1), iou[rows, pick.to(iou.device)]
+
+
 def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, bf16: bool = True) -> str:
     """Route the image encoder's attention (`train.attention`); every route computes the same
     function (tests/test_fast_paths.py, tests/test_relpos_attention.py).
@@ -523,10 +536,8 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
                 loss = 0.0
                 for low, iou in outs:
                     logits = F.interpolate(low.float(), size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
-                    if logits.shape[1] > 1:  # multimask: train the best of the candidates, as SAM does
-                        per = torch.stack([loss_fn(logits[:, j:j + 1], batch["mask"], iou[:, j])[0] for j in range(logits.shape[1])])
-                        j = int(per.argmin())
-                        logits, iou = logits[:, j:j + 1], iou[:, j]
+                    if logits.shape[1] > 1:  # multimask: each sample trains its best candidate, as SAM does
+                        logits, iou = pick_multimask(logits, iou, batch["mask"], loss_fn)
                     l, terms = loss_fn(logits, batch["mask"], iou.float().reshape(-1))
                     loss = loss + l
                 loss = loss / len(outs)

@@ -99,6 +99,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert int(cks[-1].name.split("_")[1]) <= step
 
 
+def test_multimask_trains_each_samples_best_candidate():
+    """Of 3 candidate masks, each sample keeps its own lowest-loss one (SAM's rule), not one index
+    for the whole batch; gradients reach only the picked candidates."""
+    from recipes.losses import CombinedLoss
+    from recipes.trainer import pick_multimask
+
+    loss_fn = CombinedLoss({"focal": 20.0, "dice": 1.0, "iou_mse": 1.0})
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, :, :8] = 1
+    target[1, :, :, :8] = 1
+    target[2, :, 4:12, 4:12] = 1
+    cands = [t[0] * 2 - 1 for t in target]  # candidate j is sample j's mask as logits (+-1)
+    best = [2, 0, 1]  # put sample b's own mask at candidate index best[b]
+    logits = torch.zeros(3, 3, 16, 16)
+    for b in range(3):
+        others = [j for j in range(3) if j != b]
+        order = {best[b]: b}
+        order.update({j: o for j, o in zip([j for j in range(3) if j != best[b]], others)})
+        for j in range(3):
+            logits[b, j] = cands[order[j]] * 8
+    logits.requires_grad_(True)
+    iou = torch.full((3, 3), 0.5, requires_grad=True)
+    picked, picked_iou = pick_multimask(logits, iou, target, loss_fn)
+    assert picked.shape == (3, 1, 16, 16) and picked_iou.shape == (3,)
+    for b in range(3):
+        assert torch.equal(picked[b, 0], logits[b, best[b]])
+    loss_fn(picked, target, picked_iou)[0].backward()
+    for b in range(3):
+        for j in range(3):
+            assert (logits.grad[b, j].abs().sum() > 0) == (j == best[b])
+
+
 def test_encoder_attention_routes_and_compile(tmp_path):
     """train.attention picks the encoder's attention route (the same function: the same losses and
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
