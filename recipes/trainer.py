@@ -102,8 +102,8 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, 
     * `sdpa`: the factorised bias through fused SDPA kernels;
     * `triton`: samadapt's fused Triton kernel for the global blocks, SDPA for the windows (the
       fastest training on an H100: benchmarks/RESULTS.md); off CUDA the SDPA route;
-    * `auto`: on CUDA `triton` for a bf16 core (the case measured on an H100), `sdpa` otherwise;
-      elsewhere the encoder is left as built (CPU training gains nothing).
+    * `auto`: on CUDA `triton` for a bf16 core on an Ampere or newer GPU (the case measured, on
+      an H100), `sdpa` otherwise; elsewhere the encoder is left as built (CPU training gains nothing).
     Returns the route taken.
     """
     from sam_core.fast_attention import enable_fast_attention
@@ -111,7 +111,7 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, 
     if attention == "auto":
         if device.type != "cuda":
             return "as built"
-        attention = "triton" if bf16 else "sdpa"
+        attention = "triton" if bf16 and torch.cuda.get_device_capability(device) >= (8, 0) else "sdpa"
     if attention == "timm":
         enable_fast_attention(sam, enabled=False)
     elif attention == "sdpa":

@@ -131,7 +131,7 @@ def test_multimask_trains_each_samples_best_candidate():
             assert (logits.grad[b, j].abs().sum() > 0) == (j == best[b])
 
 
-def test_encoder_attention_routes_and_compile(tmp_path):
+def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     """train.attention picks the encoder's attention route (the same function: the same losses and
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
     from recipes.trainer import set_encoder_attention
@@ -143,8 +143,13 @@ def test_encoder_attention_routes_and_compile(tmp_path):
     assert set_encoder_attention(sam, "auto", cpu) == "as built" and not fast_attention_enabled(sam)
     assert set_encoder_attention(sam, "triton", cpu) == "triton"
     assert fast_attention_enabled(sam) and {b.attn._fast_kernel for b in sam.image_encoder.blocks} == {"triton", "sdpa"}
-    assert set_encoder_attention(sam, "auto", torch.device("cuda")) == "triton"
-    assert set_encoder_attention(sam, "auto", torch.device("cuda"), bf16=False) == "sdpa"
+    capability = {"cc": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    assert set_encoder_attention(sam, "auto", torch.device("cuda", 0)) == "triton"
+    assert set_encoder_attention(sam, "auto", torch.device("cuda", 0), bf16=False) == "sdpa"
+    capability["cc"] = (7, 5)  # no bf16 matrix units for Triton before Ampere
+    assert set_encoder_attention(sam, "auto", torch.device("cuda", 0)) == "sdpa"
+    monkeypatch.undo()
     assert set_encoder_attention(sam, "timm", cpu) == "timm" and not fast_attention_enabled(sam)
 
     common = ["--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=1", "--set", "train.seed=3",
