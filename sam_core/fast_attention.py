@@ -119,9 +119,12 @@ def _rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int, dtype: torch
 def _decomposed_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int],
                       rows_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAM's per-query bias terms in q's dtype: rel_h (B x heads x N x h; with `rows_first`,
-    B x heads x h x N: the key row first) and rel_w (B x heads x N x w)."""
+    B x heads x h x N: the key row first) and rel_w (B x heads x N x w). Every route calls it
+    first: it also checks that q's N tokens are the h x w grid."""
     h, w = hw
     B, nh, N, d = q.shape
+    if N != h * w:
+        raise ValueError(f"{N} tokens for an {h} x {w} grid")
     rq = q.reshape(B, nh, h, w, d)
     Rh = _rel_pos_table(rel_pos_h, h, h, q.dtype)  # (h, h, d): query row x key row
     Rw = _rel_pos_table(rel_pos_w, w, w, q.dtype)
@@ -179,8 +182,6 @@ def fast_sam_attention(
     """
     h, w = hw
     B, nh, N, d = q.shape
-    if N != h * w:
-        raise ValueError(f"{N} tokens for an {h} x {w} grid")
     dt = q.dtype
     rel_h, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw)
     width = d + h + w
@@ -249,11 +250,8 @@ def flex_sam_attention(
 
     Args, returns: as `fast_sam_attention` (no dropout).
     """
-    h, w = hw
-    B, nh, N, d = q.shape
-    if N != h * w:
-        raise ValueError(f"{N} tokens for an {h} x {w} grid")
     rel_h, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw)
+    w = hw[1]
     if _compiling():  # a graph break: the once-compiled kernel runs as in eager use
         return _flex_separate(q, k, v, rel_h, rel_w, w, scale)
     return _flex_core(q, k, v, rel_h, rel_w, w, scale)
@@ -288,13 +286,9 @@ def triton_sam_attention(
     """
     from .relpos_attention import relpos_attention
 
-    h, w = hw
-    B, nh, N, d = q.shape
-    if N != h * w:
-        raise ValueError(f"{N} tokens for an {h} x {w} grid")
     # the row term key row first: the kernel reads one key row's terms for a query block in one run
     rel_h_t, rel_w = _decomposed_terms(q, rel_pos_h, rel_pos_w, hw, rows_first=True)
-    return relpos_attention(q, k, v, rel_h_t, rel_w, w, scale)
+    return relpos_attention(q, k, v, rel_h_t, rel_w, hw[1], scale)
 
 
 def _use_triton(q: torch.Tensor, w: int, dropout_p: float) -> bool:
