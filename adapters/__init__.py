@@ -2,7 +2,7 @@
 
 Example:
     >>> import adapters
-    >>> from sam_core import build_sam
+    >>> from samadapt.sam_core import build_sam
     >>> sam = build_sam("tiny")
     >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod", decoder="frozen")
     >>> adapters.activate(sam, None)   # the plain frozen core

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from samadapt.sam_core import ImageEmbedding, SamPredictor
+
 from .base import AdapterError, _NAME_RE, activate, attached, detach
 from .io import inspect as inspect_file, load as load_file
 
@@ -41,7 +43,7 @@ class AdapterBank:
 
     Example:
         >>> import numpy as np, adapters
-        >>> from sam_core import build_sam
+        >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
         >>> bank = adapters.AdapterBank(sam)
@@ -52,8 +54,6 @@ class AdapterBank:
 
     def __init__(self, sam: nn.Module, directory: Optional[Union[str, os.PathLike]] = None,
                  capacity: int = 8, cache_size: int = 32) -> None:
-        from sam_core import SamPredictor
-
         if capacity < 1:
             raise AdapterError(f"capacity={capacity} must be at least 1")
         self.sam = sam
@@ -65,11 +65,11 @@ class AdapterBank:
         self._lock = threading.RLock()
         self._loaded: "OrderedDict[str, Tuple[float, int]]" = OrderedDict()  # name -> file (mtime, size)
         self._pinned = set(attached(sam))  # attached by the caller: never evicted
-        self._cache: "OrderedDict[Tuple[str, Optional[str], Any], Tuple[torch.Tensor, tuple, tuple]]" = OrderedDict()
+        self._cache: "OrderedDict[Tuple[str, Optional[str], Any], ImageEmbedding]" = OrderedDict()
         self._predictor = SamPredictor(sam)
-        # the predictor's per-image decoder state (channels-last embedding + DecoderImageCache) of the
-        # most recent embeddings, so interleaved requests keep their prompt-independent products
-        self._decoder_state: "OrderedDict[Tuple[str, Optional[str], Any], tuple]" = OrderedDict()
+        # the embeddings whose decoder state (channels-last copy + DecoderImageCache) is kept, so
+        # interleaved requests keep their prompt-independent products
+        self._recent: "OrderedDict[int, ImageEmbedding]" = OrderedDict()
         self.decoder_state_size = 4
         self.stats = {"loads": 0, "evictions": 0, "cache_hits": 0, "cache_misses": 0}
 
@@ -125,8 +125,6 @@ class AdapterBank:
         self._loaded.pop(name, None)
         for key in [k for k in self._cache if k[1] == name]:
             del self._cache[key]
-        for key in [k for k in self._decoder_state if k[1] == name]:
-            del self._decoder_state[key]
         self.stats["evictions"] += 1
 
     def resident(self) -> List[str]:
@@ -134,11 +132,9 @@ class AdapterBank:
             return sorted(self._pinned) + list(self._loaded)
 
     # ------------------------------------------------------------------ embeddings
-    def _embeddings(self, images: Sequence[np.ndarray], keys: Sequence[str], name: Optional[str], version) -> List[tuple]:
-        """(embedding, input_size, original_size) per image under adapter `name`; misses are encoded in one batch."""
-        from sam_core.predictor import as_rgb_uint8
-
-        out: List[Optional[tuple]] = [None] * len(images)
+    def _embeddings(self, images: Sequence[np.ndarray], keys: Sequence[str], name: Optional[str], version) -> list:
+        """One `ImageEmbedding` per image under adapter `name`; misses are encoded in one batch."""
+        out: List[Any] = [None] * len(images)
         todo = []
         same: Dict[str, List[int]] = {}  # an image repeated in one call is encoded once
         for i, key in enumerate(keys):
@@ -155,42 +151,30 @@ class AdapterBank:
         if todo:
             self.stats["cache_misses"] += len(todo)
             activate(self.sam, name)
-            tf = self._predictor.transform
-            batch, sizes = [], []
-            for i in todo:
-                img = as_rgb_uint8(images[i])
-                resized = tf.apply_image(img)
-                sizes.append((tuple(resized.shape[:2]), tuple(img.shape[:2])))
-                t = torch.as_tensor(resized, device=self.sam.device).permute(2, 0, 1)
-                batch.append(self.sam.preprocess(t[None])[0])
             with torch.inference_mode():
-                emb = self.sam.encode_image(torch.stack(batch).to(self.sam.dtype))
-            for j, i in enumerate(todo):
-                entry = (emb[j: j + 1].clone(), sizes[j][0], sizes[j][1])
-                self._cache[(keys[i], name, version)] = entry
+                made = self._predictor.encode([images[i] for i in todo])
+            for emb, i in zip(made, todo):
+                emb.features = emb.features.clone()  # its own storage, not a view of the batch
+                self._cache[(keys[i], name, version)] = emb
                 for k in same[keys[i]]:
-                    out[k] = entry
+                    out[k] = emb
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return out
 
-    def _decode(self, name: Optional[str], entry: tuple, prompts: Dict[str, Any], key: tuple) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from sam_core.fast_attention import DecoderImageCache
-
+    def _decode(self, name: Optional[str], emb: Any, prompts: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         activate(self.sam, name)
-        p = self._predictor
-        p.features, p.input_size, p.original_size = entry
-        p.is_image_set = True
-        p._generation = self.sam.generation
-        state = self._decoder_state.pop(key, None) or ((None, None), DecoderImageCache())
-        p._features_cl, p.decoder_cache = state
-        try:
-            with torch.inference_mode():
-                return p.predict(**prompts)
-        finally:
-            self._decoder_state[key] = (p._features_cl, p.decoder_cache)
-            while len(self._decoder_state) > self.decoder_state_size:
-                self._decoder_state.popitem(last=False)
+        self._predictor.set_embedding(emb)
+        # the decoder's per-image products live in the embedding's own cache; only the most recent
+        # few keep theirs, so the cache's memory stays that of the embeddings
+        self._recent.pop(id(emb), None)
+        self._recent[id(emb)] = emb
+        while len(self._recent) > self.decoder_state_size:
+            _, old = self._recent.popitem(last=False)
+            old.decoder_cache.clear()
+            old.channels_last = None
+        with torch.inference_mode():
+            return self._predictor.predict(**prompts)
 
     # ------------------------------------------------------------------ public calls
     def predict(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None,
@@ -219,7 +203,7 @@ class AdapterBank:
                 entries = self._embeddings([items[i]["image"] for i in idx], keys, name, version)
                 for j, (i, entry) in enumerate(zip(idx, entries)):
                     prompts = {k: v for k, v in items[i].items() if k not in ("image", "adapter", "image_id")}
-                    results[i] = self._decode(name, entry, prompts, (keys[j], name, version))
+                    results[i] = self._decode(name, entry, prompts)
         return results
 
     def embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> torch.Tensor:
@@ -227,4 +211,42 @@ class AdapterBank:
         with self._lock:
             version = self._ensure(adapter)
             key = image_id or image_key(image)
-            return self._embeddings([image], [key], adapter, version)[0][0]
+            return self._embeddings([image], [key], adapter, version)[0].features
+
+    def generate(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None,
+                 **generator_args: Any) -> List[Dict[str, Any]]:
+        """Automatic masks for everything in `image` under `adapter` (None: the plain core).
+
+        The whole image's embedding comes from the bank's cache (computed once per image and
+        adapter); the model is held for the whole call, so no other request switches adapters
+        meanwhile.
+
+        Args:
+            image: H x W x 3 uint8.
+            adapter: adapter name, or None.
+            image_id: names the image for the cache (default: a hash of its pixels).
+            **generator_args: `SamAutomaticMaskGenerator` settings (points_per_side,
+                pred_iou_thresh, stability_score_thresh, output_mode, ...).
+
+        Returns:
+            `SamAutomaticMaskGenerator.generate`'s list of mask records.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> bank = adapters.AdapterBank(build_sam("tiny"))
+            >>> found = bank.generate(np.zeros((64, 64, 3), np.uint8), points_per_side=4)
+            >>> isinstance(found, list)
+            True
+        """
+        from samadapt.sam_core import SamAutomaticMaskGenerator
+
+        with self._lock:
+            version = self._ensure(adapter)
+            key = image_id or image_key(image)
+            emb = self._embeddings([image], [key], adapter, version)[0]
+            activate(self.sam, adapter)
+            gen = SamAutomaticMaskGenerator(self.sam, **generator_args)
+            with torch.inference_mode():
+                return gen.generate(image, embedding=emb)

@@ -229,7 +229,7 @@ def _link(parts: Iterable[Injected], state: AdapterState) -> None:
 def _set_decoder_in_use(sam: nn.Module, name: Optional[str]) -> None:
     decoders = getattr(sam, "adapter_decoders", None)
     dec = decoders[name] if decoders is not None and name is not None and name in decoders else None
-    sam.__dict__["decoder_in_use"] = dec
+    sam.use_decoder(dec)
 
 
 def attach(
@@ -263,7 +263,7 @@ def attach(
 
     Example:
         >>> import adapters
-        >>> from sam_core import build_sam
+        >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod")
         >>> adapters.trainable_summary(sam)["trainable"] > 0
@@ -357,7 +357,7 @@ def activate(sam: nn.Module, name: Optional[str]) -> None:
 
     Example:
         >>> import adapters
-        >>> from sam_core import build_sam
+        >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("bottleneck"), name="a")
         >>> adapters.activate(sam, None); adapters.active(sam) is None

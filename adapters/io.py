@@ -57,7 +57,7 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
 
     Example:
         >>> import adapters, tempfile, os
-        >>> from sam_core import build_sam
+        >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
         >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod", domain="camouflage")

@@ -10,8 +10,6 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
-    sys.path.insert(0, ROOT)
 
 
 def machine() -> Dict[str, object]:

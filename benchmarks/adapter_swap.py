@@ -28,12 +28,11 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import adapters  # noqa: E402
-from sam_core import build_sam  # noqa: E402
+from samadapt import adapters  # noqa: E402
+from samadapt.sam_core import build_sam  # noqa: E402
 
 GOAL_ACTIVATE_MS = 0.1
 GOAL_LOAD_MS = 5.0

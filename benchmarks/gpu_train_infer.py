@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import machine, table, write_json
-from sam_core.fast_attention import _decomposed_terms  # the per-query bias terms, as every route computes them
+from samadapt.sam_core.fast_attention import _decomposed_terms  # the per-query bias terms, as every route computes them
 
 HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11],
@@ -119,8 +119,8 @@ def timed(fn, steps, warmup, device):
 # ============================================================================ 1. attention alone
 def _attention_routes(device, flex=False):
     """name -> (fn(q, k, v, table_h, table_w, hw, scale), sdpa backends, same function as SAM's)."""
-    from sam_core.fast_attention import fast_sam_attention, flex_sam_attention, triton_sam_attention
-    from sam_core.relpos_attention import HAS_TRITON
+    from samadapt.sam_core.fast_attention import fast_sam_attention, flex_sam_attention, triton_sam_attention
+    from samadapt.sam_core.relpos_attention import HAS_TRITON
 
     def bias_route(q, k, v, th, tw, hw, scale):  # timm's decomposed bias, materialised, 4-D
         B, nh, N, _ = q.shape
@@ -290,8 +290,8 @@ def _on(device):
 def build_ours(arch, image_size, device, attn=None, ckpt=False, seed=0):
     """sam_core's encoder, core in bf16, LoRA r=4 on qkv; attn: enable_fast_attention kwargs
     (None: timm's own attention)."""
-    from sam_core import build_sam
-    from sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core import build_sam
+    from samadapt.sam_core.fast_attention import enable_fast_attention
 
     torch.manual_seed(seed)
     with _on(device):
@@ -444,7 +444,7 @@ def main() -> None:
         """Each route's whole-encoder output and LoRA gradients (bf16 core, one image) against the
         same weights in fp32 through timm's own attention; rel-pos tables and lora_B made non-zero
         so that the bias and every LoRA tensor matter."""
-        from sam_core.fast_attention import enable_fast_attention
+        from samadapt.sam_core.fast_attention import enable_fast_attention
 
         base = build_ours(arch, size, device, attn=None, seed=3)
         with torch.no_grad():

@@ -6,8 +6,8 @@ import argparse
 import os
 import tempfile
 
-import adapters
-from sam_core import build_sam
+from samadapt import adapters
+from samadapt.sam_core import build_sam
 
 SETUPS = [
     ("lora r=4 on qkv", [("lora", dict(r=4, targets=["qkv"]))], "frozen"),

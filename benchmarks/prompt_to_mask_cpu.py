@@ -30,8 +30,8 @@ def build(seed: int):
     from segment_anything import SamPredictor as MetaPredictor
     from segment_anything import sam_model_registry
 
-    from sam_core import load_sam
-    from sam_core.fast_attention import prepare_image_embedding
+    from samadapt.sam_core import load_sam
+    from samadapt.sam_core.fast_attention import prepare_image_embedding
 
     torch.manual_seed(seed)
     ref = sam_model_registry["vit_b"]().eval()
@@ -56,8 +56,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from sam_core import SamPredictor, ResizeLongestSide
-    from sam_core.fast_attention import fast_decode, postprocess_masks_fast
+    from samadapt.sam_core import SamPredictor, ResizeLongestSide
+    from samadapt.sam_core.fast_attention import fast_decode, postprocess_masks_fast
 
     t0 = time.perf_counter()
     ref, ours, emb, MetaPredictor, prepare_image_embedding = build(args.seed)
@@ -75,9 +75,7 @@ def main() -> None:
     meta.original_size, meta.input_size = original, input_size
 
     def with_embedding(pred, e):  # the predictor state set_image leaves, with this embedding
-        pred.reset_image()
-        pred.features, pred.is_image_set, pred._generation = e, True, ours.generation
-        pred.original_size, pred.input_size = original, input_size
+        pred.set_embedding(e, input_size, original)
         return pred
 
     plain = with_embedding(SamPredictor(ours, fast=False), emb.clone())

@@ -1,6 +1,6 @@
 """Load benchmark for `samadapt serve` on the tiny core over loopback.
 
-Starts the real CLI server (`python -m recipes.cli serve --port 0`) as a subprocess, with a tiny
+Starts the real CLI server (`python -m samadapt.recipes.cli serve --port 0`) as a subprocess, with a tiny
 core and three LoRA adapters made on the fly, then:
 
   1. a sequential baseline: every (adapter, image, prompt) request once, alone;
@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 NAMES = ("seg_a", "seg_b", "seg_c")
 PROMPTS = [
     {"points": [[40, 40, 1]]},
@@ -49,9 +48,9 @@ def make_fixture(root: Path, base=None, seed: int = 4321):
     """A tiny core checkpoint (or `base`) and three perturbed LoRA adapters for it."""
     import torch
 
-    import adapters
-    import sam_core
-    from recipes.trainer import load_base
+    from samadapt import adapters
+    from samadapt import sam_core
+    from samadapt.recipes.trainer import load_base
 
     if base is None:
         torch.manual_seed(seed)
@@ -86,7 +85,7 @@ def start_server(base: Path, folder: Path, threads, log: Path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "recipes.cli", "serve", "--base", str(base), "--adapters", str(folder),
+    cmd = [sys.executable, "-m", "samadapt.recipes.cli", "serve", "--base", str(base), "--adapters", str(folder),
            "--host", "127.0.0.1", "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     line = proc.stdout.readline()  # "samadapt serve: http://127.0.0.1:PORT/ ..."

@@ -29,8 +29,8 @@ def build(image_size: int, seed: int):
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import SamVisionConfig, SamVisionModel
 
-    from sam_core import build_sam
-    from sam_core.checkpoint import hf_to_samadapt
+    from samadapt.sam_core import build_sam
+    from samadapt.sam_core.checkpoint import hf_to_samadapt
 
     torch.manual_seed(seed)
     cfg = SamVisionConfig(
@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    from sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast_attention import enable_fast_attention
 
     t0 = time.perf_counter()
     hf, ours, same, attn_impl = build(args.image_size, args.seed)

@@ -8,27 +8,25 @@ import json
 import sys
 from typing import List, Optional
 
+from .errors import UserError
 
-class UserError(Exception):
-    pass
+
+def version() -> str:
+    """The installed distribution's version (`samadapt --version`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("samadapt")
+    except PackageNotFoundError:  # imported from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _user_errors():
-    from adapters import AdapterError
-    from sam_core import CheckpointError
+    from samadapt.adapters import AdapterError
+    from samadapt.sam_core import CheckpointError
 
-    from .config import RecipeError
-    from .trainer import TrainingError
-
-    errs = [UserError, AdapterError, CheckpointError, RecipeError, TrainingError, FileNotFoundError, NotADirectoryError,
-            PermissionError]
-    try:
-        from .data import EmptyDatasetError, ImageReadError, UnpairedFilesError
-
-        errs += [EmptyDatasetError, ImageReadError, UnpairedFilesError]
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def cmd_train(args) -> int:
@@ -53,7 +51,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import adapters
+    from samadapt import adapters
 
     info = adapters.inspect(args.file)
     if args.json:
@@ -101,6 +99,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="samadapt", description="Parameter-efficient domain adaptation of Segment Anything")
+    p.add_argument("--version", action="version", version=f"samadapt {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train a camouflage adapter on the tiny core and compare it with the frozen core")
@@ -176,6 +175,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     # run the imported module's main so exception classes are the ones other modules raise
-    from recipes.cli import main as _main
+    from samadapt.recipes.cli import main as _main
 
     sys.exit(_main())

@@ -112,8 +112,7 @@ CHOICES = {
 }
 
 
-class RecipeError(ValueError):
-    """A recipe problem; the message lists every bad key with its fix."""
+from .errors import RecipeError  # noqa: E402,F401
 
 
 def _paths(schema: Dict[str, Any], prefix=()) -> List[tuple]:
@@ -205,7 +204,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(kinds, list):
             errors.append("adapter.kinds must be a list of {kind: ..., ...} mappings")
         else:
-            import adapters
+            from samadapt import adapters
 
             for i, k in enumerate(kinds):
                 if not isinstance(k, dict) or "kind" not in k:
@@ -255,7 +254,7 @@ def load_recipe(recipe: Union[str, Path, Dict[str, Any]], overrides: Optional[Li
     """Read, override and validate a recipe.
 
     Example:
-        >>> from recipes.config import load_recipe
+        >>> from samadapt.recipes.config import load_recipe
         >>> load_recipe("demo", ["train.lr=1e-3"])["train"]["lr"]
         0.001
     """

@@ -82,16 +82,7 @@ DEFAULT_MASK_SUFFIXES: Tuple[str, ...] = (
 _EXT_RANK = {".png": 0, ".bmp": 1, ".tif": 2, ".tiff": 3, ".jpg": 4, ".jpeg": 5}
 
 
-class ImageReadError(ValueError):
-    """An image or mask file could not be decoded (corrupt, truncated, not an image)."""
-
-
-class EmptyDatasetError(ValueError):
-    """A dataset found no image/mask pair."""
-
-
-class UnpairedFilesError(ValueError):
-    """``strict=True`` and some images have no mask."""
+from .errors import EmptyDatasetError, ImageReadError, UnpairedFilesError  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- reading

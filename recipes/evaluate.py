@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 from torch.utils.data import DataLoader
 
-import adapters
+from samadapt import adapters
 
 from .config import load_recipe
 from .trainer import _collate_with_index, _Indexed, atomic_write_text, build_core, build_datasets, evaluate, load_base

@@ -41,11 +41,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from adapters.io import atomic_file
+from samadapt.adapters.io import atomic_file
 
-from .cli import UserError
-from .config import RecipeError
 from .data import IMAGE_EXTENSIONS, list_images
+from .errors import PredictError, PromptError
 
 __all__ = ["PredictError", "PromptError", "run_predict", "parse_box", "parse_point", "load_prompts_file", "collect_images"]
 
@@ -60,15 +59,6 @@ OVERLAY_ALPHA = 0.5
 PromptSet = Dict[str, Optional[np.ndarray]]
 
 
-class PredictError(UserError, RecipeError):
-    """A user error of `samadapt predict` (exit 2, nothing written).
-
-    Also a `RecipeError`: under `python -m recipes.cli` the CLI module runs as `__main__` with a
-    `UserError` class of its own, and it still catches this one."""
-
-
-class PromptError(PredictError):
-    """A malformed --box / --point string or prompts file (exit 2, nothing written)."""
 
 
 # ----------------------------------------------------------------------------- prompt parsing
@@ -417,28 +407,25 @@ def _write_masks(out: Path, stem: str, image: np.ndarray, logits: List[np.ndarra
         _atomic_save_png(_overlay(image, masks, prompts), out / f"{stem}_overlay.png")
 
 
-def _decode_one(sam, emb, input_size, original_size, ps: Optional[PromptSet], transform):
-    """Logits at the original size for one prompt set (None: promptless); as SamPredictor.predict."""
-    import torch
-
-    coords = labels = box_t = None
-    if ps is not None and ps["points"] is not None:
-        coords = torch.as_tensor(transform.apply_coords(ps["points"], original_size), dtype=torch.float, device=sam.device)[None]
-        labels = torch.as_tensor(ps["labels"], dtype=torch.int, device=sam.device)[None]
-    if ps is not None and ps["box"] is not None:
-        box_t = torch.as_tensor(transform.apply_boxes(ps["box"], original_size), dtype=torch.float, device=sam.device)
-    low_res, _ = sam.decode(emb, coords, labels, box_t, None, False)
-    logits = sam.postprocess_masks(low_res.float(), input_size, original_size)
-    return logits[0, 0].cpu().numpy()
+def _prompt_arrays(ps: Optional[PromptSet]) -> Dict[str, Any]:
+    """`SamPredictor.predict` keyword arguments for one prompt set (None: promptless)."""
+    if ps is None:
+        return {}
+    out: Dict[str, Any] = {}
+    if ps["points"] is not None:
+        out["point_coords"], out["point_labels"] = ps["points"], ps["labels"]
+    if ps["box"] is not None:
+        out["box"] = ps["box"]
+    return out
 
 
 def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
     import torch
 
-    from sam_core import ResizeLongestSide
+    from samadapt.sam_core import SamPredictor
 
     sam, args = r.sam, r.args
-    transform = ResizeLongestSide(sam.image_size)
+    predictor = SamPredictor(sam)
     todo = sorted(jobs)
     bs = int(args.batch_size)
 
@@ -447,23 +434,18 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
             return
         try:
             with torch.no_grad():
-                tensors, sizes = [], []
-                for _, img in batch:
-                    resized = transform.apply_image(img)
-                    t = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
-                    sizes.append(tuple(int(s) for s in t.shape[-2:]))
-                    tensors.append(sam.preprocess(t))
-                x = torch.cat(tensors, 0)
-                embs = sam.encode_image(x.to(sam.dtype) if sam.dtype != x.dtype else x)
+                embeddings = predictor.encode([img for _, img in batch])
         except Exception as e:
             for i, _ in batch:
                 r.error(i, e)
             r.bar.update(len(batch))
             return
-        for j, (i, img) in enumerate(batch):
+        for (i, img), emb in zip(batch, embeddings):
             try:
+                predictor.set_embedding(emb)
                 with torch.no_grad():
-                    logits = [_decode_one(sam, embs[j:j + 1], sizes[j], img.shape[:2], ps, transform) for ps in jobs[i]]
+                    logits = [predictor.predict(**_prompt_arrays(ps), multimask_output=False, return_logits=True)[0][0]
+                              for ps in jobs[i]]
                 r.submit_write(i, _write_masks, r.out, r.stems[i], img, logits, jobs[i], args.probs,
                                not args.no_overlay, float(sam.mask_threshold))
             except Exception as e:
@@ -502,7 +484,7 @@ def _auto_outputs(out: Path, stem: str, image: np.ndarray, masks: List[Dict[str,
 def _run_auto(r: _Runner) -> None:
     import torch
 
-    from sam_core import SamAutomaticMaskGenerator
+    from samadapt.sam_core import SamAutomaticMaskGenerator
 
     gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side))
     for i, got in _read_ahead(r.paths, window=2):
@@ -545,8 +527,8 @@ def run_predict(args) -> int:
     Example:
         >>> import os, tempfile, numpy as np, torch
         >>> from PIL import Image
-        >>> from sam_core import build_sam
-        >>> from recipes.cli import main
+        >>> from samadapt.sam_core import build_sam
+        >>> from samadapt.recipes.cli import main
         >>> d = tempfile.mkdtemp(); core = os.path.join(d, "core.pth"); out = os.path.join(d, "out")
         >>> torch.save(build_sam("tiny").state_dict(), core)
         >>> Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(os.path.join(d, "a.png"))
@@ -596,7 +578,7 @@ def run_predict(args) -> int:
     # 2. the model (bad base / adapter -> exit 2, nothing written yet)
     import torch
 
-    import adapters
+    from samadapt import adapters
 
     from .trainer import load_base
 

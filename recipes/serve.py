@@ -32,9 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from torch import nn
 
-from adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError, activate
-from adapters.base import _NAME_RE
-from sam_core.predictor import SamPredictor
+from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
+from samadapt.adapters.base import _NAME_RE
 
 from .serve_api import (
     ERRORS, AdapterList, ApiError, AutoMask, AutoRequest, AutoResponse, BodyLimit, Health, ImageInfo, ImageStore,
@@ -154,18 +153,10 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         t0 = time.perf_counter()
         image = images.get(req.image_id)
         name = check_adapter(req.adapter)
-        try:
-            from sam_core import SamAutomaticMaskGenerator
-        except ImportError as e:
-            raise ApiError(501, f"automatic mask generation is not available ({e})") from None
-        with bank._lock:  # the generator drives the shared model directly: no other request may switch adapters
-            features = run_bank(name, lambda: bank.embedding(image, adapter=name, image_id=req.image_id))
-            activate(sam, name)
-            gen = SamAutomaticMaskGenerator(sam, points_per_side=req.points_per_side, pred_iou_thresh=req.pred_iou_thresh,
-                                            stability_score_thresh=req.stability_score_thresh,
-                                            output_mode="uncompressed_rle")
-            gen.predictor = _CachedPredictor(sam, features, image.shape[:2])
-            found = gen.generate(image)
+        found = run_bank(name, lambda: bank.generate(
+            image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
+            pred_iou_thresh=req.pred_iou_thresh, stability_score_thresh=req.stability_score_thresh,
+            output_mode="uncompressed_rle"))
         found.sort(key=lambda m: -m["predicted_iou"])
         masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
                           score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
@@ -174,23 +165,6 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
                             elapsed_ms=1000 * (time.perf_counter() - t0))
 
     return app
-
-
-class _CachedPredictor(SamPredictor):
-    """A predictor whose `set_image` of the whole image takes the bank's cached embedding."""
-
-    def __init__(self, model, features, original_size) -> None:
-        super().__init__(model)
-        self._cached = (features, tuple(original_size))
-
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        features, size = self._cached
-        if tuple(image.shape[:2]) != size or image_format != self.model.image_format:
-            return super().set_image(image, image_format)  # a crop: encode it
-        self.reset_image()
-        self.features, self.original_size = features, size
-        self.input_size = self.transform.get_preprocess_shape(size[0], size[1], self.model.image_size)
-        self.is_image_set, self._generation = True, self.model.generation
 
 
 # ----------------------------------------------------------------------------- running it
@@ -260,7 +234,7 @@ def run_server(args) -> int:
     """The `samadapt serve` command: load the core, bind (127.0.0.1 unless --host), print the URL, serve."""
     import uvicorn
 
-    from .cli import UserError
+    from .errors import UserError
     from .trainer import load_base
 
     directory = Path(args.adapters)

@@ -244,7 +244,7 @@ class ImageStore:
         self._lock = threading.Lock()
 
     def add(self, image: np.ndarray) -> str:
-        from adapters.bank import image_key
+        from samadapt.adapters.bank import image_key
 
         key = image_key(image)
         with self._lock:
@@ -304,7 +304,7 @@ def mask_png(mask: np.ndarray) -> str:
 
 def masks_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
     """C x H x W bool masks -> uncompressed COCO RLEs {size: [h, w], counts: [...]}."""
-    from sam_core.amg_utils import mask_to_rle
+    from samadapt.sam_core.amg_utils import mask_to_rle
 
     return mask_to_rle(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)))
 

@@ -20,23 +20,22 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import adapters
-from sam_core import build_sam, load_sam
-from sam_core.checkpoint import CheckpointError
+from samadapt import adapters
+from samadapt.sam_core import build_sam, load_sam
+from samadapt.sam_core.checkpoint import CheckpointError
 
 from . import config as recipe_config
 from .losses import CombinedLoss
 from .metrics import MetricSuite
 from .prompts import PromptSampler, append_correction_clicks, box_from_mask
-from adapters.io import atomic_file
+from samadapt.adapters.io import atomic_file
 
 LOWER_IS_BETTER = {"mae", "ber"}
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_CORE = WEIGHTS_DIR / "tiny_generic.safetensors"
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (NaN loss, ...); the message says what happened and what was kept."""
+from .errors import TrainingError  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------- atomic files
@@ -106,7 +105,7 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, 
       an H100), `sdpa` otherwise; elsewhere the encoder is left as built (CPU training gains nothing).
     Returns the route taken.
     """
-    from sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast_attention import enable_fast_attention
 
     if attention == "auto":
         if device.type != "cuda":

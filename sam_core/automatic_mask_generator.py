@@ -28,7 +28,7 @@ from .amg_utils import (
     uncrop_masks,
     uncrop_points,
 )
-from .predictor import SamPredictor, as_rgb_uint8
+from .predictor import ImageEmbedding, SamPredictor, as_rgb_uint8
 from .sam import Sam
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -68,7 +68,7 @@ class SamAutomaticMaskGenerator:
 
     Example:
         >>> import numpy as np
-        >>> from sam_core import build_sam, SamAutomaticMaskGenerator
+        >>> from samadapt.sam_core import build_sam, SamAutomaticMaskGenerator
         >>> gen = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=4,
         ...                                 pred_iou_thresh=0.0, stability_score_thresh=0.0)
         >>> masks = gen.generate(np.zeros((96, 128, 3), np.uint8))
@@ -140,8 +140,13 @@ class SamAutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    def generate(self, image: np.ndarray, embedding: Optional[ImageEmbedding] = None) -> List[Dict[str, Any]]:
         """Masks for everything in an H x W x 3 uint8 RGB image (gray and RGBA accepted).
+
+        Args:
+            image: the image.
+            embedding: the whole image's embedding when the caller already has it (a cache,
+                `SamPredictor.encode`); crops are still encoded here.
 
         Returns:
             one dict per mask: `segmentation` (H x W bool array or RLE dict, per output_mode),
@@ -149,7 +154,10 @@ class SamAutomaticMaskGenerator:
             prompt in image pixels), `stability_score`, `crop_box` (x, y, w, h of the crop used).
         """
         image = as_rgb_uint8(image)
-        records = self._generate_masks(image)
+        if embedding is not None and tuple(embedding.original_size) != tuple(image.shape[:2]):
+            raise ValueError(f"embedding is of a {tuple(embedding.original_size)} image, not of this "
+                             f"{tuple(image.shape[:2])} one")
+        records = self._generate_masks(image, embedding)
         if self.min_mask_region_area > 0:
             records = self.postprocess_small_regions(
                 records, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -180,12 +188,13 @@ class SamAutomaticMaskGenerator:
         ]
 
     # ------------------------------------------------------------------ stages
-    def _generate_masks(self, image: np.ndarray) -> MaskRecords:
+    def _generate_masks(self, image: np.ndarray, embedding: Optional[ImageEmbedding] = None) -> MaskRecords:
         orig_size = image.shape[:2]
         crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         records = MaskRecords()
         for crop_box, layer in zip(crop_boxes, layers):
-            records.cat(self._process_crop(image, crop_box, layer, orig_size))
+            whole = embedding if list(crop_box) == [0, 0, orig_size[1], orig_size[0]] else None
+            records.cat(self._process_crop(image, crop_box, layer, orig_size, whole))
         if len(crop_boxes) > 1 and len(records):
             # the same object found in several crops: prefer the mask from the larger crop
             scores = 1.0 / box_area(records["crop_boxes"]).float()
@@ -198,12 +207,16 @@ class SamAutomaticMaskGenerator:
         return records
 
     def _process_crop(
-        self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, int]
+        self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, int],
+        embedding: Optional[ImageEmbedding] = None,
     ) -> MaskRecords:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        self.predictor.set_image(crop)
+        if embedding is not None:
+            self.predictor.set_embedding(embedding)
+        else:
+            self.predictor.set_image(crop)
         # grid in [0, 1] -> crop pixels (x scales with the width, y with the height)
         points = self.point_grids[layer] * np.array([[crop_size[1], crop_size[0]]], dtype=float)
         records = MaskRecords()

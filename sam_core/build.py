@@ -64,7 +64,7 @@ def build_sam(arch: str, image_size: Optional[int] = None, spec: Optional[SamArc
         spec: an explicit `SamArch` (advanced; overrides the table).
 
     Example:
-        >>> from sam_core import build_sam
+        >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> sam.image_size, sam.embedding_size
         (256, (16, 16))

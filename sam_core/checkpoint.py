@@ -382,7 +382,7 @@ def load_sam(
 
     Example:
         >>> import torch, tempfile, os
-        >>> from sam_core import build_sam, load_sam
+        >>> from samadapt.sam_core import build_sam, load_sam
         >>> path = os.path.join(tempfile.mkdtemp(), "tiny.pth")
         >>> torch.save(build_sam("tiny").state_dict(), path)
         >>> load_sam(path).arch

@@ -376,8 +376,8 @@ def enable_fast_attention(
         the number of attention modules switched.
 
     Example:
-        >>> from sam_core import build_sam
-        >>> from sam_core.fast_attention import enable_fast_attention
+        >>> from samadapt.sam_core import build_sam
+        >>> from samadapt.sam_core.fast_attention import enable_fast_attention
         >>> sam = build_sam("tiny")
         >>> enable_fast_attention(sam)
         4
@@ -554,7 +554,7 @@ def postprocess_masks_fast(
 
     Example:
         >>> import torch
-        >>> from sam_core.fast_attention import postprocess_masks_fast
+        >>> from samadapt.sam_core.fast_attention import postprocess_masks_fast
         >>> postprocess_masks_fast(torch.zeros(1, 3, 64, 64), 256, (192, 256), (300, 400)).shape
         torch.Size([1, 3, 300, 400])
     """

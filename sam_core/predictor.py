@@ -1,5 +1,6 @@
 """SamPredictor: compute an image embedding once, then predict masks from prompts cheaply."""
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,12 +26,36 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+@dataclasses.dataclass
+class ImageEmbedding:
+    """One image's embedding with what predicting from it needs.
+
+    Attributes:
+        features: 1 x C x h x w encoder output.
+        input_size: (h, w) after the long-side resize.
+        original_size: (H, W) of the image.
+        generation: `sam.generation` when it was computed (the adapter state it belongs to).
+        decoder_cache: the decoder's prompt-independent products for this image (filled lazily).
+        channels_last: the embedding in the fast decoder's layout (filled lazily).
+    """
+
+    features: torch.Tensor
+    input_size: Tuple[int, int]
+    original_size: Tuple[int, int]
+    generation: Optional[int] = None
+    decoder_cache: DecoderImageCache = dataclasses.field(default_factory=DecoderImageCache, repr=False)
+    channels_last: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+
+
 class SamPredictor:
     """Predict masks for one image from points, a box and/or a previous mask.
 
     The image embedding is computed by `set_image` and cached; it is recomputed automatically
     when the model's function changes (an adapter activated or merged bumps `sam.generation`),
     so a cached embedding is never reused across adapters.
+
+    `set_embedding` predicts from an embedding computed elsewhere (a cache, `encode`'s batch):
+    the one seam through which the bank, the server and `samadapt predict` decode prompts.
 
     Prompts are decoded by `fast_attention.fast_decode` with a per-image `DecoderImageCache` and
     the masks upscaled by `postprocess_masks_fast`: the same function as `Sam.decode` +
@@ -44,7 +69,7 @@ class SamPredictor:
 
     Example:
         >>> import numpy as np
-        >>> from sam_core import build_sam, SamPredictor
+        >>> from samadapt.sam_core import build_sam, SamPredictor
         >>> pred = SamPredictor(build_sam("tiny"))
         >>> pred.set_image(np.zeros((120, 160, 3), np.uint8))
         >>> masks, scores, low_res = pred.predict(point_coords=np.array([[80, 60]]), point_labels=np.array([1]))
@@ -62,19 +87,44 @@ class SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def is_image_set(self) -> bool:
+        """True once `set_image`, `set_torch_image` or `set_embedding` has given an image."""
+        return self._image is not None
+
+    @property
+    def features(self) -> Optional[torch.Tensor]:
+        """The current 1 x C x h x w image embedding (None before an image is set)."""
+        return None if self._image is None else self._image.features
+
+    @property
+    def original_size(self) -> Optional[Tuple[int, int]]:
+        return None if self._image is None else self._image.original_size
+
+    @property
+    def input_size(self) -> Optional[Tuple[int, int]]:
+        return None if self._image is None else self._image.input_size
+
+    @property
+    def image(self) -> Optional[ImageEmbedding]:
+        """The current image's `ImageEmbedding` (embedding, sizes and decoder cache), or None.
+
+        A caller that keeps it can hand it back to `set_embedding` later and skip both the
+        encoder and the decoder's per-image work."""
+        return self._image
+
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
-        self.is_image_set = False
-        self.features = None
-        self.original_size = None
-        self.input_size = None
-        self._input_image = None
-        self._generation = None
-        self.decoder_cache = DecoderImageCache()  # prompt-independent decoder products of this image
-        self._features_cl = (None, None)  # (features it was made from, channels-last copy)
+        self._image: Optional[ImageEmbedding] = None
+        self._input_image: Optional[torch.Tensor] = None
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute and cache the embedding of an H x W x 3 uint8 image (gray and RGBA accepted)."""
+        tensor, original_size = self.prepare_image(image, image_format)
+        self.set_torch_image(tensor, original_size)
+
+    def prepare_image(self, image: np.ndarray, image_format: str = "RGB") -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """An image as the encoder's input: (1 x 3 x h x w tensor resized to the long side, original H, W)."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         image = as_rgb_uint8(image)
@@ -82,7 +132,7 @@ class SamPredictor:
             image = image[..., ::-1]
         resized = self.transform.apply_image(np.ascontiguousarray(image))
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self.set_torch_image(tensor, image.shape[:2])
+        return tensor, (int(image.shape[0]), int(image.shape[1]))
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
@@ -93,24 +143,88 @@ class SamPredictor:
                 f"set_torch_image expects 1 x 3 x H x W with long side {size}, got {tuple(transformed_image.shape)}"
             )
         self.reset_image()
-        self.original_size = tuple(int(x) for x in original_image_size)
-        self.input_size = tuple(int(x) for x in transformed_image.shape[-2:])
         self._input_image = transformed_image
-        self._encode()
+        self._image = self._encode_tensors([transformed_image], [tuple(int(x) for x in original_image_size)])[0]
 
-    def _encode(self) -> None:
-        x = self.model.preprocess(self._input_image)
-        self.features = self.model.encode_image(x.to(self.model.dtype) if self.model.dtype != x.dtype else x)
-        self._generation = self.model.generation
-        self.is_image_set = True
+    @torch.no_grad()
+    def encode(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> List[ImageEmbedding]:
+        """Embeddings of several images in one encoder batch, for `set_embedding` later.
+
+        The current image is left as it is.
+
+        Args:
+            images: H x W x 3 uint8 arrays (sizes may differ).
+            image_format: "RGB" or "BGR".
+
+        Returns:
+            one `ImageEmbedding` per image, in order.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt.sam_core import build_sam, SamPredictor
+            >>> pred = SamPredictor(build_sam("tiny"))
+            >>> a, b = pred.encode([np.zeros((60, 80, 3), np.uint8), np.zeros((90, 40, 3), np.uint8)])
+            >>> pred.set_embedding(b)
+            >>> pred.predict(box=np.array([5, 5, 30, 60]), multimask_output=False)[0].shape
+            (1, 90, 40)
+        """
+        prepared = [self.prepare_image(im, image_format) for im in images]
+        return self._encode_tensors([t for t, _ in prepared], [s for _, s in prepared])
+
+    def _encode_tensors(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Tuple[int, int]]) -> List[ImageEmbedding]:
+        if not tensors:
+            return []
+        x = torch.cat([self.model.preprocess(t) for t in tensors], 0)
+        features = self.model.encode_image(x.to(self.model.dtype) if self.model.dtype != x.dtype else x)
+        gen = self.model.generation
+        return [ImageEmbedding(features[i: i + 1] if len(tensors) > 1 else features,
+                               tuple(int(v) for v in t.shape[-2:]), tuple(int(v) for v in size), gen)
+                for i, (t, size) in enumerate(zip(tensors, original_sizes))]
+
+    def set_embedding(
+        self,
+        features: Union[torch.Tensor, ImageEmbedding],
+        input_size: Optional[Tuple[int, int]] = None,
+        original_size: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        """Predict from an embedding computed elsewhere (a cache, `encode`, another process).
+
+        The embedding is taken to belong to the model as it is now (the active adapter included);
+        if the model's function changes afterwards, `predict` asks for it to be set again.
+
+        Args:
+            features: 1 x C x h x w from `sam.encode_image` (or `get_image_embedding`), or an
+                `ImageEmbedding` from `encode` / `image` (its decoder cache is reused).
+            input_size: (h, w) of the image after the long-side resize (from `transform`).
+            original_size: (H, W) of the image prompts are given in.
+        """
+        if isinstance(features, ImageEmbedding):
+            if input_size is not None or original_size is not None:
+                raise ValueError("set_embedding: an ImageEmbedding carries its own sizes; pass it alone")
+            emb = features
+            emb.generation = self.model.generation  # the caller vouches for it (the decoder cache checks its weights)
+        else:
+            if input_size is None or original_size is None:
+                raise ValueError("set_embedding(features, input_size, original_size): give both sizes "
+                                 "(input_size = predictor.transform.get_preprocess_shape(H, W, image_size))")
+            if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[0] != 1:
+                shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+                raise ValueError(f"set_embedding expects a 1 x C x h x w embedding, got {shape}")
+            emb = ImageEmbedding(features, tuple(int(v) for v in input_size), tuple(int(v) for v in original_size),
+                                 self.model.generation)
+        self.reset_image()
+        self._image = emb
 
     def _fresh_features(self) -> torch.Tensor:
-        if not self.is_image_set:
+        if self._image is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-        if self._generation != self.model.generation:
+        if self._image.generation != self.model.generation:
+            if self._input_image is None:
+                raise RuntimeError("the model changed (an adapter was activated or merged) since set_embedding; "
+                                   "set the embedding computed under the model as it is now")
             with torch.no_grad():
-                self._encode()
-        return self.features
+                self._image = self._encode_tensors([self._input_image], [self._image.original_size])[0]
+        return self._image.features
 
     def get_image_embedding(self) -> torch.Tensor:
         """The cached 1 x C x h x w embedding of the current image."""
@@ -172,13 +286,12 @@ class SamPredictor:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prompts already in the input frame (B x N x 2, B x N, B x 4, B x 1 x 4h x 4w)."""
         features = self._fresh_features()
+        img = self._image
         if self.fast and fast_decoder_applies(self.model):
-            src, cl = self._features_cl
-            if src is not features:  # the decoder's image tokens as contiguous rows, once per image
-                cl = prepare_image_embedding(features)
-                self._features_cl = (features, cl)
-            low_res, scores = fast_decode(self.model, cl, point_coords, point_labels, boxes, mask_input,
-                                          multimask_output, cache=self.decoder_cache)
+            if img.channels_last is None:  # the decoder's image tokens as contiguous rows, once per image
+                img.channels_last = prepare_image_embedding(features)
+            low_res, scores = fast_decode(self.model, img.channels_last, point_coords, point_labels, boxes, mask_input,
+                                          multimask_output, cache=img.decoder_cache)
             masks = postprocess_masks_fast(low_res.float(), self.model.image_size, self.input_size, self.original_size)
         else:
             low_res, scores = self.model.decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)

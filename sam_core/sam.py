@@ -77,6 +77,7 @@ class Sam(nn.Module):
         # Bumped by anything that changes what the model computes without changing the core
         # (an adapter activated, merged, ...): caches of embeddings compare it.
         self.generation = 0
+        self.__dict__["_decoder_in_use"] = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -99,7 +100,7 @@ class Sam(nn.Module):
         changes. Adapter parameters attached later are not part of it.
 
         Example:
-            >>> from sam_core import build_sam
+            >>> from samadapt.sam_core import build_sam
             >>> sam = build_sam("tiny")
             >>> len(sam.fingerprint)
             32
@@ -183,9 +184,33 @@ class Sam(nn.Module):
 
     @property
     def active_mask_decoder(self) -> nn.Module:
-        """The decoder `decode` runs: the core's, or a replacement its owner put in use (e.g. one
-        trained per domain and held by an adapter)."""
-        return self.__dict__.get("decoder_in_use") or self.mask_decoder
+        """The decoder `decode` runs: the core's, or the replacement put in use by `use_decoder`
+        (e.g. one trained per domain and held by an adapter)."""
+        return self._decoder_in_use or self.mask_decoder
+
+    def use_decoder(self, decoder: Optional[nn.Module]) -> None:
+        """Run `decoder` in place of the core's mask decoder (None: the core's own).
+
+        The replacement is not registered as a submodule here (its owner holds it, so it is saved
+        and moved with its owner); embedding caches are told when the decoder in use changes.
+
+        Args:
+            decoder: a module with `MaskDecoder`'s interface, or None.
+
+        Example:
+            >>> import copy
+            >>> from samadapt.sam_core import build_sam
+            >>> sam = build_sam("tiny")
+            >>> sam.use_decoder(copy.deepcopy(sam.mask_decoder)); sam.active_mask_decoder is sam.mask_decoder
+            False
+            >>> sam.use_decoder(None); sam.active_mask_decoder is sam.mask_decoder
+            True
+        """
+        if decoder is not None and not isinstance(decoder, nn.Module):
+            raise TypeError(f"use_decoder takes an nn.Module or None, got {type(decoder).__name__}")
+        if decoder is not self._decoder_in_use:
+            self.__dict__["_decoder_in_use"] = decoder  # not a submodule: its owner registers it
+            self.bump_generation()
 
     def embed_prompts(
         self,

@@ -3,7 +3,7 @@ from functools import partial
 
 import torch
 
-from sam_core import ARCHS
+from samadapt.sam_core import ARCHS
 
 
 def build_meta_sam(arch: str, image_size: int = None, seed: int = 0):

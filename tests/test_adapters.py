@@ -29,9 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import adapters
-from adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
-from sam_core import SamPredictor, build_sam
+from samadapt import adapters
+from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
+from samadapt.sam_core import SamPredictor, build_sam
 
 # ----------------------------------------------------------------------------- the matrix
 KINDS = sorted(adapters.KINDS)

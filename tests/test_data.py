@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.augment import build_augmentation
-from recipes.data import (
+from samadapt.recipes.augment import build_augmentation
+from samadapt.recipes.data import (
     LAYOUTS,
     EmptyDatasetError,
     FolderDataset,
@@ -470,7 +470,7 @@ def test_worker_init_fn_reseeds_nested_transform(monkeypatch):
 
     import torch.utils.data as tud
 
-    from recipes.augment import worker_init_fn
+    from samadapt.recipes.augment import worker_init_fn
 
     aug = build_augmentation("camouflage", 32, seed=0)
     assert isinstance(pickle.loads(pickle.dumps(aug)), type(aug))  # DataLoader workers may pickle it

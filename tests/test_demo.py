@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from recipes.config import load_recipe
-from recipes.trainer import TINY_CORE, train
+from samadapt.recipes.config import load_recipe
+from samadapt.recipes.trainer import TINY_CORE, train
 
 pytestmark = pytest.mark.skipif(not TINY_CORE.is_file(), reason=f"{TINY_CORE} missing")
 
@@ -27,7 +27,7 @@ def test_adapter_beats_frozen_core_on_camouflage(tmp_path):
     assert adapted["e_measure_mean"] - frozen["e_measure_mean"] >= 0.15, (frozen, adapted)
     assert adapted["weighted_f"] - frozen["weighted_f"] >= 0.15, (frozen, adapted)
     # the exported file carries the same metrics and the resolved recipe
-    import adapters
+    from samadapt import adapters
     info = adapters.inspect(tmp_path / "run" / "adapter.safetensors")
     assert info["metrics"]["eval"]["s_measure"] == pytest.approx(adapted["s_measure"])
     assert "camouflage" in info["recipe"]
@@ -42,8 +42,8 @@ def test_pretrained_tiny_core_follows_prompts():
     import torch
     from scipy import ndimage
 
-    from recipes.synthetic import _generic, make_sample
-    from sam_core import SamPredictor, load_sam
+    from samadapt.recipes.synthetic import _generic, make_sample
+    from samadapt.sam_core import SamPredictor, load_sam
 
     torch.manual_seed(0)
     pred = SamPredictor(load_sam(TINY_CORE))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from timm.models.vision_transformer_sam import Attention as TimmAttention
 
-from sam_core import ARCHS, Sam, build_sam
-from sam_core.fast_attention import (
+from samadapt.sam_core import ARCHS, Sam, build_sam
+from samadapt.sam_core.fast_attention import (
     DecoderImageCache,
     FastSamAttention,
     cache_dense_pe,
@@ -251,7 +251,7 @@ def test_flex_route_matches_fp64_reference(hw, table, label):
 
 
 def test_flex_sam_attention_equals_sdpa_route():
-    from sam_core.fast_attention import fast_sam_attention, flex_sam_attention
+    from samadapt.sam_core.fast_attention import fast_sam_attention, flex_sam_attention
 
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 3, 6 * 10, 32, generator=g) for _ in range(3))
@@ -299,7 +299,7 @@ def test_flex_kernel_on_the_encoder_and_its_cpu_fallbacks():
 def test_cached_index_tensors_made_under_inference_mode_serve_autograd_later():
     """The rel-pos index and key-code caches are filled outside inference mode, so an encoder
     first run under torch.inference_mode (a predictor) can train afterwards in the same process."""
-    from sam_core import fast_attention as fa
+    from samadapt.sam_core import fast_attention as fa
 
     fa._REL_INDEX_CACHE.clear()
     fa._KEY_CODE_CACHE.clear()
@@ -467,7 +467,7 @@ def test_fast_decode_with_lora_wrapped_decoder(use_dora):
     weights it reads (plain LoRA); DoRA takes the module path. Same function either way."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from sam_core.fast_attention import fast_decoder_applies
+    from samadapt.sam_core.fast_attention import fast_decoder_applies
 
     sam = _decoder_sam(False, seed=2)
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -495,7 +495,7 @@ def test_fast_decode_with_lora_wrapped_decoder(use_dora):
 def test_fresh_decoder_lora_changes_no_bit_on_the_fast_path():
     """A fresh decoder-LoRA adapter (B = 0) gives the core's outputs bit for bit on the fast path
     (its weight is W + 0), so `SamPredictor` keeps the no-op guarantee of a fresh adapter."""
-    import adapters
+    from samadapt import adapters
 
     sam = _decoder_sam(False, seed=4)
     emb = torch.randn(1, 64, 16, 16)
@@ -522,8 +522,8 @@ def test_predictor_fast_equals_plain(decoder):
     mask prompts, batched prompts, under the core and under adapters with their own decoder."""
     import numpy as np
 
-    import adapters
-    from sam_core import SamPredictor
+    from samadapt import adapters
+    from samadapt.sam_core import SamPredictor
 
     sam = _decoder_sam(False, seed=5)
     if decoder != "core":
@@ -559,7 +559,7 @@ def test_predictor_fast_equals_plain(decoder):
 def test_fast_decode_runs_the_decoder_in_use():
     """An adapter with its own decoder copy (decoder="full") puts that copy in use: the fast path
     must read it, not the core's decoder, and its per-image cache must follow the switch."""
-    import adapters
+    from samadapt import adapters
 
     sam = _decoder_sam(False, seed=3)
     adapters.attach(sam, [], name="dec", decoder="full")

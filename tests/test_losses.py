@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from recipes.losses import (
+from samadapt.recipes.losses import (
     LOSSES,
     CombinedLoss,
     balanced_bce,

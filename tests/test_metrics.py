@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recipes import metrics as M  # noqa: E402
-from recipes.metrics import (  # noqa: E402
+from samadapt.recipes import metrics as M  # noqa: E402
+from samadapt.recipes.metrics import (  # noqa: E402
     METRICS,
     MetricSuite,
     ber,

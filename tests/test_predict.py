@@ -1,7 +1,7 @@
 """`samadapt predict`: streaming batch inference, prompts, adapters, partial failure, user errors.
 
 The tiny core is built here (seeded) and passed with --base; two runs go through a subprocess
-(`python -m recipes.cli predict ...`, as a user would), the rest call `recipes.cli.main` in-process.
+(`python -m samadapt.recipes.cli predict ...`, as a user would), the rest call `recipes.cli.main` in-process.
 Masks are compared with `SamPredictor` on the same image and prompts (multimask_output=False).
 """
 import json
@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-import adapters
-from recipes.cli import main
-from recipes.data import read_image
-from sam_core import SamPredictor, build_sam, load_sam
+from samadapt import adapters
+from samadapt.recipes.cli import main
+from samadapt.recipes.data import read_image
+from samadapt.sam_core import SamPredictor, build_sam, load_sam
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX = [12, 10, 70, 50]
@@ -52,7 +52,7 @@ def env(tmp_path_factory):
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, "-m", "recipes.cli", "predict", *map(str, argv)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "samadapt.recipes.cli", "predict", *map(str, argv)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -114,13 +114,13 @@ def test_folder_with_corrupt_image_partial_success(env):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_bad_box_exits_2_and_writes_nothing(env, capsys, monkeypatch):
-    """As `python -m recipes.cli` (the CLI module runs as __main__, with its own UserError class),
+    """As `python -m samadapt.recipes.cli` (the CLI module runs as __main__, with its own UserError class),
     in-process to spare a second interpreter start."""
     out = env["dir"] / "out_badbox"
     argv = ["samadapt", "predict", str(env["good"]["gray"]), "--base", env["core"], "--out", str(out), "--box", "1,2,3"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exc:
-        runpy.run_module("recipes.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("samadapt.recipes.cli", run_name="__main__", alter_sys=True)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error:") and "--box" in err
@@ -247,7 +247,7 @@ def test_bad_prompts_file_exits_2(env, capsys):
 # ----------------------------------------------------------------------------- --auto
 def test_auto(env, adapter_file):
     try:
-        from sam_core import SamAutomaticMaskGenerator  # noqa: F401
+        from samadapt.sam_core import SamAutomaticMaskGenerator  # noqa: F401
     except (ImportError, AttributeError):
         pytest.skip("SamAutomaticMaskGenerator is not available yet")
     out = env["dir"] / "out_auto"

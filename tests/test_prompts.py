@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.prompts import (
+from samadapt.recipes.prompts import (
     PromptSampler,
     append_correction_clicks,
     box_from_mask,

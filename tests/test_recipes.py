@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import RecipeError, load_recipe
+from samadapt.recipes.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["base.pretrained_tiny=false", "data.synthetic_train_size=16", "data.synthetic_eval_size=4",
@@ -20,7 +20,7 @@ SMALL = ["base.pretrained_tiny=false", "data.synthetic_train_size=16", "data.syn
 
 def run_cli(*args, cwd=None, timeout=600):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "samadapt.recipes.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout, env=env)
 
 
@@ -51,7 +51,7 @@ def _no_output(path: Path):
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path):
-    from recipes.synthetic import write_synthetic_folder
+    from samadapt.recipes.synthetic import write_synthetic_folder
 
     out = tmp_path / "run"
     cases = []
@@ -69,7 +69,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     cases.append(("misspelt key", ["train", "demo", "--set", "train.epocs=2", "--out", str(out)]))
     cases.append(("unknown recipe", ["train", "nosuchrecipe", "--out", str(out)]))
     # a checkpoint of another arch than the recipe's
-    from sam_core import build_sam
+    from samadapt.sam_core import build_sam
     ck = tmp_path / "tiny.pth"
     torch.save(build_sam("tiny").state_dict(), ck)
     cases.append(("other arch", ["train", "camouflage", "--base", str(ck), "--data", str(unpaired), "--out", str(out)]))
@@ -102,8 +102,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_multimask_trains_each_samples_best_candidate():
     """Of 3 candidate masks, each sample keeps its own lowest-loss one (SAM's rule), not one index
     for the whole batch; gradients reach only the picked candidates."""
-    from recipes.losses import CombinedLoss
-    from recipes.trainer import pick_multimask
+    from samadapt.recipes.losses import CombinedLoss
+    from samadapt.recipes.trainer import pick_multimask
 
     loss_fn = CombinedLoss({"focal": 20.0, "dice": 1.0, "iou_mse": 1.0})
     target = torch.zeros(3, 1, 16, 16)
@@ -134,9 +134,9 @@ def test_multimask_trains_each_samples_best_candidate():
 def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     """train.attention picks the encoder's attention route (the same function: the same losses and
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
-    from recipes.trainer import set_encoder_attention
-    from sam_core import build_sam
-    from sam_core.fast_attention import fast_attention_enabled
+    from samadapt.recipes.trainer import set_encoder_attention
+    from samadapt.sam_core import build_sam
+    from samadapt.sam_core.fast_attention import fast_attention_enabled
 
     sam = build_sam("tiny", image_size=128)
     cpu = torch.device("cpu")
@@ -183,7 +183,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    p = subprocess.Popen([sys.executable, "-m", "recipes.cli", "train", "demo", "--out", str(killed), *common],
+    p = subprocess.Popen([sys.executable, "-m", "samadapt.recipes.cli", "train", "demo", "--out", str(killed), *common],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list((killed / "checkpoints").glob("step_00000004")):
@@ -205,13 +205,13 @@ def test_accelerate_launch_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recipes.cli", "train", "demo", "--out", str(out),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "samadapt.recipes.cli", "train", "demo", "--out", str(out),
            "--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     files = list(out.glob("*.safetensors"))
     assert [f.name for f in files] == ["adapter.safetensors"]
-    import adapters
+    from samadapt import adapters
     info = adapters.inspect(out / "adapter.safetensors")
     assert info["metrics"]["eval"]["s_measure"] == info["metrics"]["eval"]["s_measure"]  # not NaN
     m = json.loads((out / "metrics.json").read_text())

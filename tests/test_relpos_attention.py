@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = textwrap.dedent(r'''
     import copy, json, sys
     import torch
-    from sam_core.relpos_attention import relpos_attention, triton_route_ok
-    from sam_core import build_sam
-    from sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.relpos_attention import relpos_attention, triton_route_ok
+    from samadapt.sam_core import build_sam
+    from samadapt.sam_core.fast_attention import enable_fast_attention
 
     torch.manual_seed(0)
     out = {"kernel": [], "fp16": None}
@@ -152,9 +152,9 @@ def test_triton_route_off_cuda_takes_sdpa():
     """Without a GPU (and without the interpreter) kernel='triton' computes through the SDPA route."""
     import copy
 
-    from sam_core import build_sam
-    from sam_core.fast_attention import enable_fast_attention
-    from sam_core.relpos_attention import triton_route_ok
+    from samadapt.sam_core import build_sam
+    from samadapt.sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.relpos_attention import triton_route_ok
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter is on in this process")

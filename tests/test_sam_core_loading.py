@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch.nn import functional as F
 
-from sam_core import ARCHS, CheckpointError, build_sam, load_sam
-from sam_core.checkpoint import hf_to_samadapt, meta_to_samadapt
+from samadapt.sam_core import ARCHS, CheckpointError, build_sam, load_sam
+from samadapt.sam_core.checkpoint import hf_to_samadapt, meta_to_samadapt
 from reference import build_meta_sam
 
 TOL = 1e-4

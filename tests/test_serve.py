@@ -26,12 +26,12 @@ from PIL import Image
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-import adapters  # noqa: E402
-import sam_core  # noqa: E402
-from adapters import AdapterBank  # noqa: E402
-from recipes.serve import create_app  # noqa: E402
-from recipes.trainer import load_base  # noqa: E402
-from sam_core.amg_utils import rle_to_mask  # noqa: E402
+from samadapt import adapters  # noqa: E402
+from samadapt import sam_core  # noqa: E402
+from samadapt.adapters import AdapterBank  # noqa: E402
+from samadapt.recipes.serve import create_app  # noqa: E402
+from samadapt.recipes.trainer import load_base  # noqa: E402
+from samadapt.sam_core.amg_utils import rle_to_mask  # noqa: E402
 
 SEED = 4321
 NAMES = ("seg_a", "seg_b", "seg_c")

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from recipes.data import FolderDataset, read_image, read_mask
-from recipes.synthetic import SYNTHETIC_DOMAINS, SyntheticDataset, make_sample, write_synthetic_folder
+from samadapt.recipes.data import FolderDataset, read_image, read_mask
+from samadapt.recipes.synthetic import SYNTHETIC_DOMAINS, SyntheticDataset, make_sample, write_synthetic_folder
 
 
 def _colour_gap(image: np.ndarray, mask: np.ndarray) -> float:
