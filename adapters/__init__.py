@@ -1,7 +1,7 @@
 """Adapter kinds for a frozen SAM core, their lifecycle, the adapter file format and the runtime bank.
 
 Example:
-    >>> import adapters
+    >>> from samadapt import adapters
     >>> from samadapt.sam_core import build_sam
     >>> sam = build_sam("tiny")
     >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod", decoder="frozen")

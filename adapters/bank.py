@@ -42,7 +42,8 @@ class AdapterBank:
         cache_size: most (image, adapter) embeddings kept.
 
     Example:
-        >>> import numpy as np, adapters
+        >>> import numpy as np
+        >>> from samadapt import adapters
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")

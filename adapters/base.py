@@ -67,7 +67,7 @@ def config(kind: str, **kwargs) -> Any:
     """The `Config` dataclass of a registered kind, filled with `kwargs`.
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> adapters.config("lora", r=4, targets=["qkv"]).r
         4
     """
@@ -262,7 +262,7 @@ def attach(
             requires_grad flags, instead of only the new adapter being trainable.
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod")
@@ -356,7 +356,7 @@ def activate(sam: nn.Module, name: Optional[str]) -> None:
     """Switch the model to adapter `name`, or to the plain frozen core with None. Constant time.
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("bottleneck"), name="a")

@@ -19,7 +19,7 @@ class BottleneckConfig:
     `mlp`: block output gains `scale * up(gelu(down(h)))` where h is the MLP's input (parallel).
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> adapters.config("bottleneck", width=32, positions=["mlp"], scale=0.1).width
         32
     """

@@ -56,7 +56,8 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
             string or JSON-able values.
 
     Example:
-        >>> import adapters, tempfile, os
+        >>> import os, tempfile
+        >>> from samadapt import adapters
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")

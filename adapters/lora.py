@@ -28,7 +28,7 @@ class LoraConfig:
     """LoRA (or DoRA) on chosen linear layers of chosen encoder blocks.
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> adapters.config("lora", r=8, targets=["qkv", "proj"], blocks=[0, 1]).alpha
         8.0
     """

@@ -16,7 +16,7 @@ class SamAdapterConfig:
     """Explicit visual prompting for every (or chosen) encoder block.
 
     Example:
-        >>> import adapters
+        >>> from samadapt import adapters
         >>> adapters.config("sam_adapter", scale_factor=32, freq_ratio=0.25).freq_ratio
         0.25
     """

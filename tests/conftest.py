@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny core, fresh or pretrained, built once where a test only reads it."""
+import pytest
+import torch
+
+from samadapt.sam_core import build_sam
+
+
+@pytest.fixture
+def tiny_sam():
+    """A fresh tiny core with seeded random weights (eval mode, CPU): the test may attach, train, merge."""
+    torch.manual_seed(0)
+    return build_sam("tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_shared():
+    """One tiny core for the whole session, for tests that only read it (never attach or write to it)."""
+    torch.manual_seed(0)
+    return build_sam("tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_path():
+    """The committed pretrained tiny core (the CLI's default `--base`)."""
+    from pathlib import Path
+
+    import samadapt.recipes
+
+    path = Path(samadapt.recipes.__path__[0]) / "weights" / "tiny_generic.safetensors"
+    assert path.is_file(), f"the pretrained tiny core is missing: {path}"
+    return path
