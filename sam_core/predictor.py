@@ -5,7 +5,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .fast_attention import DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding
+from .fast import (
+    DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding,
+)
 from .sam import Sam
 from .transforms import ResizeLongestSide
 
@@ -57,7 +59,7 @@ class SamPredictor:
     `set_embedding` predicts from an embedding computed elsewhere (a cache, `encode`'s batch):
     the one seam through which the bank, the server and `samadapt predict` decode prompts.
 
-    Prompts are decoded by `fast_attention.fast_decode` with a per-image `DecoderImageCache` and
+    Prompts are decoded by `fast.fast_decode` with a per-image `DecoderImageCache` and
     the masks upscaled by `postprocess_masks_fast`: the same function as `Sam.decode` +
     `Sam.postprocess_masks` in a cheaper order (about a third of the time on a CPU; tested
     equal), also under a plain decoder LoRA; a decoder with DoRA, hooks or changed layers takes
