@@ -43,8 +43,16 @@ def _next_pow2(n: int) -> int:
 
 
 def triton_route_ok(q: torch.Tensor, cols: int) -> bool:
-    """True when the fused kernel takes this call: Triton present, a CUDA tensor (or the
-    interpreter), a float dtype, head dim <= 128 (SAM's are 64 and 80), a key row of <= 256 columns."""
+    """Whether the fused kernel takes this call.
+
+    Args:
+        q: the B x heads x N x d queries.
+        cols: keys per grid row.
+
+    Returns:
+        True with Triton present, a CUDA tensor (or the interpreter), a float dtype, head dim <= 128
+        (SAM's are 64 and 80) and a key row of <= 256 columns.
+    """
     if not HAS_TRITON:
         return False
     if not (q.is_cuda or _INTERPRET):
