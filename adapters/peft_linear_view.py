@@ -35,7 +35,8 @@ def _lora_linear_ok(m: nn.Module) -> bool:
         if m.use_dora.get(a) or a in m.lora_variant or m.lora_bias.get(a):
             return False
         drop = m.lora_dropout[a]
-        if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (not drop.training or drop.p == 0))):
+        inactive = isinstance(drop, nn.Dropout) and (not drop.training or drop.p == 0)
+        if not (isinstance(drop, nn.Identity) or inactive):
             return False
     return True
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import machine, table, write_json
-from samadapt.sam_core.fast.attention import _decomposed_terms  # the per-query bias terms, as every route computes them
+from samadapt.sam_core.fast.attention import _decomposed_terms  # the per-query bias terms, as every route has them
 
 HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11],

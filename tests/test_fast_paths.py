@@ -462,7 +462,8 @@ def test_lora_decoder_without_its_view_takes_the_slow_path():
     from samadapt.sam_core.fast import fast_decoder_applies, linear_views, remove_linear_view
 
     sam = _decoder_sam(False, seed=6)
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), sam.mask_decoder)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), sam.mask_decoder)
     emb = torch.randn(1, 64, 16, 16)
     kw = _prompts(256)["points"]
     calls = []

@@ -262,7 +262,9 @@ def fast_decoder_applies(sam: nn.Module) -> bool:
 
     md = getattr(sam, "active_mask_decoder", None)
     tr = getattr(md, "transformer", None)
-    if type(md) is not MaskDecoder or type(tr) is not TwoWayTransformer or getattr(sam, "prompt_encoder", None) is None:
+    if type(md) is not MaskDecoder or type(tr) is not TwoWayTransformer:
+        return False
+    if getattr(sam, "prompt_encoder", None) is None:
         return False
     if any(type(layer) is not TwoWayAttentionBlock for layer in tr.layers):
         return False
