@@ -22,3 +22,6 @@ __all__ = [
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",
     "DECODER_POLICIES", "FORMAT",
 ]
+
+from .peft_linear_view import register as _register_linear_view  # noqa: E402
+_register_linear_view()  # the fast decoder then reads plain peft LoRA layers by their weights

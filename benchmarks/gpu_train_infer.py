@@ -6,8 +6,8 @@ rewritten after every phase so a cut-off run still leaves its figures:
 1. attention alone, at the model's two shapes (a 64 x 64 global block; 14 x 14 windows), bf16:
    every route to the same function - timm's N x N bias (4-D, the best the bias route gets),
    the factorised bias through SDPA (q/k widened; v as is or zero-padded; each fused backend
-   forced in turn), samadapt's fused Triton kernel (`sam_core.relpos_attention`), FlexAttention
-   (`--flex`), and plain attention without any bias (a lower bound, not the same function).
+   forced in turn), samadapt's fused Triton kernel (`sam_core.fast.relpos_triton`), and plain
+   attention without any bias (a lower bound, not the same function).
    Forward and forward + backward median ms, and each route's output and q/k/v gradients against
    an fp32 materialised reference.
 2. the whole encoder (one image, rel-pos tables and lora_B made non-zero, a random projection of
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import machine, table, write_json
-from samadapt.sam_core.fast_attention import _decomposed_terms  # the per-query bias terms, as every route computes them
+from samadapt.sam_core.fast.attention import _decomposed_terms  # the per-query bias terms, as every route has them
 
 HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11],
@@ -117,10 +117,10 @@ def timed(fn, steps, warmup, device):
 
 
 # ============================================================================ 1. attention alone
-def _attention_routes(device, flex=False):
+def _attention_routes(device):
     """name -> (fn(q, k, v, table_h, table_w, hw, scale), sdpa backends, same function as SAM's)."""
-    from samadapt.sam_core.fast_attention import fast_sam_attention, flex_sam_attention, triton_sam_attention
-    from samadapt.sam_core.relpos_attention import HAS_TRITON
+    from samadapt.sam_core.fast import fast_sam_attention, triton_sam_attention
+    from samadapt.sam_core.fast.relpos_triton import HAS_TRITON
 
     def bias_route(q, k, v, th, tw, hw, scale):  # timm's decomposed bias, materialised, 4-D
         B, nh, N, _ = q.shape
@@ -145,8 +145,6 @@ def _attention_routes(device, flex=False):
         })
     if HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         routes["triton"] = (triton_sam_attention, None, True)
-    if flex:
-        routes["flex"] = (flex_sam_attention, None, True)
     routes["no bias (lower bound, another function)"] = (
         lambda q, k, v, th, tw, hw, scale: F.scaled_dot_product_attention(q, k, v, scale=scale), None, False)
     return routes
@@ -165,8 +163,8 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def attention_bench(shapes, device, steps, warmup, deadline, log, flex=False):
-    routes = _attention_routes(device, flex)
+def attention_bench(shapes, device, steps, warmup, deadline, log):
+    routes = _attention_routes(device)
     out = {}
     for label, (B, nh, hw, d) in shapes.items():
         h, w = hw
@@ -239,7 +237,7 @@ def pick_routes(att):
 def route_settings(picks):
     """enable_fast_attention kwargs + SDPA backend order for a {global, window} pick."""
     def parse(name):
-        if name in ("flex", "triton"):
+        if name == "triton":
             return name, None, None
         pad = "v padded" in name
         backend = None
@@ -291,7 +289,7 @@ def build_ours(arch, image_size, device, attn=None, ckpt=False, seed=0):
     """sam_core's encoder, core in bf16, LoRA r=4 on qkv; attn: enable_fast_attention kwargs
     (None: timm's own attention)."""
     from samadapt.sam_core import build_sam
-    from samadapt.sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast import enable_fast_attention
 
     torch.manual_seed(seed)
     with _on(device):
@@ -378,7 +376,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-vit-h", action="store_true", help="skip the vit_h checkpointing rows")
-    ap.add_argument("--flex", action="store_true", help="also time FlexAttention (slow to compile, slow to run)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -424,7 +421,7 @@ def main() -> None:
     n_win = (-(-grid // win)) ** 2
     shapes = {"global": (batch, nh, (grid, grid), d), "window": (batch * n_win, nh, (win, win), d)}
     log("attention alone (bf16), median ms:")
-    res["attention"] = attention_bench(shapes, device, steps, warmup, deadline, log, args.flex)
+    res["attention"] = attention_bench(shapes, device, steps, warmup, deadline, log)
 
     def choose():
         res["picks"] = picks = pick_routes(res["attention"])
@@ -444,7 +441,7 @@ def main() -> None:
         """Each route's whole-encoder output and LoRA gradients (bf16 core, one image) against the
         same weights in fp32 through timm's own attention; rel-pos tables and lora_B made non-zero
         so that the bias and every LoRA tensor matter."""
-        from samadapt.sam_core.fast_attention import enable_fast_attention
+        from samadapt.sam_core.fast import enable_fast_attention
 
         base = build_ours(arch, size, device, attn=None, seed=3)
         with torch.no_grad():
@@ -494,7 +491,7 @@ def main() -> None:
         return out
 
     model_routes = [n for n in ("sdpa factorised", "sdpa factorised [cudnn]", "sdpa factorised, v padded [flash]",
-                                "sdpa factorised, v padded", "triton", "flex")
+                                "sdpa factorised, v padded", "triton")
                     if any(n in r["routes"] and "error" not in r["routes"][n] for r in res["attention"].values())]
     log(f"whole encoder ({arch}, one image) vs fp32, relative errors:")
     chk = guarded("model check", model_check, device, log)

@@ -7,7 +7,7 @@ returned as booleans at the original size 768 x 1024, single-mask and multimask.
 
   anchor : segment_anything.SamPredictor.predict_torch (PromptEncoder + MaskDecoder +
            Sam.postprocess_masks + threshold), exactly as a predictor calls them.
-  ours   : sam_core.SamPredictor.predict_torch as it runs by default: fast_attention.fast_decode
+  ours   : sam_core.SamPredictor.predict_torch as it runs by default: fast.fast_decode
            (the same function, evaluated in a cheaper order, with the predictor's per-image
            DecoderImageCache) + postprocess_masks_fast + threshold.
   also   : ours_plain (SamPredictor(fast=False): Sam.decode + Sam.postprocess_masks) and
@@ -31,7 +31,7 @@ def build(seed: int):
     from segment_anything import sam_model_registry
 
     from samadapt.sam_core import load_sam
-    from samadapt.sam_core.fast_attention import prepare_image_embedding
+    from samadapt.sam_core.fast import prepare_image_embedding
 
     torch.manual_seed(seed)
     ref = sam_model_registry["vit_b"]().eval()
@@ -57,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from samadapt.sam_core import SamPredictor, ResizeLongestSide
-    from samadapt.sam_core.fast_attention import fast_decode, postprocess_masks_fast
+    from samadapt.sam_core.fast import fast_decode, postprocess_masks_fast
 
     t0 = time.perf_counter()
     ref, ours, emb, MetaPredictor, prepare_image_embedding = build(args.seed)

@@ -7,7 +7,7 @@ ours through sam_core's checkpoint converter; the outputs are compared before ti
 
   anchor     : transformers SamVisionModel (its default attention implementation, "sdpa")
   ours       : sam_core's timm VisionTransformerSAM, timm's attention path
-  ours_fast  : the same with sam_core.fast_attention.enable_fast_attention
+  ours_fast  : the same with sam_core.fast.enable_fast_attention
   ours_compiled (with --compile): ours under torch.compile
 
 Timing: the same process, blocks interleaved (see _common.time_blocks); medians of wall and
@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    from samadapt.sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast import enable_fast_attention
 
     t0 = time.perf_counter()
     hf, ours, same, attn_impl = build(args.image_size, args.seed)

@@ -72,7 +72,7 @@ SCHEMA: Dict[str, Any] = {
         "warmup_steps": 0,
         "mixed_precision": "no",  # no | bf16 | fp16
         "grad_checkpointing": False,
-        "attention": "auto",     # image-encoder attention: auto | timm | sdpa | triton (same function; see sam_core.fast_attention)
+        "attention": "auto",     # image-encoder attention: auto | timm | sdpa | triton (same function; see sam_core.fast)
         "compile": False,        # torch.compile the image encoder (minutes to compile; pays on long GPU runs)
         "max_grad_norm": 1.0,
         "seed": 0,

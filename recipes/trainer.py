@@ -105,7 +105,7 @@ def set_encoder_attention(sam: nn.Module, attention: str, device: torch.device, 
       an H100), `sdpa` otherwise; elsewhere the encoder is left as built (CPU training gains nothing).
     Returns the route taken.
     """
-    from samadapt.sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast import enable_fast_attention
 
     if attention == "auto":
         if device.type != "cuda":

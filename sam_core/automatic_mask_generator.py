@@ -286,8 +286,18 @@ class SamAutomaticMaskGenerator:
 
     @staticmethod
     def postprocess_small_regions(records: MaskRecords, min_area: int, nms_thresh: float) -> MaskRecords:
-        """Fill holes and drop islands smaller than `min_area` pixels in every mask, then rerun box
-        NMS, preferring masks the clean-up left unchanged. Edits `records` in place. Needs opencv."""
+        """Fill holes and drop islands smaller than `min_area` pixels in every mask, then rerun box NMS.
+
+        Masks the clean-up left unchanged are preferred. Edits `records` in place. Needs opencv.
+
+        Args:
+            records: the generator's mask records (with `rles` and `boxes`).
+            min_area: the smallest hole or island kept, in pixels.
+            nms_thresh: the box IoU above which the NMS drops the lower-ranked mask.
+
+        Returns:
+            `records`, filtered.
+        """
         if not len(records):
             return records
         cleaned, unchanged = [], []

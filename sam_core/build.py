@@ -108,7 +108,7 @@ def build_sam(arch: str, image_size: Optional[int] = None, spec: Optional[SamArc
     )
     sam = Sam(encoder, prompt_encoder, mask_decoder, image_size=image_size, arch=arch)
     sam.spec = spec
-    from .fast_attention import enable_fast_attention, enable_fast_attention_default
+    from .fast import enable_fast_attention, enable_fast_attention_default
 
     if enable_fast_attention_default():
         # SAMADAPT_FAST_ATTENTION=1: factorised relative-position attention (same function, fused SDPA kernels)

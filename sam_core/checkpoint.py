@@ -87,7 +87,17 @@ def _read_hf_folder(path: Path) -> StateDict:
 
 
 def read_state_dict(source: Union[str, os.PathLike]) -> StateDict:
-    """Read tensors from a file or a Hugging Face folder, never unpickling arbitrary objects."""
+    """Read tensors from a file or a Hugging Face folder, never unpickling arbitrary objects.
+
+    Args:
+        source: a torch file (`.pth`, `.pt`, `.bin`, `.ckpt`), a `.safetensors` file, or a transformers folder.
+
+    Returns:
+        The state dict as found (any key convention; `load_sam` converts it).
+
+    Raises:
+        CheckpointError: the path is missing or empty, or holds no readable tensors.
+    """
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

@@ -56,10 +56,18 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns low-resolution mask logits (B x C x 4h x 4w) and IoU predictions (B x C).
+        """Predict masks from image and prompt embeddings.
 
-        `image_embeddings` is 1 x C x h x w (shared by every prompt) or B x C x h x w (one per prompt).
-        With `multimask_output` C = 3 (the ambiguity-aware masks), otherwise C = 1.
+        Args:
+            image_embeddings: 1 x C x h x w (shared by every prompt) or B x C x h x w (one per prompt).
+            image_pe: 1 x C x h x w dense positional encoding (`PromptEncoder.get_dense_pe`).
+            sparse_prompt_embeddings: B x N x C point and box embeddings.
+            dense_prompt_embeddings: 1 or B x C x h x w mask-prompt embeddings.
+            multimask_output: return the three ambiguity-aware masks instead of the single one.
+
+        Returns:
+            (low-resolution mask logits B x M x 4h x 4w, IoU predictions B x M), M = 3 with
+            `multimask_output`, otherwise 1.
         """
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings

@@ -5,7 +5,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .fast_attention import DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding
+from .fast import (
+    DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding,
+)
 from .sam import Sam
 from .transforms import ResizeLongestSide
 
@@ -57,11 +59,12 @@ class SamPredictor:
     `set_embedding` predicts from an embedding computed elsewhere (a cache, `encode`'s batch):
     the one seam through which the bank, the server and `samadapt predict` decode prompts.
 
-    Prompts are decoded by `fast_attention.fast_decode` with a per-image `DecoderImageCache` and
+    Prompts are decoded by `fast.fast_decode` with a per-image `DecoderImageCache` and
     the masks upscaled by `postprocess_masks_fast`: the same function as `Sam.decode` +
     `Sam.postprocess_masks` in a cheaper order (about a third of the time on a CPU; tested
-    equal), also under a plain decoder LoRA; a decoder with DoRA, hooks or changed layers takes
-    `Sam.decode`.
+    equal), also under a decoder LoRA whose layers a registered `fast.LinearView` reads
+    (`samadapt.adapters` registers plain LoRA's); a decoder with other wrapped layers, hooks or
+    changed layers takes `Sam.decode`.
 
     Args:
         sam_model: a `Sam` from `build_sam` / `load_sam`.
@@ -119,12 +122,35 @@ class SamPredictor:
         self._input_image: Optional[torch.Tensor] = None
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Compute and cache the embedding of an H x W x 3 uint8 image (gray and RGBA accepted)."""
+        """Compute and cache the embedding of an image (gray and RGBA accepted).
+
+        Args:
+            image: H x W x 3 uint8 pixels (H x W, H x W x 1 and H x W x 4 are accepted too).
+            image_format: "RGB" or "BGR".
+
+        Raises:
+            ValueError: the image is not uint8 of one of those shapes, or the format is unknown.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt.sam_core import build_sam, SamPredictor
+            >>> pred = SamPredictor(build_sam("tiny"))
+            >>> pred.set_image(np.zeros((60, 80, 3), np.uint8)); pred.original_size
+            (60, 80)
+        """
         tensor, original_size = self.prepare_image(image, image_format)
         self.set_torch_image(tensor, original_size)
 
     def prepare_image(self, image: np.ndarray, image_format: str = "RGB") -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """An image as the encoder's input: (1 x 3 x h x w tensor resized to the long side, original H, W)."""
+        """An image as the encoder's input.
+
+        Args:
+            image: H x W x 3 uint8 pixels (gray and RGBA accepted).
+            image_format: "RGB" or "BGR".
+
+        Returns:
+            (1 x 3 x h x w uint8 tensor resized to the long side, the original (H, W)).
+        """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         image = as_rgb_uint8(image)
@@ -136,7 +162,15 @@ class SamPredictor:
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
-        """Like `set_image` for a 1 x 3 x H x W tensor already resized to the long side."""
+        """Like `set_image` for a tensor already resized to the long side.
+
+        Args:
+            transformed_image: 1 x 3 x h x w pixels 0..255 with long side `sam.image_size`.
+            original_image_size: (H, W) of the original image.
+
+        Raises:
+            ValueError: the tensor is not 1 x 3 x h x w with that long side.
+        """
         size = self.model.image_size
         if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
             raise ValueError(
@@ -284,7 +318,22 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batched prompts already in the input frame (B x N x 2, B x N, B x 4, B x 1 x 4h x 4w)."""
+        """Masks for batched prompts already in the resized-input frame (`transform.apply_coords`).
+
+        Args:
+            point_coords: B x N x 2 points, or None.
+            point_labels: B x N labels (1 foreground, 0 background), or None.
+            boxes: B x 4 boxes (x0, y0, x1, y1), or None.
+            mask_input: B x 1 x 4h x 4w previous low-res logits, or None.
+            multimask_output: return three candidates per prompt instead of one.
+            return_logits: return logits instead of boolean masks.
+
+        Returns:
+            (masks B x M x H x W, IoU scores B x M, low-res logits B x M x 4h x 4w).
+
+        Raises:
+            RuntimeError: no image is set, or the model changed since `set_embedding`.
+        """
         features = self._fresh_features()
         img = self._image
         if self.fast and fast_decoder_applies(self.model):

@@ -119,9 +119,16 @@ class PromptEncoder(nn.Module):
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns sparse (B x N x C) and dense (B x C x h x w) prompt embeddings.
+        """Embed points, boxes and masks.
 
-        Labels: 1 positive, 0 negative, -1 padding (ignored).
+        Args:
+            points: (B x N x 2 coordinates, B x N labels: 1 positive, 0 negative, -1 padding
+                (ignored)), or None.
+            boxes: B x 4 boxes (x0, y0, x1, y1), or None.
+            masks: B x 1 x 4h x 4w mask logits, or None.
+
+        Returns:
+            (sparse embeddings B x N x C, dense embeddings B x C x h x w).
         """
         bs = self._batch_size(points, boxes, masks)
         weight = self.no_mask_embed.weight

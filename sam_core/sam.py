@@ -138,7 +138,14 @@ class Sam(nn.Module):
 
     # ------------------------------------------------------------------ pre/post-processing
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise pixel values (0..255, RGB) and pad bottom/right to a square `image_size`."""
+        """Normalise pixel values and pad bottom/right to a square `image_size`.
+
+        Args:
+            x: B x 3 x h x w pixels 0..255 (RGB), long side already resized to `image_size`.
+
+        Returns:
+            B x 3 x `image_size` x `image_size` normalised, zero-padded input.
+        """
         x = (x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
@@ -146,14 +153,39 @@ class Sam(nn.Module):
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...]
     ) -> torch.Tensor:
-        """Upscale low-res logits to the padded input, crop the padding, resize to the original (h, w)."""
+        """Upscale low-res logits to the padded input, crop the padding, resize to the original size.
+
+        Args:
+            masks: B x C x 4h x 4w low-resolution mask logits.
+            input_size: (h, w) of the resized image inside the padded input.
+            original_size: (h, w) of the original image.
+
+        Returns:
+            B x C x original_h x original_w logits.
+        """
         masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
     # ------------------------------------------------------------------ model calls
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W preprocessed images -> B x C x h x w image embeddings."""
+        """The image encoder (with its neck) on preprocessed images.
+
+        Args:
+            images: B x 3 x S x S preprocessed images (`preprocess`), S = `image_size`.
+
+        Returns:
+            B x C x S/16 x S/16 image embeddings.
+
+        Example:
+            >>> import torch
+            >>> from samadapt.sam_core import build_sam
+            >>> sam = build_sam("tiny")
+            >>> with torch.no_grad():
+            ...     emb = sam.encode_image(torch.zeros(1, 3, sam.image_size, sam.image_size))
+            >>> tuple(emb.shape) == (1, sam.prompt_encoder.embed_dim, *sam.embedding_size)
+            True
+        """
         return self.image_encoder.forward_features(images)
 
     def decode(
@@ -165,11 +197,33 @@ class Sam(nn.Module):
         mask_inputs: Optional[torch.Tensor] = None,
         multimask_output: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (in the resized-input frame) -> (low-res logits B x C x 4h x 4w, IoU B x C).
+        """Decode prompts (in the resized-input frame) into low-res mask logits and IoU predictions.
 
-        `image_embeddings` is 1 x C x h x w (all prompts on one image) or B x C x h x w (one
-        prompt set per image). With no prompt at all the decoder runs promptless (the setting
-        SAM-Adapter trains in).
+        With no prompt at all the decoder runs promptless (the setting SAM-Adapter trains in).
+        The decoder in use (`active_mask_decoder`) runs.
+
+        Args:
+            image_embeddings: 1 x C x h x w (all prompts on one image) or B x C x h x w (one
+                prompt set per image).
+            point_coords: B x P x 2 point prompts.
+            point_labels: B x P labels (1 foreground, 0 background, -1 padding).
+            boxes: B x 4 box prompts (x0, y0, x1, y1).
+            mask_inputs: B x 1 x 4h x 4w mask prompts (previous low-res logits).
+            multimask_output: return the three multimask candidates instead of the single mask.
+
+        Returns:
+            (low-res logits B x M x 4h x 4w, IoU predictions B x M), M = 3 with
+            `multimask_output`, else 1.
+
+        Example:
+            >>> import torch
+            >>> from samadapt.sam_core import build_sam
+            >>> sam = build_sam("tiny")
+            >>> emb = torch.zeros(1, sam.prompt_encoder.embed_dim, *sam.embedding_size)
+            >>> with torch.no_grad():
+            ...     masks, iou = sam.decode(emb, boxes=torch.tensor([[10.0, 10.0, 90.0, 80.0]]), multimask_output=True)
+            >>> tuple(masks.shape[:2]), tuple(iou.shape)
+            ((1, 3), (1, 3))
         """
         sparse, dense, b = self.embed_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
         if dense.shape[0] != b:
@@ -220,7 +274,18 @@ class Sam(nn.Module):
         boxes: Optional[torch.Tensor] = None,
         mask_inputs: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """Sparse prompt embeddings expanded to the call's batch size b, dense ones (1 or b), and b."""
+        """The prompt encoder's embeddings for one `decode` call.
+
+        Args:
+            image_embeddings: 1 x C x h x w or B x C x h x w (sets the batch size with the prompts).
+            point_coords: B x P x 2 point prompts, or None.
+            point_labels: B x P labels, or None.
+            boxes: B x 4 box prompts, or None.
+            mask_inputs: B x 1 x 4h x 4w mask prompts, or None.
+
+        Returns:
+            (sparse embeddings expanded to the call's batch size b, dense embeddings (1 or b), b).
+        """
         points = (point_coords, point_labels) if point_coords is not None else None
         b = max(
             image_embeddings.shape[0],

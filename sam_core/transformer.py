@@ -113,7 +113,16 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
-        """image_embedding, image_pe: B x C x h x w; point_embedding: B x N x C -> (tokens, image tokens)."""
+        """Mix prompt tokens and image tokens both ways.
+
+        Args:
+            image_embedding: B x C x h x w image embedding.
+            image_pe: B x C x h x w positional encoding of the image.
+            point_embedding: B x N x C prompt tokens.
+
+        Returns:
+            (prompt tokens B x N x C, image tokens B x h*w x C).
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding

@@ -24,15 +24,32 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        """The (h, w) an oldh x oldw image takes once its long side is `long_side_length` (rounded)."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """H x W x C uint8 -> resized uint8 (PIL bilinear, the filter SAM was trained with)."""
+        """Resize an image (PIL bilinear, the filter SAM was trained with).
+
+        Args:
+            image: H x W x C uint8 pixels.
+
+        Returns:
+            The resized uint8 image, long side `target_length`.
+        """
         h, w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
+        """Map (..., 2) x/y points of an image of `original_size` (h, w) into the resized frame.
+
+        Args:
+            coords: (..., 2) points (x, y).
+            original_size: (h, w) of the image the points are on.
+
+        Returns:
+            A float copy of the points in the resized frame.
+        """
         old_h, old_w = original_size
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
         coords = np.array(coords, dtype=float, copy=True)
@@ -41,13 +58,16 @@ class ResizeLongestSide:
         return coords
 
     def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
+        """`apply_coords` for (..., 4) boxes (x0, y0, x1, y1); returns N x 4."""
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     def apply_coords_torch(self, coords: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+        """`apply_coords` for a tensor (float32 result on the tensor's device)."""
         old_h, old_w = original_size
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
         scale = torch.tensor([new_w / old_w, new_h / old_h], dtype=torch.float32, device=coords.device)
         return coords.to(torch.float32) * scale
 
     def apply_boxes_torch(self, boxes: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+        """`apply_boxes` for a tensor (float32 result on the tensor's device)."""
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)

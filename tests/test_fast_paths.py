@@ -1,4 +1,4 @@
-"""The fast paths of sam_core.fast_attention compute the same functions as the plain ones.
+"""The fast paths of sam_core.fast compute the same functions as the plain ones.
 
 * factorised rel-pos attention == timm's SAM attention (fp32 vs an fp64 run of timm's own path,
   bf16, gradients, windowed / global / non-square / interpolated tables, batch > 1, peft LoRA);
@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer_sam import Attention as TimmAttention
 
 from samadapt.sam_core import ARCHS, Sam, build_sam
-from samadapt.sam_core.fast_attention import (
+from samadapt.sam_core.fast import (
     DecoderImageCache,
     FastSamAttention,
     cache_dense_pe,
@@ -233,65 +233,24 @@ def test_peft_lora_on_qkv(order):
     assert not any(p.grad is not None for n, p in fast.named_parameters() if "lora_" not in n)
 
 
-# ----------------------------------------------------------------------------- FlexAttention route
-# Off CUDA FlexAttention runs PyTorch's reference implementation and has no backward, so these
-# tests check the route's function (the score_mod and its indexing) in the forward pass; the
-# CUDA kernels and their gradients are checked by benchmarks/gpu_train_infer.py against an fp32
-# materialised reference on the GPU.
-@pytest.mark.parametrize("hw,table,label", GRIDS, ids=[g[2] for g in GRIDS])
-def test_flex_route_matches_fp64_reference(hw, table, label):
-    attn = _attention(input_size=table, seed=6)
-    fast = _fast_copy(attn, kernel="flex")
-    assert fast._fast_kernel == "flex"
-    x = torch.randn(3, *hw, 96)
-    ref = _plain_fp64(attn, x)
-    with torch.no_grad():
-        out = fast(x)
-    assert out.shape == x.shape and (out.double() - ref).abs().max().item() <= FP32_ATOL
-
-
-def test_flex_sam_attention_equals_sdpa_route():
-    from samadapt.sam_core.fast_attention import fast_sam_attention, flex_sam_attention
-
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(2, 3, 6 * 10, 32, generator=g) for _ in range(3))
-    th, tw = torch.randn(11, 32, generator=g), torch.randn(19, 32, generator=g)
-    a = flex_sam_attention(q, k, v, th, tw, (6, 10), 32 ** -0.5)
-    b = fast_sam_attention(q, k, v, th, tw, (6, 10), 32 ** -0.5)
-    assert (a - b).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="tokens for an"):
-        flex_sam_attention(q, k, v, th, tw, (6, 9), 1.0)
-
-
-def test_flex_kernel_on_the_encoder_and_its_cpu_fallbacks():
-    """kernel / window_kernel reach the right blocks; the whole encoder through flex gives the
-    plain function; a CPU training call (no flex backward there) takes the SDPA route and gives
-    the plain gradients; bad names are refused."""
+# ----------------------------------------------------------------------------- routes per block
+def test_kernel_per_block_switch_back_and_bad_names():
+    """kernel / window_kernel reach the right blocks (off CUDA the Triton route falls back to SDPA:
+    the plain function still); switching back drops the route, names and state unchanged; route
+    names that are not routes (the removed "flex" among them) are refused."""
     sam = _tiny_encoder_sam(160, seed=8)
     enc = sam.image_encoder
     windowed = [blk.window_size > 0 for blk in enc.blocks]
     mixed = copy.deepcopy(enc)
-    assert enable_fast_attention(mixed, kernel="flex", window_kernel="sdpa") == 4
-    assert [b.attn._fast_kernel for b in mixed.blocks] == ["sdpa" if w else "flex" for w in windowed]
-    flex = copy.deepcopy(enc)
-    enable_fast_attention(flex, kernel="flex")
-    assert all(b.attn._fast_kernel == "flex" for b in flex.blocks)
+    assert enable_fast_attention(mixed, kernel="triton", window_kernel="sdpa") == 4
+    assert [b.attn._fast_kernel for b in mixed.blocks] == ["sdpa" if w else "triton" for w in windowed]
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         r = copy.deepcopy(enc).double().forward_features(x.double())
-        for m in (mixed, flex):
-            assert (m.forward_features(x).double() - r).abs().max().item() <= FP32_ATOL
-    g = []
-    for m in (enc, flex):
-        xi = x.clone().requires_grad_(True)
-        m.forward_features(xi).square().mean().backward()
-        g.append((xi.grad, m.blocks[1].attn.qkv.weight.grad))
-    for a, b in zip(*g):
-        assert (a - b).abs().max().item() <= GRAD_ATOL
-    # switching back drops the route; names and state are unchanged throughout
-    assert enable_fast_attention(flex, enabled=False) == 4
-    assert "_fast_kernel" not in vars(flex.blocks[0].attn) and list(flex.state_dict()) == list(enc.state_dict())
-    for bad in (dict(kernel="flash"), dict(window_kernel="xformers")):
+        assert (mixed.forward_features(x).double() - r).abs().max().item() <= FP32_ATOL
+    assert enable_fast_attention(mixed, enabled=False) == 4
+    assert "_fast_kernel" not in vars(mixed.blocks[0].attn) and list(mixed.state_dict()) == list(enc.state_dict())
+    for bad in (dict(kernel="flash"), dict(window_kernel="xformers"), dict(kernel="flex"), dict(window_kernel="flex")):
         with pytest.raises(ValueError, match="is not a fast attention route"):
             enable_fast_attention(copy.deepcopy(enc), **bad)
 
@@ -299,7 +258,7 @@ def test_flex_kernel_on_the_encoder_and_its_cpu_fallbacks():
 def test_cached_index_tensors_made_under_inference_mode_serve_autograd_later():
     """The rel-pos index and key-code caches are filled outside inference mode, so an encoder
     first run under torch.inference_mode (a predictor) can train afterwards in the same process."""
-    from samadapt.sam_core import fast_attention as fa
+    from samadapt.sam_core.fast import attention as fa
 
     fa._REL_INDEX_CACHE.clear()
     fa._KEY_CODE_CACHE.clear()
@@ -467,7 +426,8 @@ def test_fast_decode_with_lora_wrapped_decoder(use_dora):
     weights it reads (plain LoRA); DoRA takes the module path. Same function either way."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from samadapt.sam_core.fast_attention import fast_decoder_applies
+    import samadapt.adapters  # noqa: F401  (registers peft's LoRA view with the fast decoder)
+    from samadapt.sam_core.fast import fast_decoder_applies
 
     sam = _decoder_sam(False, seed=2)
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -490,6 +450,50 @@ def test_fast_decode_with_lora_wrapped_decoder(use_dora):
         ref2 = sam.decode(emb, multimask_output=True, **kw)
         assert not _close(ref2, ref)
         assert _close(fast_decode(sam, emb, multimask_output=True, cache=cache, **kw), ref2)
+
+
+def test_lora_decoder_without_its_view_takes_the_slow_path():
+    """sam_core alone does not know LoRA layers: with peft's view removed, a LoRA-wrapped decoder
+    sends `fast_decoder_applies` to False and `fast_decode` runs `Sam.decode` (same outputs as the
+    fast path with the view, and as `Sam.decode`); registering the view again restores the fast path."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from samadapt.adapters.peft_linear_view import lora_linear_view, register
+    from samadapt.sam_core.fast import fast_decoder_applies, linear_views, remove_linear_view
+
+    sam = _decoder_sam(False, seed=6)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), sam.mask_decoder)
+    emb = torch.randn(1, 64, 16, 16)
+    kw = _prompts(256)["points"]
+    calls = []
+    real_decode = sam.decode
+    with torch.no_grad():
+        for name, p in sam.mask_decoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        register()
+        assert fast_decoder_applies(sam)
+        with_view = fast_decode(sam, emb, multimask_output=True, cache=DecoderImageCache(), **kw)
+        try:
+            assert remove_linear_view(lora_linear_view) and lora_linear_view not in linear_views()
+            assert not fast_decoder_applies(sam)
+            sam.decode = lambda *a, **k: calls.append(1) or real_decode(*a, **k)  # spy: the slow path runs
+            without = fast_decode(sam, emb, multimask_output=True, cache=DecoderImageCache(), **kw)
+            assert calls == [1]
+        finally:
+            del sam.decode
+            register()
+        assert fast_decoder_applies(sam) and linear_views().count(lora_linear_view) == 1
+        ref = sam.decode(emb, multimask_output=True, **kw)
+    assert _close(without, ref) and _close(with_view, ref) and _close(with_view, without)
+
+
+def test_register_linear_view_refuses_a_non_callable():
+    from samadapt.sam_core.fast import register_linear_view
+
+    with pytest.raises(TypeError, match="must be a callable"):
+        register_linear_view("lora")
 
 
 def test_fresh_decoder_lora_changes_no_bit_on_the_fast_path():

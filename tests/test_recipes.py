@@ -136,7 +136,7 @@ def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
     from samadapt.recipes.trainer import set_encoder_attention
     from samadapt.sam_core import build_sam
-    from samadapt.sam_core.fast_attention import fast_attention_enabled
+    from samadapt.sam_core.fast import fast_attention_enabled
 
     sam = build_sam("tiny", image_size=128)
     cpu = torch.device("cpu")

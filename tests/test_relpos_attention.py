@@ -1,4 +1,4 @@
-"""sam_core.relpos_attention (the fused Triton kernel) computes SAM's attention with the
+"""sam_core.fast.relpos_triton (the fused Triton kernel) computes SAM's attention with the
 decomposed relative-position bias: outputs and all five gradients against an fp64
 materialised reference, the whole encoder through `kernel="triton"` against timm's own path,
 and `torch.compile` keeping the kernel in its graph (no graph break).
@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = textwrap.dedent(r'''
     import copy, json, sys
     import torch
-    from samadapt.sam_core.relpos_attention import relpos_attention, triton_route_ok
+    from samadapt.sam_core.fast.relpos_triton import relpos_attention, triton_route_ok
     from samadapt.sam_core import build_sam
-    from samadapt.sam_core.fast_attention import enable_fast_attention
+    from samadapt.sam_core.fast import enable_fast_attention
 
     torch.manual_seed(0)
     out = {"kernel": [], "fp16": None}
@@ -153,8 +153,8 @@ def test_triton_route_off_cuda_takes_sdpa():
     import copy
 
     from samadapt.sam_core import build_sam
-    from samadapt.sam_core.fast_attention import enable_fast_attention
-    from samadapt.sam_core.relpos_attention import triton_route_ok
+    from samadapt.sam_core.fast import enable_fast_attention
+    from samadapt.sam_core.fast.relpos_triton import triton_route_ok
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter is on in this process")

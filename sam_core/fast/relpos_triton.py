@@ -43,8 +43,16 @@ def _next_pow2(n: int) -> int:
 
 
 def triton_route_ok(q: torch.Tensor, cols: int) -> bool:
-    """True when the fused kernel takes this call: Triton present, a CUDA tensor (or the
-    interpreter), a float dtype, head dim <= 128 (SAM's are 64 and 80), a key row of <= 256 columns."""
+    """Whether the fused kernel takes this call.
+
+    Args:
+        q: the B x heads x N x d queries.
+        cols: keys per grid row.
+
+    Returns:
+        True with Triton present, a CUDA tensor (or the interpreter), a float dtype, head dim <= 128
+        (SAM's are 64 and 80) and a key row of <= 256 columns.
+    """
     if not HAS_TRITON:
         return False
     if not (q.is_cuda or _INTERPRET):
@@ -313,14 +321,21 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h_t:
     """softmax(scale q k^T + rel_h[:, :, :, row(j)] + rel_w[:, :, :, col(j)]) v, fused (differentiable).
 
     Args:
-        q, k, v: B x heads x N x d (any strides), N = rows * cols keys in row-major grid order.
+        q: B x heads x N x d queries (any strides), N = rows * cols keys in row-major grid order.
+        k: keys, as `q`.
+        v: values, as `q`.
         rel_h_t: B x heads x rows x N, the row term transposed (query index last: the kernels
-            read one key row's terms for a query block as one contiguous run);
+            read one key row's terms for a query block as one contiguous run).
         rel_w: B x heads x N x cols (the column term).
         cols: keys per grid row.
         scale: the q . k scale.
+
     Returns:
         B x heads x N x d in q's dtype.
+
+    Raises:
+        RuntimeError: triton is not installed.
+        ValueError: the shapes do not fit one grid (see the checks of the forward op).
     """
     if not HAS_TRITON:
         raise RuntimeError("relpos_attention needs triton (pip install triton) and a CUDA device")
