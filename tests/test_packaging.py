@@ -35,8 +35,10 @@ def test_wheel_holds_only_the_samadapt_package(wheel):
     tops = {n.split("/")[0] for n in names}
     dist_info = {t for t in tops if t.endswith(".dist-info")}
     assert tops - dist_info == {"samadapt"}, f"top-level entries besides samadapt: {sorted(tops - dist_info)}"
-    for sub in ("sam_core", "adapters", "recipes"):
-        assert f"samadapt/{sub}/__init__.py" in names
+    # every module of the three folders is in it (a subpackage missing from pyproject's list would not be)
+    sources = {f"samadapt/{p.relative_to(ROOT).as_posix()}" for sub in ("sam_core", "adapters", "recipes")
+               for p in (ROOT / sub).rglob("*.py")}
+    assert sources - set(names) == set(), f"modules missing from the wheel: {sorted(sources - set(names))}"
     # the package data a fresh install needs
     assert "samadapt/recipes/weights/tiny_generic.safetensors" in names
     assert any(n.startswith("samadapt/recipes/") and n.endswith(".yaml") for n in names)
