@@ -1,11 +1,10 @@
-"""Per-domain augmentation pipelines (albumentations 2.x) as ``(image, mask) -> (image, mask)`` callables.
+"""Per-domain augmentation pipelines (albumentations 2.x) as `(image, mask) -> (image, mask)` callables.
 
-Every pipeline first resizes so the longest side is ``image_size``
-(``LongestMaxSize``: area interpolation when shrinking, nearest for masks), so
-the random ops run at the resolution the model sees; padding to a square is left
-to :class:`recipes.data.SamCollate` / :func:`recipes.data.sam_resize_pad`, which
-record the valid (unpadded) size.  Evaluation pipelines (``train=False``) only
-resize.
+Every pipeline first resizes so the longest side is `image_size` (`datasets.resize_longest`, the
+rule and filter of `sam_core.transforms.ResizeLongestSide`, nearest for masks), so the random ops
+run at the resolution the model sees and the valid (unpadded) size is the one the predictor uses;
+padding to a square is left to `sam_resize_pad`, which records that size. Evaluation pipelines
+(`train=False`) only resize.
 
 Domain choices (geometric ops use nearest-neighbour masks and a black/0 fill):
 
@@ -41,6 +40,8 @@ from typing import Any, List, Optional, Tuple
 import albumentations as A
 import cv2
 import numpy as np
+
+from .datasets import resize_longest
 
 __all__ = ["DOMAINS", "Augmentation", "build_augmentation", "worker_init_fn"]
 
@@ -103,8 +104,10 @@ class Augmentation:
     returned mask is ``bool``, the returned image ``uint8``.
 
     Args:
-        compose: the albumentations pipeline.
-        domain: name, for ``repr``.
+        compose: the albumentations pipeline (the random ops).
+        domain: name, for `repr`.
+        image_size: when given, the pair is first resized so its longest side is this many pixels
+            (`resize_longest`), before `compose`.
 
     Example:
         >>> import numpy as np
@@ -114,9 +117,10 @@ class Augmentation:
         ((16, 32, 3), dtype('bool'))
     """
 
-    def __init__(self, compose: A.Compose, domain: str = "") -> None:
+    def __init__(self, compose: A.Compose, domain: str = "", image_size: Optional[int] = None) -> None:
         self.compose = compose
         self.domain = domain
+        self.image_size = image_size
 
     def reseed(self, seed: Optional[int]) -> None:
         """Reset the random state (same seed -> same following augmentations).
@@ -133,16 +137,19 @@ class Augmentation:
         image = np.asarray(image)
         mask = np.asarray(mask)
         if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be H x W x 3, got shape {image.shape}; read it with recipes.data.read_image")
+            raise ValueError(f"image must be H x W x 3, got shape {image.shape}; read it with samadapt.recipes.data.read_image")
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} must equal the image's H x W {image.shape[:2]}")
         if image.dtype != np.uint8:
             raise ValueError(f"image dtype must be uint8 (0..255), got {image.dtype}; convert it first")
-        out = self.compose(image=np.ascontiguousarray(image), mask=(mask > 0).astype(np.uint8))
+        mask = mask > 0
+        if self.image_size is not None:
+            image, mask = resize_longest(image, mask, self.image_size)
+        out = self.compose(image=np.ascontiguousarray(image), mask=mask.astype(np.uint8))
         return out["image"], out["mask"].astype(bool)
 
     def __repr__(self) -> str:
-        return f"Augmentation(domain={self.domain!r}, compose={self.compose!r})"
+        return f"Augmentation(domain={self.domain!r}, image_size={self.image_size!r}, compose={self.compose!r})"
 
 
 def build_augmentation(domain: str, image_size: int, train: bool = True, seed: Optional[int] = None) -> Augmentation:
@@ -171,18 +178,8 @@ def build_augmentation(domain: str, image_size: int, train: bool = True, seed: O
         raise ValueError(f"domain={domain!r} is unknown; use one of {list(DOMAINS)}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} must be a positive int, e.g. 1024 for SAM")
-    ops: List[A.BasicTransform] = [
-        A.LongestMaxSize(
-            max_size=image_size,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            area_for_downscale="image",
-            p=1.0,
-        )
-    ]
-    if train:
-        ops += _train_ops(domain)
-    return Augmentation(A.Compose(ops, seed=seed, strict=True), domain)
+    ops: List[A.BasicTransform] = _train_ops(domain) if train else []
+    return Augmentation(A.Compose(ops, seed=seed, strict=True), domain, image_size=image_size)
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -1,7 +1,7 @@
 """`samadapt serve`: an HTTP API and an interactive page over one frozen SAM core and a folder of
 adapter files (an `AdapterBank`).
 
-    GET  /               the interactive page (recipes/static/index.html)
+    GET  /               the interactive page (recipes/serve/static/index.html)
     GET  /api/health     core, adapters resident, limits
     GET  /api/adapters   adapter files in the folder now, with their metadata
     POST /api/images     upload an image (multipart field `file`) -> {image_id, width, height}
@@ -35,7 +35,7 @@ from torch import nn
 from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
 from samadapt.adapters.base import _NAME_RE
 
-from .serve_api import (
+from .api import (
     ERRORS, AdapterList, ApiError, AutoMask, AutoRequest, AutoResponse, BodyLimit, Health, ImageInfo, ImageStore,
     SegmentRequest, SegmentResponse, adapter_info, check_prompts, decode_image, finite, mask_png, masks_rle,
 )
@@ -234,8 +234,8 @@ def run_server(args) -> int:
     """The `samadapt serve` command: load the core, bind (127.0.0.1 unless --host), print the URL, serve."""
     import uvicorn
 
-    from .errors import UserError
-    from .trainer import load_base
+    from ..errors import UserError
+    from ..trainer import load_base
 
     directory = Path(args.adapters)
     if not directory.is_dir():
