@@ -8,12 +8,12 @@ padding to a square is left to `sam_resize_pad`, which records that size. Evalua
 
 Domain choices (geometric ops use nearest-neighbour masks and a black/0 fill):
 
-* ``camouflage`` -- horizontal + vertical flips and ``RandomRotate90`` (animals
+* `camouflage` -- horizontal + vertical flips and `RandomRotate90` (animals
   hide in every orientation), scale 0.75-1.25 / shift 10 % / rotate +-15 deg,
   mild colour jitter with a *tiny* hue range (+-0.02): camouflage is decided by
   subtle colour/texture differences, which blur or noise would erase, so
   neither is used.
-* ``shadow`` -- horizontal flip only, scale 0.8-1.2 / shift 10 % / rotate
+* `shadow` -- horizontal flip only, scale 0.8-1.2 / shift 10 % / rotate
   +-10 deg, and photometric changes that are global and monotonic
   (brightness +-0.1, contrast +-0.1, gamma 0.9-1.1, small saturation jitter), so a
   shadow stays darker than the lit surface beside it.  Not used, because they
@@ -21,17 +21,17 @@ Domain choices (geometric ops use nearest-neighbour masks and a black/0 fill):
   channel shuffle, gray conversion, hue shifts, CLAHE/equalisation (local
   contrast stretching brightens shadow regions) and vertical flips (light comes
   from above).
-* ``polyp`` -- flips + ``RandomRotate90`` (endoscopes have no canonical
+* `polyp` -- flips + `RandomRotate90` (endoscopes have no canonical
   orientation), scale 0.75-1.25 / shift 10 % / rotate +-30 deg, brightness and
   contrast +-0.2 with small saturation/hue jitter (tissue colour is a cue), and
   occasional Gaussian blur (defocus and motion blur are common in colonoscopy).
-* ``generic`` / ``demo`` -- horizontal flip, scale 0.8-1.2 / shift 10 % /
+* `generic` / `demo` -- horizontal flip, scale 0.8-1.2 / shift 10 % /
   rotate +-10 deg, moderate colour jitter.
 
-Determinism: ``seed`` goes to ``A.Compose(seed=...)``; the same seed gives the
+Determinism: `seed` goes to `A.Compose(seed=...)`; the same seed gives the
 same sequence of augmentations.  albumentations 2.0 does not reseed per
-``DataLoader`` worker, so workers would repeat each other's augmentations: pass
-:func:`worker_init_fn` to the ``DataLoader`` (or call :meth:`Augmentation.reseed`).
+`DataLoader` worker, so workers would repeat each other's augmentations: pass
+`worker_init_fn` to the `DataLoader` (or call `Augmentation.reseed`).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from .datasets import resize_longest
 
 __all__ = ["DOMAINS", "Augmentation", "build_augmentation", "worker_init_fn"]
 
-#: Domains understood by :func:`build_augmentation`.
+# Domains understood by `build_augmentation`.
 DOMAINS: Tuple[str, ...] = ("camouflage", "shadow", "polyp", "generic", "demo")
 
 
@@ -98,10 +98,10 @@ def _train_ops(domain: str) -> List[A.BasicTransform]:
 
 
 class Augmentation:
-    """Callable ``(image, mask) -> (image, mask)`` around an ``A.Compose``.
+    """Callable `(image, mask) -> (image, mask)` around an `A.Compose`.
 
-    ``image`` is uint8 H x W x 3; ``mask`` is H x W (bool or 0/1 ints); the
-    returned mask is ``bool``, the returned image ``uint8``.
+    `image` is uint8 H x W x 3; `mask` is H x W (bool or 0/1 ints); the
+    returned mask is `bool`, the returned image `uint8`.
 
     Args:
         compose: the albumentations pipeline (the random ops).
@@ -137,7 +137,9 @@ class Augmentation:
         image = np.asarray(image)
         mask = np.asarray(mask)
         if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be H x W x 3, got shape {image.shape}; read it with samadapt.recipes.data.read_image")
+            raise ValueError(
+                f"image must be H x W x 3, got shape {image.shape}; read it with samadapt.recipes.data.read_image"
+            )
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} must equal the image's H x W {image.shape[:2]}")
         if image.dtype != np.uint8:
@@ -156,16 +158,16 @@ def build_augmentation(domain: str, image_size: int, train: bool = True, seed: O
     """Build the augmentation pipeline of a domain (see the module docstring for the choices).
 
     Args:
-        domain: ``"camouflage"``, ``"shadow"``, ``"polyp"``, ``"generic"`` or ``"demo"``.
+        domain: `"camouflage"`, `"shadow"`, `"polyp"`, `"generic"` or `"demo"`.
         image_size: longest side after the initial resize.
         train: random ops when True; resize only when False.
         seed: makes the sequence of random ops reproducible.
 
     Returns:
-        an :class:`Augmentation`.
+        an `Augmentation`.
 
     Raises:
-        ValueError: unknown domain or bad ``image_size``.
+        ValueError: unknown domain or bad `image_size`.
 
     Example:
         >>> import numpy as np
@@ -183,10 +185,10 @@ def build_augmentation(domain: str, image_size: int, train: bool = True, seed: O
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: give each worker's augmentation its own seed.
+    """`DataLoader(worker_init_fn=...)`: give each worker's augmentation its own seed.
 
-    Looks for an :class:`Augmentation` at ``dataset.transform`` (also through
-    ``.dataset`` wrappers) and reseeds it from torch's per-worker seed, which
+    Looks for an `Augmentation` at `dataset.transform` (also through
+    `.dataset` wrappers) and reseeds it from torch's per-worker seed, which
     depends on the loader's base seed and the worker id.
 
     Args:

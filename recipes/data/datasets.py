@@ -75,36 +75,36 @@ def resize_longest(image: np.ndarray, mask: Any = None, size: int = 1024) -> Tup
 class FolderDataset(Dataset):
     """Image/mask pairs from one or several dataset roots.
 
-    Each item is ``{"image": uint8 H x W x 3 RGB, "mask": bool H x W, "name": stem}``;
-    with ``transform`` the pair is passed through ``transform(image, mask)`` and
+    Each item is `{"image": uint8 H x W x 3 RGB, "mask": bool H x W, "name": stem}`;
+    with `transform` the pair is passed through `transform(image, mask)` and
     whatever it returns (arrays or tensors) is stored under the same keys.
     Masks whose size differs from their image are resized (nearest) to it with
     a warning.  Images without a mask are listed in a warning (and kept in
-    ``unpaired_images``); ``strict=True`` makes that an error.
+    `unpaired_images`); `strict=True` makes that an error.
 
-    Splits: for layouts with a test split, ``"val"`` and ``"test"`` are the test
-    folders and ``"all"`` joins train and test.  For layouts without one,
-    ``"train"`` and ``"val"``/``"test"`` are complementary deterministic subsets
-    (see :func:`split_names`, ``val_fraction`` and ``seed``) and ``"all"`` is
+    Splits: for layouts with a test split, `"val"` and `"test"` are the test
+    folders and `"all"` joins train and test.  For layouts without one,
+    `"train"` and `"val"`/`"test"` are complementary deterministic subsets
+    (see `split_names`, `val_fraction` and `seed`) and `"all"` is
     everything.
 
     Args:
         root_or_roots: a dataset root or a list of roots (e.g. COD10K and CAMO trained together).
-        layout: ``"auto"``, a name from :data:`LAYOUTS`, or a list with one entry per root.
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        transform: optional callable ``(image, mask) -> (image, mask)``, e.g. from
-            :func:`recipes.augment.build_augmentation`.
+        layout: `"auto"`, a name from `LAYOUTS`, or a list with one entry per root.
+        split: `"train"`, `"val"`, `"test"` or `"all"`.
+        transform: optional callable `(image, mask) -> (image, mask)`, e.g. from
+            `build_augmentation`.
         image_size: optional; resize (before `transform`) so the longest side is this many
             pixels, keeping the aspect ratio: `resize_longest` (SAM's rule; no padding).
-        mask_suffixes: see :func:`pair_by_stem`.
-        strict: raise :class:`UnpairedFilesError` when an image has no mask.
+        mask_suffixes: see `pair_by_stem`.
+        strict: raise `UnpairedFilesError` when an image has no mask.
         val_fraction: held-out fraction for layouts without a test split.
         seed: seed of that hold-out.
 
     Raises:
         FileNotFoundError: a root or its folders are missing.
         EmptyDatasetError: no pair was found (the message says where it looked).
-        UnpairedFilesError: ``strict`` and images without masks.
+        UnpairedFilesError: `strict` and images without masks.
 
     Example:
         >>> import tempfile, numpy as np
@@ -207,7 +207,7 @@ class FolderDataset(Dataset):
         return len(self.pairs)
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray, str]:
-        """Read pair ``index`` without transform: ``(image uint8 HxWx3, mask bool HxW, name)``.
+        """Read pair `index` without transform: `(image uint8 HxWx3, mask bool HxW, name)`.
 
         Args:
             index: position in the dataset.

@@ -30,10 +30,10 @@ __all__ = [
 
 PathLike = Union[str, Path]
 
-#: Extensions (lower case) recognised as images; matching is case-insensitive.
+# Extensions (lower case) recognised as images; matching is case-insensitive.
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-#: Suffixes tried after an image stem to find its mask, in order of preference.
+# Suffixes tried after an image stem to find its mask, in order of preference.
 DEFAULT_MASK_SUFFIXES: Tuple[str, ...] = (
     "",
     "_mask",
@@ -141,7 +141,7 @@ def _decode(path: PathLike) -> np.ndarray:
 
 
 def _to_uint8(arr: np.ndarray, depth16: str) -> np.ndarray:
-    """Scale any numeric array to uint8 (see :func:`read_image` for the rules)."""
+    """Scale any numeric array to uint8 (see `read_image` for the rules)."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
@@ -163,25 +163,25 @@ def _to_uint8(arr: np.ndarray, depth16: str) -> np.ndarray:
 
 
 def read_image(path: PathLike, depth16: str = "shift", alpha: str = "composite") -> np.ndarray:
-    """Read any image file as ``uint8`` H x W x 3 RGB.
+    """Read any image file as `uint8` H x W x 3 RGB.
 
     Conversions: gray -> replicated to 3 channels; palette -> its RGB colours;
-    1-bit -> 0/255.  16-bit data is scaled to 8 bits with ``depth16``:
-    ``"shift"`` (default, ``value >> 8``: content-independent, so the same raw
-    value always gives the same pixel) or ``"max"`` (``value * 255 / image
-    max``: stretches images that only use part of the 16-bit range, e.g. 12-bit
+    1-bit -> 0/255.  16-bit data is scaled to 8 bits with `depth16`:
+    `"shift"` (default, `value >> 8`: content-independent, so the same raw
+    value always gives the same pixel) or `"max"` (`value * 255 / image
+    max`: stretches images that only use part of the 16-bit range, e.g. 12-bit
     sensors).  32-bit integer data within 0..65535 is treated as 16-bit; float
     data in [0, 1] is multiplied by 255, other float/int data is min-max
-    stretched.  An alpha channel is composited on black (``alpha="composite"``:
-    transparent pixels become black) or ignored (``alpha="drop"``).
+    stretched.  An alpha channel is composited on black (`alpha="composite"`:
+    transparent pixels become black) or ignored (`alpha="drop"`).
 
     Args:
         path: image file (.jpg .jpeg .png .bmp .tif .tiff and anything else Pillow or OpenCV read).
-        depth16: ``"shift"`` or ``"max"``, how 16-bit values are brought to 0..255.
-        alpha: ``"composite"`` or ``"drop"``.
+        depth16: `"shift"` or `"max"`, how 16-bit values are brought to 0..255.
+        alpha: `"composite"` or `"drop"`.
 
     Returns:
-        ``np.ndarray`` uint8 of shape (H, W, 3), RGB order.
+        `np.ndarray` uint8 of shape (H, W, 3), RGB order.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -239,13 +239,13 @@ def _binarise(arr: np.ndarray) -> np.ndarray:
 
 
 def read_mask(path: PathLike) -> np.ndarray:
-    """Read any mask file as ``bool`` H x W.
+    """Read any mask file as `bool` H x W.
 
-    Rules: 8-bit values are foreground when ``> 127``; 16-bit values when
-    ``> 32767`` (half range); 1-bit as is; float data when ``> 0.5`` (if it lies
+    Rules: 8-bit values are foreground when `> 127`; 16-bit values when
+    `> 32767` (half range); 1-bit as is; float data when `> 0.5` (if it lies
     in [0, 1]); colour (RGB or palette, via its colours) masks when *any*
-    channel is ``> 127``.  A mask whose values are only 0 and 1 is a label map
-    and is read as ``value == 1`` (the ``> 127`` rule would make it empty).
+    channel is `> 127`.  A mask whose values are only 0 and 1 is a label map
+    and is read as `value == 1` (the `> 127` rule would make it empty).
     With an alpha channel the colour channels are used, unless they are uniform
     while alpha varies (a mask drawn as transparency), then alpha is used.
     JPEG masks work: compression noise stays on its side of the threshold.
@@ -254,7 +254,7 @@ def read_mask(path: PathLike) -> np.ndarray:
         path: mask file.
 
     Returns:
-        ``np.ndarray`` bool of shape (H, W).
+        `np.ndarray` bool of shape (H, W).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -285,7 +285,7 @@ def read_mask(path: PathLike) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- pairing
 def list_images(folder: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
-    """Image files directly inside ``folder``, sorted by name; hidden files (``.x``, ``._x``) skipped.
+    """Image files directly inside `folder`, sorted by name; hidden files (`.x`, `._x`) skipped.
 
     Args:
         folder: directory to list (not recursive).
@@ -295,11 +295,12 @@ def list_images(folder: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
         sorted list of paths.
 
     Raises:
-        FileNotFoundError: ``folder`` does not exist or is not a directory.
+        FileNotFoundError: `folder` does not exist or is not a directory.
 
     Example:
         >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "a.PNG").write_bytes(b""); _ = (d / "b.txt").write_bytes(b"")
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.PNG").write_bytes(b""); _ = (d / "b.txt").write_bytes(b"")
         >>> [p.name for p in list_images(d)]
         ['a.PNG']
     """
@@ -320,12 +321,12 @@ def pair_by_stem(
 ) -> Tuple[List[Tuple[Path, Path]], List[Path], List[Path]]:
     """Pair images with masks that share a file stem (plus an optional mask suffix).
 
-    An image ``foo.jpg`` is paired with the mask whose stem is ``foo + suffix``
-    for the first suffix in ``mask_suffixes`` that exists (``foo.png``,
-    ``foo_mask.png``, ...).  Stems are compared case-insensitively, extensions
-    are any of :data:`IMAGE_EXTENSIONS` in any case; when several mask files fit
-    (``foo.png`` and ``foo.jpg``) the lossless one is preferred.  Hidden files are
-    ignored.  ``image_dir`` and ``mask_dir`` may be the same folder (masks named
+    An image `foo.jpg` is paired with the mask whose stem is `foo + suffix`
+    for the first suffix in `mask_suffixes` that exists (`foo.png`,
+    `foo_mask.png`, ...).  Stems are compared case-insensitively, extensions
+    are any of `IMAGE_EXTENSIONS` in any case; when several mask files fit
+    (`foo.png` and `foo.jpg`) the lossless one is preferred.  Hidden files are
+    ignored.  `image_dir` and `mask_dir` may be the same folder (masks named
     with a suffix next to their images): files that are taken as masks are then
     not listed as images.
 
@@ -335,8 +336,8 @@ def pair_by_stem(
         mask_suffixes: suffixes tried after the image stem, in order.
 
     Returns:
-        ``(pairs, unpaired_images, unpaired_masks)``: ``pairs`` is a list of
-        ``(image_path, mask_path)`` sorted by image name; the two others list the
+        `(pairs, unpaired_images, unpaired_masks)`: `pairs` is a list of
+        `(image_path, mask_path)` sorted by image name; the two others list the
         files left over.
 
     Raises:

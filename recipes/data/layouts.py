@@ -18,14 +18,14 @@ PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
 class _Layout:
-    """Candidate (image_dir, mask_dir) pairs per split; ``None`` for a split = not in the dataset."""
+    """Candidate (image_dir, mask_dir) pairs per split; `None` for a split = not in the dataset."""
 
     train: Tuple[Tuple[str, str], ...]
     test: Optional[Tuple[Tuple[str, str], ...]] = None
     description: str = ""
 
 
-#: Known public folder layouts (paths relative to the dataset root, matched case-insensitively).
+# Known public folder layouts (paths relative to the dataset root, matched case-insensitively).
 LAYOUTS: Dict[str, _Layout] = {
     "cod10k": _Layout(
         train=(("Train/Image", "Train/GT_Object"),),
@@ -71,7 +71,7 @@ _SPLITS = ("train", "val", "test", "all")
 
 
 def _find_ci(root: Path, rel: str) -> Optional[Path]:
-    """``root/rel`` with each component matched case-insensitively (exact spelling tried first)."""
+    """`root/rel` with each component matched case-insensitively (exact spelling tried first)."""
     parts = Path(rel).parts
     if not parts:
         return root if root.is_dir() else None
@@ -118,10 +118,10 @@ def _looked_for() -> str:
 
 
 def detect_layout(root: PathLike) -> str:
-    """Name of the known layout found under ``root`` (see :data:`LAYOUTS`).
+    """Name of the known layout found under `root` (see `LAYOUTS`).
 
-    ``images/`` + ``masks/`` is reported as ``"kvasir"`` when the root folder's
-    name contains "kvasir" and as ``"generic"`` otherwise (the trees are the same).
+    `images/` + `masks/` is reported as `"kvasir"` when the root folder's
+    name contains "kvasir" and as `"generic"` otherwise (the trees are the same).
 
     Args:
         root: dataset root folder.
@@ -130,7 +130,7 @@ def detect_layout(root: PathLike) -> str:
         the layout name.
 
     Raises:
-        FileNotFoundError: ``root`` does not exist.
+        FileNotFoundError: `root` does not exist.
         ValueError: no known layout matches; the message lists what was looked for.
 
     Example:
@@ -193,21 +193,21 @@ def _resolve(root: PathLike, layout: str, split: str) -> Tuple[str, Path, Path, 
 def resolve_layout(root: PathLike, layout: str = "auto", split: str = "train") -> Tuple[Path, Path]:
     """Find the image and mask folders of one split of a dataset.
 
-    Layouts with a test split (cod10k, camo, istd, sbu) map ``"train"`` to the
-    train folders and ``"val"``/``"test"`` to the test folders.  Layouts without
+    Layouts with a test split (cod10k, camo, istd, sbu) map `"train"` to the
+    train folders and `"val"`/`"test"` to the test folders.  Layouts without
     one (generic, kvasir, cvc_clinicdb) return the same folders for every split;
-    :class:`FolderDataset` then holds out a deterministic ``val_fraction``.
+    `FolderDataset` then holds out a deterministic `val_fraction`.
 
     Args:
         root: dataset root folder.
-        layout: ``"auto"`` (detect) or a name from :data:`LAYOUTS`.
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (only for layouts without a test split).
+        layout: `"auto"` (detect) or a name from `LAYOUTS`.
+        split: `"train"`, `"val"`, `"test"` or `"all"` (only for layouts without a test split).
 
     Returns:
-        ``(image_dir, mask_dir)``.
+        `(image_dir, mask_dir)`.
 
     Raises:
-        FileNotFoundError: ``root`` or the layout's folders are missing.
+        FileNotFoundError: `root` or the layout's folders are missing.
         ValueError: unknown layout/split, or nothing detected (lists what was looked for).
 
     Example:
@@ -228,8 +228,8 @@ def split_names(names: Sequence[str], val_fraction: float, seed: int = 0) -> Tup
     """Deterministic train/val split of names.
 
     Names are ordered by a seeded SHA-1 hash (independent of listing order and
-    of Python's hash randomisation) and the first ``round(n * val_fraction)``
-    (at least 1 when ``val_fraction > 0`` and n >= 2) go to val.  Adding files
+    of Python's hash randomisation) and the first `round(n * val_fraction)`
+    (at least 1 when `val_fraction > 0` and n >= 2) go to val.  Adding files
     moves few existing names across the split.
 
     Args:
@@ -238,7 +238,7 @@ def split_names(names: Sequence[str], val_fraction: float, seed: int = 0) -> Tup
         seed: changes which names are held out.
 
     Returns:
-        ``(train_names, val_names)``, each in the input order.
+        `(train_names, val_names)`, each in the input order.
 
     Example:
         >>> tr, va = split_names([f"im{i}" for i in range(10)], 0.2, seed=0)
