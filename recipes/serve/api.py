@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
 MAX_POINTS = 64
 
