@@ -92,7 +92,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import run_server
+    from .serve.app import run_server
 
     return run_server(args)
 

@@ -1,31 +1,32 @@
+# why over 500 lines: the whole `samadapt predict` command (parsing prompts, streaming batches, writing outputs)
 """`samadapt predict`: masks for many images with a frozen core and an optional adapter.
 
-Modes
------
-* promptless (no ``--box``/``--point``/``--prompts``): the decoder runs with no prompt at all,
-  the setting promptless adapters (``prompt_mode: none``) are trained in;
-* prompted: ``--box x0,y0,x1,y1`` and/or ``--point x,y[,label]`` (repeatable, label 1 =
-  foreground by default, 0 = background), in original-image pixels, used for every image; or
-  ``--prompts FILE.json``, per image (see :func:`load_prompts_file`);
-* ``--auto``: automatic mask generation from a point grid (``--points-per-side``).
+Modes:
 
-Outputs (in ``--out``, each written atomically: temporary name, then ``os.replace``)
--------------------------------------------------------------------------------------
-* ``<stem>.png``: the binary mask (0/255) at the original image size; when an image gets
-  several masks (several prompt sets for it) ``<stem>_<k>.png``, k = 0, 1, ... in file order;
-* ``<stem>_prob.png`` (``<stem>_<k>_prob.png``) with ``--probs``: sigmoid of the logits, 0..255;
-* ``<stem>_overlay.png`` unless ``--no-overlay``: the masks tinted over the image;
-* ``--auto``: ``<stem>_auto.png`` (label map: pixel value i is entry i-1 of the JSON list; 16-bit
+* promptless (no `--box`/`--point`/`--prompts`): the decoder runs with no prompt at all,
+  the setting promptless adapters (`prompt_mode: none`) are trained in;
+* prompted: `--box x0,y0,x1,y1` and/or `--point x,y[,label]` (repeatable, label 1 =
+  foreground by default, 0 = background), in original-image pixels, used for every image; or
+  `--prompts FILE.json`, per image (see `load_prompts_file`);
+* `--auto`: automatic mask generation from a point grid (`--points-per-side`).
+
+Outputs (in `--out`, each written atomically: temporary name, then `os.replace`):
+
+* `<stem>.png`: the binary mask (0/255) at the original image size; when an image gets
+  several masks (several prompt sets for it) `<stem>_<k>.png`, k = 0, 1, ... in file order;
+* `<stem>_prob.png` (`<stem>_<k>_prob.png`) with `--probs`: sigmoid of the logits, 0..255;
+* `<stem>_overlay.png` unless `--no-overlay`: the masks tinted over the image;
+* `--auto`: `<stem>_auto.png` (label map: pixel value i is entry i-1 of the JSON list; 16-bit
   when there are more than 255 masks; smaller masks painted over larger ones) and
-  ``<stem>_auto.json`` (list of {label, area, bbox [x, y, w, h], predicted_iou, stability_score},
+  `<stem>_auto.json` (list of {label, area, bbox [x, y, w, h], predicted_iou, stability_score},
   largest first), plus the overlay.
 
 Images are streamed: files are read a batch ahead in a background thread, each batch of
-``--batch-size`` images is encoded in one ``sam.encode_image`` call, decoded per image and
+`--batch-size` images is encoded in one `sam.encode_image` call, decoded per image and
 written, so memory stays bounded whatever the number of images.
 
 Errors: a bad base, adapter, output folder, image path or prompt exits 2 before anything is
-written. An image that cannot be read (or fails later) is reported as ``error: <file>: ...`` on
+written. An image that cannot be read (or fails later) is reported as `error: <file>: ...` on
 stderr, the others are still written, and the exit code is 1 at the end.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _check_box(vals: Sequence[float], where: str) -> np.ndarray:
 
 
 def parse_box(text: str) -> np.ndarray:
-    """``"x0,y0,x1,y1"`` -> float array of 4 (original-image pixels).
+    """`"x0,y0,x1,y1"` -> float array of 4 (original-image pixels).
 
     Example:
         >>> parse_box("10, 20, 110, 80").tolist()
@@ -103,7 +104,7 @@ def _check_label(label: float, where: str) -> int:
 
 
 def parse_point(text: str) -> Tuple[float, float, int]:
-    """``"x,y[,label]"`` -> (x, y, label); label 1 (foreground, the default) or 0 (background).
+    """`"x,y[,label]"` -> (x, y, label); label 1 (foreground, the default) or 0 (background).
 
     Example:
         >>> parse_point("30,40"), parse_point("5,6,0")
@@ -162,10 +163,10 @@ def load_prompts_file(path: str) -> Dict[str, List[PromptSet]]:
 
     Two layouts are accepted:
 
-    * a mapping ``{"a.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}, ...}``
-      keyed by file name or stem; ``label`` is optional (1); a value may also be a list of such
-      objects, or ``{"boxes": [[...], ...]}``, for several masks of one image;
-    * COCO: ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "bbox": [x, y, w, h]}]}``,
+    * a mapping `{"a.png": {"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}, ...}`
+      keyed by file name or stem; `label` is optional (1); a value may also be a list of such
+      objects, or `{"boxes": [[...], ...]}`, for several masks of one image;
+    * COCO: `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "bbox": [x, y, w, h]}]}`,
       one mask per annotation, in file order (an image without annotations gets no mask).
 
     Example:

@@ -27,7 +27,7 @@ from samadapt.sam_core.checkpoint import CheckpointError
 from . import config as recipe_config
 from .losses import CombinedLoss
 from .metrics import MetricSuite
-from .prompts import PromptSampler, append_correction_clicks, box_from_mask
+from .data.prompts import PromptSampler, append_correction_clicks, box_from_mask
 from samadapt.adapters.io import atomic_file
 
 LOWER_IS_BETTER = {"mae", "ber"}
@@ -195,9 +195,9 @@ class EpochSampler(Sampler):
 
 def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
     """(train, eval) datasets of SAM-ready items; raises clear errors for bad folders."""
-    from .augment import build_augmentation
+    from .data.augment import build_augmentation
     from .data import FolderDataset
-    from .synthetic import SyntheticDataset
+    from .data.synthetic import SyntheticDataset
 
     d = cfg["data"]
     root = data_root or d["root"]

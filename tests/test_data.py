@@ -1,4 +1,4 @@
-"""Tests for recipes.data (reading, pairing, layouts, datasets, SAM batching) and recipes.augment."""
+"""Tests for recipes.data: reading, pairing, layouts, datasets, SAM batching and augmentation."""
 from __future__ import annotations
 
 import warnings
@@ -10,24 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-from samadapt.recipes.augment import build_augmentation
+from samadapt.recipes.data.augment import build_augmentation
 from samadapt.recipes.data import (
     LAYOUTS,
-    EmptyDatasetError,
     FolderDataset,
-    ImageReadError,
-    SamCollate,
-    TransformedDataset,
-    UnpairedFilesError,
     collate_batch,
     detect_layout,
     pair_by_stem,
     read_image,
     read_mask,
+    resize_longest,
     resolve_layout,
     sam_resize_pad,
     split_names,
 )
+from samadapt.recipes.errors import EmptyDatasetError, ImageReadError, UnpairedFilesError
+from samadapt.sam_core.transforms import ResizeLongestSide
 
 
 def _save(path: Path, arr: np.ndarray) -> Path:
@@ -219,6 +217,30 @@ def test_pair_by_stem_suffixes_and_unpaired(tmp_path):
     assert sorted(p.name for p in lone_m) == ["a.jpg", "zz.png"]
 
 
+def test_pair_by_stem_not_by_sorted_position(tmp_path):
+    # Sorted order and stem order differ here: a mask suffix sorts after a digit ("a_mask" > "a0"), upper case
+    # sorts first ("B.jpg" < "a.jpg" but "b.PNG" > "a..."), and an image without a mask and a mask without an
+    # image shift every later position. Pairing by position (zip of the sorted lists) gets each pair wrong.
+    img, msk = tmp_path / "images", tmp_path / "masks"
+    stems = {"a": "a_mask.png", "a0": "a0.png", "B": "b.PNG"}  # image stem -> its mask file
+    for k, (stem, mask_name) in enumerate(sorted(stems.items()), start=1):
+        _save(img / f"{stem}.jpg", np.full((6, 8, 3), 40 * k, np.uint8))  # the image says which pair it is...
+        m = np.zeros((6, 8), np.uint8)
+        m[:k] = 255  # ...and so does its mask: k foreground rows
+        _save(msk / mask_name, m)
+    _save(img / "a1.jpg", np.zeros((6, 8, 3), np.uint8))  # no mask
+    _save(msk / "a1x.png", np.zeros((6, 8), np.uint8))  # no image
+    pairs, lone_i, lone_m = pair_by_stem(img, msk)
+    assert [(i.name, m.name) for i, m in pairs] == [("B.jpg", "b.PNG"), ("a.jpg", "a_mask.png"), ("a0.jpg", "a0.png")]
+    assert [p.name for p in lone_i] == ["a1.jpg"] and [p.name for p in lone_m] == ["a1x.png"]
+    with pytest.warns(UserWarning, match="a1.jpg"):
+        ds = FolderDataset(tmp_path, split="all")
+    for i in range(len(ds)):
+        item = ds[i]
+        k = int(item["image"][0, 0, 0]) // 40
+        assert int(item["mask"].any(axis=1).sum()) == k, f"{item['name']}: image {k} got another pair's mask"
+
+
 def test_pair_same_folder(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -404,21 +426,56 @@ def test_sam_resize_pad_wide_and_tall():
     assert tall["input_size"].tolist() == [64, 19] and "mask" not in tall
 
 
-def test_transformed_dataset_and_collate(tmp_path):
+def test_sam_items_batch_through_collate(tmp_path):
+    # The trainer's path: FolderDataset item -> augmentation -> sam_resize_pad -> collate_batch.
     _pair_files(tmp_path / "images", tmp_path / "masks", ["a", "b", "c"], size=(10, 20))
     base = FolderDataset(tmp_path, split="all")
-    ds = TransformedDataset(base, image_size=32, transform=build_augmentation("polyp", 32, seed=0))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_batch)
+    aug = build_augmentation("polyp", 32, seed=0)
+
+    def sam_item(i, transform=None):
+        item = base[i]
+        image, mask = transform(item["image"], item["mask"]) if transform else (item["image"], item["mask"])
+        return dict(sam_resize_pad(image, mask, 32), name=item["name"])
+
+    loader = torch.utils.data.DataLoader(range(3), batch_size=3, collate_fn=lambda ix: collate_batch(
+        [sam_item(i, aug) for i in ix]))
     batch = next(iter(loader))
     assert batch["image"].shape == (3, 3, 32, 32) and batch["mask"].shape == (3, 1, 32, 32)
     assert batch["original_size"].shape == (3, 2) and batch["input_size"].shape == (3, 2)
     assert batch["name"] == ["a", "b", "c"]
-    raw = torch.utils.data.DataLoader(base, batch_size=2, collate_fn=SamCollate(16))
-    b = next(iter(raw))
+    b = collate_batch([dict(sam_resize_pad(base[i]["image"], base[i]["mask"], 16), name=base[i]["name"])
+                       for i in range(2)])  # raw items resized to 16
     assert b["image"].shape == (2, 3, 16, 16) and b["input_size"].tolist() == [[8, 16], [8, 16]]
     assert b["original_size"].tolist() == [[10, 20], [10, 20]]
     with pytest.raises(ValueError, match="empty batch"):
         collate_batch([])
+    with pytest.raises(ValueError, match="cannot stack 'image'"):
+        collate_batch([sam_resize_pad(np.zeros((4, 4, 3), np.uint8), None, s) for s in (8, 16)])
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (33, 77), (101, 3), (5, 1023), (1023, 513), (999, 999), (3, 2), (1, 2001)])
+@pytest.mark.parametrize("size", [5, 64, 255])
+def test_one_longest_side_rule(hw, size):
+    # SAM's rule (ResizeLongestSide) everywhere: resize_longest, sam_resize_pad, FolderDataset and augmentation.
+    h, w = hw
+    want = tuple(max(1, v) for v in ResizeLongestSide.get_preprocess_shape(h, w, size))
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[: h // 2 + 1] = True
+    out_img, out_mask = resize_longest(img, mask, size)
+    assert out_img.shape == want + (3,) and out_mask.shape == want and out_mask.dtype == bool
+    if min(ResizeLongestSide.get_preprocess_shape(h, w, size)) >= 1:
+        assert np.array_equal(out_img, ResizeLongestSide(size).apply_image(img))  # the same filter too
+    padded = sam_resize_pad(img, mask, size)
+    assert tuple(padded["input_size"].tolist()) == want
+    aug_img, aug_mask = build_augmentation("generic", size, train=False)(img, mask)
+    assert aug_img.shape[:2] == want and aug_mask.shape == want
+
+
+def test_folder_dataset_image_size_uses_sam_rule(tmp_path):
+    _pair_files(tmp_path / "images", tmp_path / "masks", ["a"], size=(33, 77))
+    item = FolderDataset(tmp_path, split="all", image_size=64)[0]
+    assert item["image"].shape[:2] == ResizeLongestSide.get_preprocess_shape(33, 77, 64) == item["mask"].shape
 
 
 # ----------------------------------------------------------------------------- augment
@@ -470,7 +527,7 @@ def test_worker_init_fn_reseeds_nested_transform(monkeypatch):
 
     import torch.utils.data as tud
 
-    from samadapt.recipes.augment import worker_init_fn
+    from samadapt.recipes.data.augment import worker_init_fn
 
     aug = build_augmentation("camouflage", 32, seed=0)
     assert isinstance(pickle.loads(pickle.dumps(aug)), type(aug))  # DataLoader workers may pickle it

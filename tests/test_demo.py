@@ -42,7 +42,7 @@ def test_pretrained_tiny_core_follows_prompts():
     import torch
     from scipy import ndimage
 
-    from samadapt.recipes.synthetic import _generic, make_sample
+    from samadapt.recipes.data.synthetic import _generic, make_sample
     from samadapt.sam_core import SamPredictor, load_sam
 
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""Tests for recipes.prompts."""
+"""Tests for recipes.data.prompts."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from samadapt.recipes.prompts import (
+from samadapt.recipes.data.prompts import (
     PromptSampler,
     append_correction_clicks,
     box_from_mask,

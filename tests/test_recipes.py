@@ -51,7 +51,7 @@ def _no_output(path: Path):
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path):
-    from samadapt.recipes.synthetic import write_synthetic_folder
+    from samadapt.recipes.data.synthetic import write_synthetic_folder
 
     out = tmp_path / "run"
     cases = []

@@ -1,4 +1,4 @@
-"""Tests for recipes.synthetic."""
+"""Tests for recipes.data.synthetic."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from samadapt.recipes.data import FolderDataset, read_image, read_mask
-from samadapt.recipes.synthetic import SYNTHETIC_DOMAINS, SyntheticDataset, make_sample, write_synthetic_folder
+from samadapt.recipes.data.synthetic import SYNTHETIC_DOMAINS, SyntheticDataset, make_sample, write_synthetic_folder
 
 
 def _colour_gap(image: np.ndarray, mask: np.ndarray) -> float:

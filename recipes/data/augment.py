@@ -1,20 +1,19 @@
-"""Per-domain augmentation pipelines (albumentations 2.x) as ``(image, mask) -> (image, mask)`` callables.
+"""Per-domain augmentation pipelines (albumentations 2.x) as `(image, mask) -> (image, mask)` callables.
 
-Every pipeline first resizes so the longest side is ``image_size``
-(``LongestMaxSize``: area interpolation when shrinking, nearest for masks), so
-the random ops run at the resolution the model sees; padding to a square is left
-to :class:`recipes.data.SamCollate` / :func:`recipes.data.sam_resize_pad`, which
-record the valid (unpadded) size.  Evaluation pipelines (``train=False``) only
-resize.
+Every pipeline first resizes so the longest side is `image_size` (`datasets.resize_longest`, the
+rule and filter of `sam_core.transforms.ResizeLongestSide`, nearest for masks), so the random ops
+run at the resolution the model sees and the valid (unpadded) size is the one the predictor uses;
+padding to a square is left to `sam_resize_pad`, which records that size. Evaluation pipelines
+(`train=False`) only resize.
 
 Domain choices (geometric ops use nearest-neighbour masks and a black/0 fill):
 
-* ``camouflage`` -- horizontal + vertical flips and ``RandomRotate90`` (animals
+* `camouflage` -- horizontal + vertical flips and `RandomRotate90` (animals
   hide in every orientation), scale 0.75-1.25 / shift 10 % / rotate +-15 deg,
   mild colour jitter with a *tiny* hue range (+-0.02): camouflage is decided by
   subtle colour/texture differences, which blur or noise would erase, so
   neither is used.
-* ``shadow`` -- horizontal flip only, scale 0.8-1.2 / shift 10 % / rotate
+* `shadow` -- horizontal flip only, scale 0.8-1.2 / shift 10 % / rotate
   +-10 deg, and photometric changes that are global and monotonic
   (brightness +-0.1, contrast +-0.1, gamma 0.9-1.1, small saturation jitter), so a
   shadow stays darker than the lit surface beside it.  Not used, because they
@@ -22,17 +21,17 @@ Domain choices (geometric ops use nearest-neighbour masks and a black/0 fill):
   channel shuffle, gray conversion, hue shifts, CLAHE/equalisation (local
   contrast stretching brightens shadow regions) and vertical flips (light comes
   from above).
-* ``polyp`` -- flips + ``RandomRotate90`` (endoscopes have no canonical
+* `polyp` -- flips + `RandomRotate90` (endoscopes have no canonical
   orientation), scale 0.75-1.25 / shift 10 % / rotate +-30 deg, brightness and
   contrast +-0.2 with small saturation/hue jitter (tissue colour is a cue), and
   occasional Gaussian blur (defocus and motion blur are common in colonoscopy).
-* ``generic`` / ``demo`` -- horizontal flip, scale 0.8-1.2 / shift 10 % /
+* `generic` / `demo` -- horizontal flip, scale 0.8-1.2 / shift 10 % /
   rotate +-10 deg, moderate colour jitter.
 
-Determinism: ``seed`` goes to ``A.Compose(seed=...)``; the same seed gives the
+Determinism: `seed` goes to `A.Compose(seed=...)`; the same seed gives the
 same sequence of augmentations.  albumentations 2.0 does not reseed per
-``DataLoader`` worker, so workers would repeat each other's augmentations: pass
-:func:`worker_init_fn` to the ``DataLoader`` (or call :meth:`Augmentation.reseed`).
+`DataLoader` worker, so workers would repeat each other's augmentations: pass
+`worker_init_fn` to the `DataLoader` (or call `Augmentation.reseed`).
 """
 from __future__ import annotations
 
@@ -42,9 +41,11 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from .datasets import resize_longest
+
 __all__ = ["DOMAINS", "Augmentation", "build_augmentation", "worker_init_fn"]
 
-#: Domains understood by :func:`build_augmentation`.
+# Domains understood by `build_augmentation`.
 DOMAINS: Tuple[str, ...] = ("camouflage", "shadow", "polyp", "generic", "demo")
 
 
@@ -97,14 +98,16 @@ def _train_ops(domain: str) -> List[A.BasicTransform]:
 
 
 class Augmentation:
-    """Callable ``(image, mask) -> (image, mask)`` around an ``A.Compose``.
+    """Callable `(image, mask) -> (image, mask)` around an `A.Compose`.
 
-    ``image`` is uint8 H x W x 3; ``mask`` is H x W (bool or 0/1 ints); the
-    returned mask is ``bool``, the returned image ``uint8``.
+    `image` is uint8 H x W x 3; `mask` is H x W (bool or 0/1 ints); the
+    returned mask is `bool`, the returned image `uint8`.
 
     Args:
-        compose: the albumentations pipeline.
-        domain: name, for ``repr``.
+        compose: the albumentations pipeline (the random ops).
+        domain: name, for `repr`.
+        image_size: when given, the pair is first resized so its longest side is this many pixels
+            (`resize_longest`), before `compose`.
 
     Example:
         >>> import numpy as np
@@ -114,9 +117,10 @@ class Augmentation:
         ((16, 32, 3), dtype('bool'))
     """
 
-    def __init__(self, compose: A.Compose, domain: str = "") -> None:
+    def __init__(self, compose: A.Compose, domain: str = "", image_size: Optional[int] = None) -> None:
         self.compose = compose
         self.domain = domain
+        self.image_size = image_size
 
     def reseed(self, seed: Optional[int]) -> None:
         """Reset the random state (same seed -> same following augmentations).
@@ -133,32 +137,37 @@ class Augmentation:
         image = np.asarray(image)
         mask = np.asarray(mask)
         if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be H x W x 3, got shape {image.shape}; read it with recipes.data.read_image")
+            raise ValueError(
+                f"image must be H x W x 3, got shape {image.shape}; read it with samadapt.recipes.data.read_image"
+            )
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} must equal the image's H x W {image.shape[:2]}")
         if image.dtype != np.uint8:
             raise ValueError(f"image dtype must be uint8 (0..255), got {image.dtype}; convert it first")
-        out = self.compose(image=np.ascontiguousarray(image), mask=(mask > 0).astype(np.uint8))
+        mask = mask > 0
+        if self.image_size is not None:
+            image, mask = resize_longest(image, mask, self.image_size)
+        out = self.compose(image=np.ascontiguousarray(image), mask=mask.astype(np.uint8))
         return out["image"], out["mask"].astype(bool)
 
     def __repr__(self) -> str:
-        return f"Augmentation(domain={self.domain!r}, compose={self.compose!r})"
+        return f"Augmentation(domain={self.domain!r}, image_size={self.image_size!r}, compose={self.compose!r})"
 
 
 def build_augmentation(domain: str, image_size: int, train: bool = True, seed: Optional[int] = None) -> Augmentation:
     """Build the augmentation pipeline of a domain (see the module docstring for the choices).
 
     Args:
-        domain: ``"camouflage"``, ``"shadow"``, ``"polyp"``, ``"generic"`` or ``"demo"``.
+        domain: `"camouflage"`, `"shadow"`, `"polyp"`, `"generic"` or `"demo"`.
         image_size: longest side after the initial resize.
         train: random ops when True; resize only when False.
         seed: makes the sequence of random ops reproducible.
 
     Returns:
-        an :class:`Augmentation`.
+        an `Augmentation`.
 
     Raises:
-        ValueError: unknown domain or bad ``image_size``.
+        ValueError: unknown domain or bad `image_size`.
 
     Example:
         >>> import numpy as np
@@ -171,25 +180,15 @@ def build_augmentation(domain: str, image_size: int, train: bool = True, seed: O
         raise ValueError(f"domain={domain!r} is unknown; use one of {list(DOMAINS)}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} must be a positive int, e.g. 1024 for SAM")
-    ops: List[A.BasicTransform] = [
-        A.LongestMaxSize(
-            max_size=image_size,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            area_for_downscale="image",
-            p=1.0,
-        )
-    ]
-    if train:
-        ops += _train_ops(domain)
-    return Augmentation(A.Compose(ops, seed=seed, strict=True), domain)
+    ops: List[A.BasicTransform] = _train_ops(domain) if train else []
+    return Augmentation(A.Compose(ops, seed=seed, strict=True), domain, image_size=image_size)
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: give each worker's augmentation its own seed.
+    """`DataLoader(worker_init_fn=...)`: give each worker's augmentation its own seed.
 
-    Looks for an :class:`Augmentation` at ``dataset.transform`` (also through
-    ``.dataset`` wrappers) and reseeds it from torch's per-worker seed, which
+    Looks for an `Augmentation` at `dataset.transform` (also through
+    `.dataset` wrappers) and reseeds it from torch's per-worker seed, which
     depends on the loader's base seed and the worker id.
 
     Args:

@@ -1,5 +1,9 @@
-"""Pieces of `samadapt serve` that are not routes: the request/response schemas, the image store,
-image decoding with limits, mask encoding (PNG, RLE), prompt checks and the request-body limit."""
+"""The API of `samadapt serve` apart from its routes: request/response models and their validation.
+
+Holds the pydantic schemas (they are the OpenAPI schema at `/openapi.json`), the image store,
+image decoding with limits, prompt checks, mask encodings (PNG, RLE) and the request-body limit.
+Every check raises `ApiError` with a 4xx status and a one-line message naming the bad value.
+"""
 import base64
 import io
 import math
@@ -10,14 +14,16 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
 MAX_POINTS = 64
 
 
 # ----------------------------------------------------------------------------- schemas
 class Health(BaseModel):
+    """`GET /api/health`: the core, the adapters resident and the limits."""
+
     status: Literal["ok"] = "ok"
     arch: str = Field(description="the frozen core's size (tiny, vit_b, ...)")
     image_size: int = Field(description="encoder input side in pixels")
@@ -30,6 +36,8 @@ class Health(BaseModel):
 
 
 class AdapterInfo(BaseModel):
+    """One adapter file (or attached adapter) of the listing."""
+
     name: str = Field(description="use this as `adapter` in requests")
     source: Literal["file", "attached"]
     domain: str = ""
@@ -45,11 +53,15 @@ class AdapterInfo(BaseModel):
 
 
 class AdapterList(BaseModel):
+    """`GET /api/adapters`: the adapters in the folder now."""
+
     core: str = Field(description="the core's arch and fingerprint")
     adapters: List[AdapterInfo]
 
 
 class ImageInfo(BaseModel):
+    """`POST /api/images`: the id of the uploaded image and its size."""
+
     image_id: str = Field(description="pass this to /api/segment and /api/auto")
     width: int
     height: int
@@ -58,6 +70,8 @@ class ImageInfo(BaseModel):
 
 
 class SegmentRequest(BaseModel):
+    """`POST /api/segment`: point and box prompts on an uploaded image under an adapter."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [
         {"image_id": "3f1c...", "adapter": None, "points": [[120, 80, 1], [40, 30, 0]], "box": None,
          "multimask": True, "format": "png"}]})
@@ -73,11 +87,15 @@ class SegmentRequest(BaseModel):
 
 
 class Rle(BaseModel):
+    """An uncompressed COCO run-length encoding."""
+
     size: Tuple[int, int] = Field(description="[height, width]")
     counts: List[int] = Field(description="column-major run lengths, starting with a run of zeros")
 
 
 class SegmentResponse(BaseModel):
+    """The masks of `POST /api/segment` with their predicted IoU."""
+
     masks: List[Any] = Field(description="base64 PNG strings (format png) or RLE objects {size, counts} (format rle)")
     scores: List[float] = Field(description="predicted IoU per mask")
     best: int = Field(description="index of the highest-scoring mask")
@@ -88,6 +106,8 @@ class SegmentResponse(BaseModel):
 
 
 class AutoRequest(BaseModel):
+    """`POST /api/auto`: automatic masks for everything in an uploaded image."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     image_id: str = Field(max_length=128)
@@ -99,6 +119,8 @@ class AutoRequest(BaseModel):
 
 
 class AutoMask(BaseModel):
+    """One automatic mask with its box, area and scores."""
+
     rle: Rle
     bbox: List[float] = Field(description="[x, y, w, h]")
     area: int
@@ -108,6 +130,8 @@ class AutoMask(BaseModel):
 
 
 class AutoResponse(BaseModel):
+    """The masks of `POST /api/auto`, highest score first."""
+
     masks: List[AutoMask]
     width: int
     height: int
@@ -116,6 +140,8 @@ class AutoResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every 4xx answer: `{"detail": "..."}`."""
+
     detail: str
 
 
@@ -127,15 +153,35 @@ ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in [
 
 # ----------------------------------------------------------------------------- errors and limits
 class ApiError(HTTPException):
-    """An HTTP error with a one-line message; rendered as {"detail": "..."}."""
+    """An HTTP error with a one-line message; rendered as `{"detail": "..."}`.
+
+    Args:
+        status: the HTTP status (4xx for anything the request got wrong).
+        detail: what was received, what is allowed and how to fix it.
+
+    Example:
+        >>> ApiError(404, "unknown image id 'x'").status_code
+        404
+    """
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(status_code=status, detail=detail)
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit_for(path)` bytes with 413 -- from the
-    Content-Length header before anything is read, or while streaming a body sent without one."""
+    """ASGI middleware: refuse request bodies over `limit_for(path)` bytes with 413.
+
+    The limit is checked from the `Content-Length` header before anything is read, or while
+    streaming a body sent without one.
+
+    Args:
+        app: the ASGI app to wrap.
+        limit_for: request path -> the largest body accepted on it, in bytes.
+
+    Example:
+        >>> from fastapi import FastAPI
+        >>> app = FastAPI(); app.add_middleware(BodyLimit, limit_for=lambda path: 2**20)
+    """
 
     def __init__(self, app, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -186,9 +232,24 @@ async def _send_json(send, status: int, detail: str) -> None:
 
 # ----------------------------------------------------------------------------- images
 def decode_image(data: bytes, max_pixels: int) -> Tuple[np.ndarray, str, Optional[str]]:
-    """Uploaded bytes -> (H x W x 3 uint8 RGB, original mode, format). EXIF orientation applied.
+    """Decode uploaded bytes to RGB, EXIF orientation applied, within a pixel limit.
 
-    Raises ApiError: 400 empty/corrupt, 413 over `max_pixels`, 415 not an image."""
+    Args:
+        data: the uploaded file's bytes.
+        max_pixels: largest accepted width x height (checked from the header, before decoding).
+
+    Returns:
+        `(rgb, mode, format)`: H x W x 3 uint8 RGB (read-only), the file's PIL mode and format.
+
+    Raises:
+        ApiError: 400 empty or corrupt, 413 over `max_pixels`, 415 not an image.
+
+    Example:
+        >>> import io; from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("L", (5, 3), 9).save(buf, "PNG")
+        >>> rgb, mode, fmt = decode_image(buf.getvalue(), max_pixels=100); rgb.shape, mode, fmt
+        ((3, 5, 3), 'L', 'PNG')
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -233,8 +294,20 @@ def _to_rgb(im) -> np.ndarray:
 
 
 class ImageStore:
-    """The most recent `capacity` uploaded images by id (a content hash: the same pixels get the
-    same id, so re-uploading is free and the adapter bank's embedding cache keeps working)."""
+    """The most recent `capacity` uploaded images by id, thread-safe.
+
+    The id is a content hash: the same pixels get the same id, so re-uploading is free and the
+    adapter bank's embedding cache keeps working.
+
+    Args:
+        capacity: images kept; the least recently used is forgotten first.
+
+    Example:
+        >>> import numpy as np
+        >>> store = ImageStore(2); key = store.add(np.zeros((2, 2, 3), np.uint8))
+        >>> store.get(key).shape, len(store)
+        ((2, 2, 3), 1)
+    """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -270,7 +343,24 @@ class ImageStore:
 
 # ----------------------------------------------------------------------------- prompts and masks
 def check_prompts(req: SegmentRequest, width: int, height: int) -> Dict[str, Any]:
-    """Prompt kwargs for `AdapterBank.predict`, or ApiError 422 naming the offending value."""
+    """Check a request's prompts against the image frame and turn them into `AdapterBank.predict` kwargs.
+
+    Args:
+        req: the segment request.
+        width: image width in pixels.
+        height: image height in pixels.
+
+    Returns:
+        kwargs `multimask_output` and, when given, `point_coords`, `point_labels`, `box`.
+
+    Raises:
+        ApiError: 422 for a point or box corner outside the image, or an empty box.
+
+    Example:
+        >>> req = SegmentRequest(image_id="x", points=[[3, 4, 1]])
+        >>> sorted(check_prompts(req, 10, 10))
+        ['multimask_output', 'point_coords', 'point_labels']
+    """
     def inside(x: float, y: float) -> bool:
         return 0.0 <= x <= width and 0.0 <= y <= height  # False for NaN and infinities
 
@@ -294,7 +384,13 @@ def check_prompts(req: SegmentRequest, width: int, height: int) -> Dict[str, Any
 
 
 def mask_png(mask: np.ndarray) -> str:
-    """H x W bool mask -> base64 1-bit PNG."""
+    """Encode an H x W bool mask as a base64 1-bit PNG.
+
+    Example:
+        >>> import numpy as np
+        >>> mask_png(np.ones((2, 2), bool))[:8]
+        'iVBORw0K'
+    """
     from PIL import Image
 
     buf = io.BytesIO()
@@ -303,19 +399,41 @@ def mask_png(mask: np.ndarray) -> str:
 
 
 def masks_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
-    """C x H x W bool masks -> uncompressed COCO RLEs {size: [h, w], counts: [...]}."""
+    """Encode C x H x W bool masks as uncompressed COCO RLEs `{size: [h, w], counts: [...]}`.
+
+    Example:
+        >>> import numpy as np
+        >>> masks_rle(np.array([[[False, True], [False, True]]]))
+        [{'size': [2, 2], 'counts': [2, 2]}]
+    """
     from samadapt.sam_core.amg_utils import mask_to_rle
 
     return mask_to_rle(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)))
 
 
 def finite(x: float) -> float:
+    """`x` as a float, 0.0 for NaN and infinities (JSON has neither).
+
+    Example:
+        >>> finite(float("nan")), finite(0.5)
+        (0.0, 0.5)
+    """
     x = float(x)
     return x if math.isfinite(x) else 0.0
 
 
 def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterInfo:
-    """The listing entry for one `AdapterBank.available()` item."""
+    """The listing entry for one `AdapterBank.available()` item.
+
+    Args:
+        name: the adapter's name.
+        meta: its `AdapterBank.available()` metadata.
+        fingerprint: the serving core's fingerprint (a different one makes it incompatible).
+
+    Example:
+        >>> adapter_info("cod", {"source": "attached"}, "abc").source
+        'attached'
+    """
     if meta.get("source") == "attached":
         return AdapterInfo(name=name, source="attached")
     if "error" in meta:

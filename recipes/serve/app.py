@@ -1,7 +1,8 @@
-"""`samadapt serve`: an HTTP API and an interactive page over one frozen SAM core and a folder of
-adapter files (an `AdapterBank`).
+"""The `samadapt serve` app: an HTTP API and an interactive page over one frozen core and adapter files.
 
-    GET  /               the interactive page (recipes/static/index.html)
+One `AdapterBank` over a folder of adapter files serves every request:
+
+    GET  /               the interactive page (recipes/serve/static/index.html)
     GET  /api/health     core, adapters resident, limits
     GET  /api/adapters   adapter files in the folder now, with their metadata
     POST /api/images     upload an image (multipart field `file`) -> {image_id, width, height}
@@ -11,11 +12,16 @@ adapter files (an `AdapterBank`).
 Errors are JSON `{"detail": "..."}` with a 4xx status; the OpenAPI schema is at /openapi.json and
 /docs. Image embeddings are computed once per (image, adapter) and cached by the bank.
 
+The bank is driven only through its public calls (`AdapterBank.predict`, `AdapterBank.generate`,
+`AdapterBank.available`, `AdapterBank.resident`).
+
 Example:
+    >>> import tempfile
     >>> from fastapi.testclient import TestClient
-    >>> app = create_app(sam, "adapters/")                               # doctest: +SKIP
-    >>> TestClient(app).get("/api/adapters").json()["adapters"][0]["name"]  # doctest: +SKIP
-    'camouflage'
+    >>> from samadapt.sam_core import build_sam
+    >>> app = create_app(build_sam("tiny"), tempfile.mkdtemp())
+    >>> TestClient(app).get("/api/adapters").json()["adapters"]
+    []
 """
 import contextlib
 import os
@@ -35,7 +41,7 @@ from torch import nn
 from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
 from samadapt.adapters.base import _NAME_RE
 
-from .serve_api import (
+from .api import (
     ERRORS, AdapterList, ApiError, AutoMask, AutoRequest, AutoResponse, BodyLimit, Health, ImageInfo, ImageStore,
     SegmentRequest, SegmentResponse, adapter_info, check_prompts, decode_image, finite, mask_png, masks_rle,
 )
@@ -59,6 +65,20 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         max_pixels: largest accepted width x height (413 above).
         image_cache: uploaded images kept (least recently used forgotten; then 404 until re-uploaded).
         max_json_bytes: largest JSON request body.
+
+    Returns:
+        the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`.
+
+    Raises:
+        ValueError: `image_cache` below 1 (and the bank's own checks of `capacity` and the folder).
+
+    Example:
+        >>> import tempfile
+        >>> from fastapi.testclient import TestClient
+        >>> from samadapt.sam_core import build_sam
+        >>> health = TestClient(create_app(build_sam("tiny"), tempfile.mkdtemp())).get("/api/health").json()
+        >>> health["status"], health["arch"], health["adapters"]
+        ('ok', 'tiny', 0)
     """
     bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache))
     images = ImageStore(image_cache)
@@ -183,7 +203,22 @@ def _version() -> str:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one. OSError if it cannot bind."""
+    """A listening TCP socket on `(host, port)`; port 0 picks a free one.
+
+    Args:
+        host: address to bind (`127.0.0.1` keeps the server to this machine).
+        port: TCP port, 0 for any free one.
+
+    Returns:
+        the bound, listening, inheritable socket.
+
+    Raises:
+        OSError: the address cannot be bound (in use, or not this machine's).
+
+    Example:
+        >>> sock = bind_socket("127.0.0.1", 0); url_of(sock).startswith("http://127.0.0.1:"); sock.close()
+        True
+    """
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,6 +233,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket) -> str:
+    """The base URL `http://host:port/` of a bound socket (IPv6 hosts in brackets).
+
+    Example:
+        >>> sock = bind_socket("127.0.0.1", 0); url_of(sock).endswith("/"); sock.close()
+        True
+    """
     host, port = sock.getsockname()[:2]
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
@@ -206,8 +247,22 @@ def url_of(sock: socket.socket) -> str:
 def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
     """Run `app` under uvicorn in a daemon thread; yields its base URL and stops it on exit.
 
+    Args:
+        app: the app (from `create_app`).
+        host: address to bind.
+        port: TCP port, 0 for any free one.
+        timeout: seconds to wait for the server to start, and for it to stop.
+
+    Yields:
+        the base URL, e.g. `http://127.0.0.1:54321/`.
+
+    Raises:
+        RuntimeError: the server did not start within `timeout`.
+
     Example:
-        >>> with background_server(create_app(sam, "adapters/")) as url:   # doctest: +SKIP
+        >>> import tempfile, httpx
+        >>> from samadapt.sam_core import build_sam
+        >>> with background_server(create_app(build_sam("tiny"), tempfile.mkdtemp())) as url:
         ...     httpx.get(url + "api/health").json()["status"]
         'ok'
     """
@@ -231,11 +286,24 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, time
 
 
 def run_server(args) -> int:
-    """The `samadapt serve` command: load the core, bind (127.0.0.1 unless --host), print the URL, serve."""
+    """The `samadapt serve` command: load the core, bind (127.0.0.1 unless `--host`), print the URL, serve.
+
+    Args:
+        args: the parsed CLI arguments (`adapters`, `base`, `capacity`, `host`, `port`, `log_level`).
+
+    Returns:
+        0 when the server stops.
+
+    Raises:
+        UserError: the adapter folder is missing or the address cannot be bound.
+
+    Example:
+        >>> # samadapt serve --adapters my_adapters/ --port 8000
+    """
     import uvicorn
 
-    from .errors import UserError
-    from .trainer import load_base
+    from ..errors import UserError
+    from ..trainer import load_base
 
     directory = Path(args.adapters)
     if not directory.is_dir():

@@ -1,17 +1,18 @@
+# why over 500 lines: one sampler and the prompt primitives it composes; split, each half would import the other
 """Prompt sampling for training SAM-style models: boxes, points, correction clicks, batched prompts.
 
-Conventions (those of ``sam_core``):
+Conventions (those of `sam_core`):
 
-* Coordinates are pixel coordinates of the mask given, ``(x, y)`` = (column, row).
-  Points sit on integer pixel indices (a point ``(x, y)`` means pixel
-  ``mask[y, x]``).
-* Boxes are ``(x0, y0, x1, y1)`` with inclusive pixel indices, as SAM's
-  ``batched_mask_to_box``: a mask that is one pixel wide at column 5 has
-  ``x0 = x1 = 5``.
+* Coordinates are pixel coordinates of the mask given, `(x, y)` = (column, row).
+  Points sit on integer pixel indices (a point `(x, y)` means pixel
+  `mask[y, x]`).
+* Boxes are `(x0, y0, x1, y1)` with inclusive pixel indices, as SAM's
+  `batched_mask_to_box`: a mask that is one pixel wide at column 5 has
+  `x0 = x1 = 5`.
 * Point labels: 1 positive, 0 negative, -1 padding (ignored by the prompt encoder).
 
-Randomness comes from a passed ``np.random.Generator`` (or an int seed, or a
-``torch.Generator``, from which a numpy seed is drawn); ``None`` means fresh OS
+Randomness comes from a passed `np.random.Generator` (or an int seed, or a
+`torch.Generator`, from which a numpy seed is drawn); `None` means fresh OS
 entropy (not reproducible).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = [
 
 RngLike = Union[None, int, np.random.Generator, torch.Generator]
 
-#: Modes of :class:`PromptSampler`.
+# Modes of `PromptSampler`.
 PROMPT_MODES: Tuple[str, ...] = ("none", "box", "points", "box+points", "mixed")
 
 
@@ -52,7 +53,7 @@ def _as_rng(rng: RngLike) -> np.random.Generator:
 
 
 def _as_mask(mask: Any, name: str = "mask", threshold: float = 0.5) -> np.ndarray:
-    """numpy/torch H x W (or 1 x H x W) -> bool H x W; non-bool values are thresholded at ``> threshold``."""
+    """numpy/torch H x W (or 1 x H x W) -> bool H x W; non-bool values are thresholded at `> threshold`."""
     arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
@@ -72,22 +73,22 @@ def box_from_mask(
 ) -> np.ndarray:
     """Tight box around a mask, each side moved by Gaussian noise (SAM's box prompts in training).
 
-    The noise of the left/right sides has std ``jitter * box width``, that of
-    the top/bottom sides std ``jitter * box height`` (SAM: 10 % of the side
-    length), clamped to ``+-max_noise`` pixels (SAM: at most 20 px; ``None``
+    The noise of the left/right sides has std `jitter * box width`, that of
+    the top/bottom sides std `jitter * box height` (SAM: 10 % of the side
+    length), clamped to `+-max_noise` pixels (SAM: at most 20 px; `None`
     means no clamp).  The result is clipped to the image and kept ordered
-    (``x0 <= x1``, ``y0 <= y1``).
+    (`x0 <= x1`, `y0 <= y1`).
 
     Args:
         mask: H x W bool/0-1 array or tensor.
         jitter: noise std as a fraction of the box side; 0 gives the tight box.
         rng: randomness source (see the module docstring).
         max_noise: clamp on each side's displacement in pixels, or None.
-        empty: what an empty mask gives: ``"full"`` the whole-image box
-            ``(0, 0, W-1, H-1)`` (a "segment nothing here" prompt), ``"raise"`` a ValueError.
+        empty: what an empty mask gives: `"full"` the whole-image box
+            `(0, 0, W-1, H-1)` (a "segment nothing here" prompt), `"raise"` a ValueError.
 
     Returns:
-        float32 array ``[x0, y0, x1, y1]`` (inclusive pixel indices).
+        float32 array `[x0, y0, x1, y1]` (inclusive pixel indices).
 
     Example:
         >>> import numpy as np
@@ -124,7 +125,7 @@ def box_from_mask(
 
 
 def _pick(coords: np.ndarray, n: int, g: np.random.Generator) -> np.ndarray:
-    """n rows of ``coords`` (K x 2, (y, x)), without replacement when K >= n."""
+    """n rows of `coords` (K x 2, (y, x)), without replacement when K >= n."""
     if n <= 0:
         return np.zeros((0, 2), np.int64)
     idx = g.choice(len(coords), size=n, replace=len(coords) < n)
@@ -142,7 +143,7 @@ def sample_points(
 
     Points are drawn without replacement while there are enough pixels.  When a
     class has no pixels its points are taken from the other class so that
-    ``n_pos + n_neg`` points always come back: an empty mask gives only
+    `n_pos + n_neg` points always come back: an empty mask gives only
     negatives (label 0), a full mask only positives.
 
     Args:
@@ -150,11 +151,11 @@ def sample_points(
         n_pos: number of positive points.
         n_neg: number of negative points.
         rng: randomness source.
-        valid: optional ``(h, w)``: only pixels in ``[:h, :w]`` are candidates
+        valid: optional `(h, w)`: only pixels in `[:h, :w]` are candidates
             (excludes the zero padding of a SAM batch).
 
     Returns:
-        ``(coords float32 (N, 2) as (x, y), labels int64 (N,))``, positives first.
+        `(coords float32 (N, 2) as (x, y), labels int64 (N,))`, positives first.
 
     Example:
         >>> import numpy as np
@@ -201,25 +202,25 @@ def correction_click(
     """One corrective click from the error between a prediction and the ground truth.
 
     Errors are false negatives (object missed: the click is positive, label 1)
-    and false positives (background taken: negative, label 0).  ``mode``:
+    and false positives (background taken: negative, label 0).  `mode`:
 
-    * ``"uniform"`` (SAM's iterative training): a pixel drawn uniformly from
+    * `"uniform"` (SAM's iterative training): a pixel drawn uniformly from
       all error pixels; its label follows its error type.
-    * ``"largest"``: the error type with more pixels is chosen, then a pixel
+    * `"largest"`: the error type with more pixels is chosen, then a pixel
       uniformly within it.
-    * ``"center"``: the pixel farthest from the boundary of the larger error
+    * `"center"`: the pixel farthest from the boundary of the larger error
       type (deterministic; the usual interactive-segmentation evaluation click).
 
     Args:
         pred_mask: H x W prediction; bool as is, other dtypes are thresholded
-            at ``> threshold`` (pass ``logits > 0`` for logits).
+            at `> threshold` (pass `logits > 0` for logits).
         gt_mask: H x W ground truth.
-        rng: randomness source (unused by ``"center"``).
-        mode: ``"uniform"``, ``"largest"`` or ``"center"``.
-        threshold: see ``pred_mask``.
+        rng: randomness source (unused by `"center"`).
+        mode: `"uniform"`, `"largest"` or `"center"`.
+        threshold: see `pred_mask`.
 
     Returns:
-        ``(coord float32 (2,) as (x, y), label int)``, or ``None`` when the prediction has no error.
+        `(coord float32 (2,) as (x, y), label int)`, or `None` when the prediction has no error.
 
     Example:
         >>> import numpy as np
@@ -265,7 +266,7 @@ def correction_click(
 def pad_points(
     coords: Sequence[np.ndarray], labels: Sequence[np.ndarray], min_points: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch variable-length point lists: pad with ``(0, 0)`` and label -1.
+    """Batch variable-length point lists: pad with `(0, 0)` and label -1.
 
     Args:
         coords: B arrays (N_i, 2).
@@ -273,7 +274,7 @@ def pad_points(
         min_points: pad to at least this many points.
 
     Returns:
-        ``(point_coords float32 (B, N, 2), point_labels int64 (B, N))`` with ``N = max(N_i, min_points)``.
+        `(point_coords float32 (B, N, 2), point_labels int64 (B, N))` with `N = max(N_i, min_points)`.
 
     Example:
         >>> import numpy as np
@@ -321,20 +322,20 @@ def append_correction_clicks(
     rng: RngLike = None,
     mode: str = "uniform",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Add one :func:`correction_click` per item to batched points (SAM's iterative training step).
+    """Add one `correction_click` per item to batched points (SAM's iterative training step).
 
     Items whose prediction has no error get a padding point (label -1).
 
     Args:
         point_coords: (B, N, 2) or None (no points yet).
         point_labels: (B, N) or None.
-        pred_masks: (B, 1, H, W) / (B, H, W) boolean predictions (e.g. ``logits > 0``) in the same frame as the points.
+        pred_masks: (B, 1, H, W) / (B, H, W) boolean predictions (e.g. `logits > 0`) in the same frame as the points.
         gt_masks: same shape, ground truth.
         rng: randomness source.
-        mode: see :func:`correction_click`.
+        mode: see `correction_click`.
 
     Returns:
-        ``(point_coords (B, N+1, 2), point_labels (B, N+1))`` on the device of the inputs.
+        `(point_coords (B, N+1, 2), point_labels (B, N+1))` on the device of the inputs.
 
     Example:
         >>> import torch
@@ -388,34 +389,34 @@ class PromptSampler:
 
     Modes:
 
-    * ``"none"`` -- no prompt (promptless decoding, as SAM-Adapter trains).
-    * ``"box"`` -- a jittered box per item (:func:`box_from_mask`).
-    * ``"points"`` -- ``n_pos`` positive and ``n_neg`` negative points per item (:func:`sample_points`).
-    * ``"box+points"`` -- both.
-    * ``"mixed"`` -- each item gets a box (probability ``box_prob``) or points.
+    * `"none"` -- no prompt (promptless decoding, as SAM-Adapter trains).
+    * `"box"` -- a jittered box per item (`box_from_mask`).
+    * `"points"` -- `n_pos` positive and `n_neg` negative points per item (`sample_points`).
+    * `"box+points"` -- both.
+    * `"mixed"` -- each item gets a box (probability `box_prob`) or points.
       A batch cannot hold "no box" for one item and a box for another in
-      ``Sam.decode``'s tensors, so per-item mixing (``mixed_per="item"``)
-      returns ``box_mask`` (B,) telling which rows of ``boxes`` are real; the
+      `Sam.decode`'s tensors, so per-item mixing (`mixed_per="item"`)
+      returns `box_mask` (B,) telling which rows of `boxes` are real; the
       other rows hold the whole-valid-image box and their items carry points.
-      ``mixed_per="batch"`` draws one choice for the whole batch instead,
+      `mixed_per="batch"` draws one choice for the whole batch instead,
       which any SAM decoder accepts as is.
 
-    ``n_pos``/``n_neg`` may be ranges ``(lo, hi)`` (inclusive) drawn per item;
+    `n_pos`/`n_neg` may be ranges `(lo, hi)` (inclusive) drawn per item;
     counts then differ and the points are padded with label -1.
 
     Args:
-        mode: one of :data:`PROMPT_MODES`.
+        mode: one of `PROMPT_MODES`.
         n_pos: positive points per item (int or range).
         n_neg: negative points per item (int or range).
-        box_jitter: see :func:`box_from_mask` ``jitter``.
-        max_box_noise: see :func:`box_from_mask` ``max_noise``.
-        box_prob: probability of a box in ``"mixed"`` mode.
-        mixed_per: ``"item"`` or ``"batch"``.
-        seed: seed of the sampler's own generator (used when a call gets no ``rng``).
+        box_jitter: see `box_from_mask` `jitter`.
+        max_box_noise: see `box_from_mask` `max_noise`.
+        box_prob: probability of a box in `"mixed"` mode.
+        mixed_per: `"item"` or `"batch"`.
+        seed: seed of the sampler's own generator (used when a call gets no `rng`).
 
-    Returns (of a call): dict with ``point_coords`` float32 (B, N, 2) or None,
-    ``point_labels`` int64 (B, N) or None (-1 = padding), ``boxes`` float32
-    (B, 4) or None, ``box_mask`` bool (B,) or None (None unless some items have no box).
+    Returns (of a call): dict with `point_coords` float32 (B, N, 2) or None,
+    `point_labels` int64 (B, N) or None (-1 = padding), `boxes` float32
+    (B, 4) or None, `box_mask` bool (B,) or None (None unless some items have no box).
 
     Example:
         >>> import torch
@@ -472,7 +473,7 @@ class PromptSampler:
 
         Args:
             masks: (B, 1, H, W) or (B, H, W) tensor/array, or a list of H x W masks.
-            valid_sizes: optional (B, 2) unpadded ``(h, w)`` per item (``"input_size"``
+            valid_sizes: optional (B, 2) unpadded `(h, w)` per item (`"input_size"`
                 of a SAM batch): boxes and points stay inside it.
             rng: overrides the sampler's generator for this call.
 

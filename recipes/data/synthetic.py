@@ -1,32 +1,33 @@
+# why over 500 lines: five generated domains sharing one set of noise/shape primitives, read side by side
 """Synthetic segmentation domains generated on the fly (numpy + OpenCV, seeded, a few ms per 256 px sample).
 
 Domains (each returns an RGB uint8 image and a non-empty bool mask):
 
-* ``generic`` -- 1 to 3 high-contrast objects (ellipses, polygons, smooth
+* `generic` -- 1 to 3 high-contrast objects (ellipses, polygons, smooth
   blobs) in saturated colours, solid or striped/checkered, on a muted
   low-contrast noise background.  The mask is the **union of all objects**, the
   convention of the binary benchmarks (salient/camouflaged objects, polyps).
-* ``objects`` -- ``generic``'s scenes, but the mask is **one** of the objects (chosen at random;
+* `objects` -- `generic`'s scenes, but the mask is **one** of the objects (chosen at random;
   the parts that objects drawn later cover are not in it, and an object mostly covered gives way
   to the top one): a box or a click on it must select that object and not its neighbours, as
   SAM's prompts do. The tiny core is pretrained on it.
-* ``camouflage`` -- one blob whose texture comes from the *same* process as
+* `camouflage` -- one blob whose texture comes from the *same* process as
   the background (a noise-warped sinusoidal grating mixed with fractal noise,
   coloured by one two-colour palette).  The only cues are a rotated grating
   (30-60 deg), a changed grating frequency (x0.7-0.85 or x1.2-1.4) and a hue
   offset of 3-8 deg; mean colours inside and outside the object are nearly
-  equal, so colour/contrast cues learnt on ``generic`` do not help.
-* ``shadow`` -- a textured ground with an occluder, a cast shadow (darkened by
+  equal, so colour/contrast cues learnt on `generic` do not help.
+* `shadow` -- a textured ground with an occluder, a cast shadow (darkened by
   35-60 %, red reduced more than blue, soft Gaussian edge) and sometimes a dark
   but un-shadowed patch with hard edges and no blue shift as a distractor.
   The mask is the shadow (soft alpha > 0.5).
-* ``polyp`` -- pinkish-red tissue with illumination falloff, vignetting and
+* `polyp` -- pinkish-red tissue with illumination falloff, vignetting and
   thin vessels, and a rounded bulging blob (dome shading, slightly different
   tint, darker base rim) with specular highlights; highlights also appear on
   the tissue so they are not a shortcut.  The mask is the blob.
 
-Item ``i`` of :class:`SyntheticDataset` depends only on ``(seed, i)`` (via
-``np.random.default_rng([seed, i])``).
+Item `i` of `SyntheticDataset` depends only on `(seed, i)` (via
+`np.random.default_rng([seed, i])`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from torch.utils.data import Dataset
 
 __all__ = ["SYNTHETIC_DOMAINS", "make_sample", "SyntheticDataset", "write_synthetic_folder"]
 
-#: Domains understood by :func:`make_sample` (``"demo"`` is an alias of ``"generic"``).
+# Domains understood by `make_sample` (`"demo"` is an alias of `"generic"`).
 SYNTHETIC_DOMAINS: Tuple[str, ...] = ("generic", "objects", "camouflage", "shadow", "polyp")
 _ALIASES = {"demo": "generic"}
 _MIN_SIZE = 16
@@ -50,7 +51,7 @@ _MIN_SIZE = 16
 
 # ----------------------------------------------------------------------------- primitives
 def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
-    """Smooth noise in about [0, 1]: a coarse uniform grid (one value per ``cell`` px) upsampled bicubically."""
+    """Smooth noise in about [0, 1]: a coarse uniform grid (one value per `cell` px) upsampled bicubically."""
     gh, gw = max(2, int(math.ceil(h / cell)) + 1), max(2, int(math.ceil(w / cell)) + 1)
     grid = rng.random((gh, gw), dtype=np.float32)
     return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -130,7 +131,7 @@ def _ensure_nonempty(mask: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray, pad: int) -> Tuple[slice, slice]:
-    """Slices of the mask's bounding box grown by ``pad`` px (clipped); the mask must be non-empty."""
+    """Slices of the mask's bounding box grown by `pad` px (clipped); the mask must be non-empty."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     h, w = mask.shape
@@ -146,7 +147,7 @@ def _soft(mask: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Add luminance sensor noise (uniform, std ``noise``) and round to uint8."""
+    """Add luminance sensor noise (uniform, std `noise`) and round to uint8."""
     img = np.asarray(img, np.float32)
     if noise > 0:
         n = rng.random(img.shape[:2], dtype=np.float32)
@@ -219,7 +220,7 @@ def _objects(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
 
 def _camo_texture(rng: np.random.Generator, s: int, freq: float, theta: float,
                   sy: slice = slice(None), sx: slice = slice(None)) -> np.ndarray:
-    """The shared texture process (values in [0, 1]) evaluated on the window ``[sy, sx]``."""
+    """The shared texture process (values in [0, 1]) evaluated on the window `[sy, sx]`."""
     x, y = _coords(s, s)
     x, y = x[sy, sx], y[sy, sx]
     h, w = x.shape
@@ -396,12 +397,12 @@ def make_sample(domain: str, rng: np.random.Generator, image_size: int = 256) ->
     """Generate one synthetic sample (see the module docstring for the domains).
 
     Args:
-        domain: ``"generic"`` (or ``"demo"``), ``"camouflage"``, ``"shadow"`` or ``"polyp"``.
+        domain: `"generic"` (or `"demo"`), `"camouflage"`, `"shadow"` or `"polyp"`.
         rng: numpy Generator; the sample is a deterministic function of its state.
         image_size: side of the square sample (>= 16).
 
     Returns:
-        ``(image uint8 (S, S, 3) RGB, mask bool (S, S))``; the mask is never empty.
+        `(image uint8 (S, S, 3) RGB, mask bool (S, S))`; the mask is never empty.
 
     Example:
         >>> import numpy as np
@@ -417,17 +418,17 @@ def make_sample(domain: str, rng: np.random.Generator, image_size: int = 256) ->
 
 
 class SyntheticDataset(Dataset):
-    """A torch Dataset of synthetic samples with :class:`recipes.data.FolderDataset`'s item format.
+    """A torch Dataset of synthetic samples with `FolderDataset`'s item format.
 
-    Item ``i`` is ``{"image": uint8 (S, S, 3), "mask": bool (S, S), "name": "<domain>_<i>"}``
-    (after ``transform(image, mask)`` if one is given) and depends only on ``(seed, i)``.
+    Item `i` is `{"image": uint8 (S, S, 3), "mask": bool (S, S), "name": "<domain>_<i>"}`
+    (after `transform(image, mask)` if one is given) and depends only on `(seed, i)`.
 
     Args:
-        domain: see :func:`make_sample`.
+        domain: see `make_sample`.
         size: number of items.
         image_size: side of the square samples.
         seed: non-negative int.
-        transform: optional ``(image, mask) -> (image, mask)``.
+        transform: optional `(image, mask) -> (image, mask)`.
 
     Example:
         >>> ds = SyntheticDataset("camouflage", size=4, image_size=64, seed=1)
@@ -459,7 +460,7 @@ class SyntheticDataset(Dataset):
         return self.size
 
     def sample(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The raw ``(image, mask)`` of item ``index`` (no transform).
+        """The raw `(image, mask)` of item `index` (no transform).
 
         Args:
             index: 0 <= index < len(self) (negative indices count from the end).
@@ -482,20 +483,20 @@ class SyntheticDataset(Dataset):
 def write_synthetic_folder(
     domain: str, root: Union[str, Path], n: int, image_size: int = 256, seed: int = 0
 ) -> Path:
-    """Write ``n`` samples as the generic layout: ``root/images/*.png`` + ``root/masks/*.png`` (0/255).
+    """Write `n` samples as the generic layout: `root/images/*.png` + `root/masks/*.png` (0/255).
 
-    The files are items ``0..n-1`` of ``SyntheticDataset(domain, n, image_size, seed)``
-    named ``<domain>_<i>.png``; existing files of the same names are overwritten.
+    The files are items `0..n-1` of `SyntheticDataset(domain, n, image_size, seed)`
+    named `<domain>_<i>.png`; existing files of the same names are overwritten.
 
     Args:
-        domain: see :func:`make_sample`.
+        domain: see `make_sample`.
         root: output folder (created).
         n: number of samples.
         image_size: side of the square samples.
         seed: dataset seed.
 
     Returns:
-        ``Path(root)``.
+        `Path(root)`.
 
     Example:
         >>> import tempfile, os
