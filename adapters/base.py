@@ -1,93 +1,39 @@
-"""Shared adapter lifecycle: the kind registry, per-model adapter state, attach / activate /
-detach / merge / unmerge, and the canonical (name-free) tensor names used by the file format.
+"""Shared adapter lifecycle: per-model adapter state, attach / activate / detach / merge / unmerge,
+and the canonical (name-free) tensor names used by the file format.
 
-Every injected layer reads the active adapter from one list object shared by the whole model
-(peft's LoRA layers included, whose `_active_adapter` is pointed at it), so `activate` is a
-constant-time switch whatever the number of adapted layers.
+The lifecycle knows no kind by name: it asks the registry (`adapters.registry`) for each kind's
+`KindSpec`, decoder policies included. Every injected layer reads the active adapter from one list
+object shared by the whole model (peft's LoRA layers are handed it through `set_adapter`), so
+`activate` is a constant-time switch whatever the number of adapted layers.
 """
-import copy
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-DECODER_POLICIES = ("frozen", "full", "lora")
+from .registry import (  # noqa: F401  (re-exported: kinds and users import these from base)
+    KINDS, AdapterError, Injected, KindSpec, config, decoder_config, decoder_spec, register_kind,
+)
+
 _PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
-
-
-class AdapterError(ValueError):
-    """A user-facing adapter problem (bad name, unknown kind, nothing matched, ...)."""
 
 
 class IncompatibleAdapterError(AdapterError):
     """The adapter file was made for another base model (arch, image size or weights)."""
 
 
-# ---------------------------------------------------------------------------- registry
-@dataclass
-class Injected:
-    """What a kind's `inject` hands back for one adapter.
-
-    `tensors` names every tensor of the adapter by its canonical (name-free) path in the `Sam`,
-    as the (owner module, attribute) that holds it: saving, loading, the trainable flags and the
-    parameter list all read this index instead of walking the model. `handle` is the kind's own
-    record, handed back to its `remove`; `peft_layers` are the peft tuner layers (path, layer)
-    that hold this adapter, pointed at the shared active list and used by `merge`.
-    """
-
-    tensors: Dict[str, Tuple[nn.Module, str]]
-    handle: Any = None
-    peft_layers: List[Tuple[str, nn.Module]] = field(default_factory=list)
-
-
-@dataclass
-class KindSpec:
-    """What the lifecycle needs from one adapter kind (one file in `adapters/`)."""
-
-    name: str
-    config_cls: Type
-    inject: Callable  # (sam, config, adapter_name, state, init) -> Injected; init=False: every tensor is written next
-    remove: Callable  # (sam, adapter_name, state, handle) -> None
-    mergeable: bool = False
-
-
-KINDS: Dict[str, KindSpec] = {}
-
-
-def register_kind(spec: KindSpec) -> KindSpec:
-    """Enrol an adapter kind; each kind file calls this once at import."""
-    KINDS[spec.name] = spec
-    return spec
-
-
-def config(kind: str, **kwargs) -> Any:
-    """The `Config` dataclass of a registered kind, filled with `kwargs`.
-
-    Example:
-        >>> from samadapt import adapters
-        >>> adapters.config("lora", r=4, targets=["qkv"]).r
-        4
-    """
-    if kind not in KINDS:
-        raise AdapterError(f"unknown adapter kind {kind!r}; registered kinds: {sorted(KINDS)}")
-    cls = KINDS[kind].config_cls
-    valid = {f.name for f in fields(cls)}
-    bad = sorted(set(kwargs) - valid)
-    if bad:
-        raise AdapterError(f"{kind} config has no setting(s) {bad}; valid: {sorted(valid)}")
-    return cls(**kwargs)
-
-
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """A kind's Config as the JSON-able dict stored in a file's `config` metadata (with `kind`)."""
     d = asdict(cfg)
     d["kind"] = cfg.kind
     return d
 
 
 def config_from_dict(d: Dict[str, Any]) -> Any:
+    """The Config an entry of a file's `config` metadata describes (through the registry)."""
     d = dict(d)
     kind = d.pop("kind", None)
     if kind is None:
@@ -108,6 +54,7 @@ class AdapterInfo:
     decoder: str = "frozen"
     decoder_r: int = 4
     parts: Dict[str, Injected] = field(default_factory=dict)  # kind name or "decoder" -> what it injected
+    decoder_config: Any = None  # the decoder policy's Config (None: frozen)
 
     @property
     def tensors(self) -> Dict[str, Tuple[nn.Module, str]]:
@@ -124,9 +71,13 @@ class AdapterState:
     adapters: Dict[str, AdapterInfo] = field(default_factory=dict)
     merged: Optional[str] = None
     merge_stash: Dict[str, Tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
+    # kinds attached here that follow activation by a call (`KindSpec.on_activate`), by kind label
+    on_activate: Dict[str, Callable] = field(default_factory=dict)
 
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
+    """The adapter state of `sam` (kept in the instance's `__dict__`: not a submodule or buffer, so
+    `state_dict` and `to()` never see it); None if it has none and `create` is False."""
     st = sam.__dict__.get("_adapter_state")
     if st is None and create:
         st = AdapterState()
@@ -218,20 +169,23 @@ def load_adapter_tensors(sam: nn.Module, name: str, sd: Dict[str, torch.Tensor],
 
 
 def _link(parts: Iterable[Injected], state: AdapterState) -> None:
-    """Point peft layers' active-adapter list at the shared one."""
+    """Point peft layers' active-adapter list at the shared one, through peft's public `set_adapter`.
+
+    peft keeps the very list it is handed as the layer's active adapters, so every layer then reads
+    `state.active` and `activate` stays one list write. `set_adapter` also sets requires_grad on the
+    layer's adapters; the flags are put back as they were (the lifecycle owns them).
+    """
     for part in parts:
         for _, layer in part.peft_layers:
-            layer._active_adapter = state.active
-            layer._disable_adapters = False
+            flags = [(p, p.requires_grad) for p in layer.parameters()]
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+            layer.set_adapter(state.active, inference_mode=True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------------- lifecycle
-def _set_decoder_in_use(sam: nn.Module, name: Optional[str]) -> None:
-    decoders = getattr(sam, "adapter_decoders", None)
-    dec = decoders[name] if decoders is not None and name is not None and name in decoders else None
-    sam.use_decoder(dec)
-
-
 def attach(
     sam: nn.Module,
     configs: Union[Any, Sequence[Any]],
@@ -276,10 +230,9 @@ def attach(
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
     if state.merged is not None:
         raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) first")
-    if decoder not in DECODER_POLICIES:
-        raise AdapterError(f"decoder policy {decoder!r} is not one of {DECODER_POLICIES}")
+    dec_spec = decoder_spec(decoder)  # None: frozen, no decoder part
     configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
-    if not configs and decoder == "frozen":
+    if not configs and dec_spec is None:
         raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy other than 'frozen'")
     kinds = [getattr(c, "kind", None) for c in configs]
     for c, k in zip(configs, kinds):
@@ -294,23 +247,24 @@ def attach(
     info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
     state.adapters[name] = info_  # registered first: a failure below is undone by _remove
     try:
-        for c in configs:
-            info_.parts[c.kind] = KINDS[c.kind].inject(sam, c, name, state, _init)
-        if decoder == "full":
-            if "adapter_decoders" not in sam._modules:
-                sam.adapter_decoders = AdapterSlot()
-            dec = _plain_copy(sam.mask_decoder)
-            sam.adapter_decoders[name] = dec
-            info_.parts["decoder"] = Injected(tensors=module_tensors("mask_decoder.", dec))
-        elif decoder == "lora":
-            from .lora import inject_decoder_lora
-
-            info_.parts["decoder"] = inject_decoder_lora(sam, name, decoder_r, _init)
+        jobs = [(c.kind, KINDS[c.kind], c) for c in configs]
+        if dec_spec is not None:
+            info_.decoder_config = decoder_config(dec_spec, decoder_r)
+            jobs.append(("decoder", dec_spec, info_.decoder_config))
+        for part_name, spec, c in jobs:
+            part = spec.inject(sam, c, name, state, _init)
+            part.spec = spec
+            info_.parts[part_name] = part
+            if spec.on_activate is not None:
+                state.on_activate[spec.label] = spec.on_activate
         seen: Dict[str, str] = {}
         for part_name, part in info_.parts.items():
             for k in part.tensors:
                 if k in seen:
                     raise AdapterError(f"tensor name {k} is claimed by both {seen[k]} and {part_name}")
+                if not part.spec.owns(k):  # labels (inspect, trainable_summary) come from `owns`
+                    raise AdapterError(f"kind {part.spec.name!r} injected tensor {k} that its KindSpec.owns does "
+                                       f"not claim; fix the kind's owns (or its tensor names)")
                 seen[k] = part_name
     except BaseException:
         _remove(sam, name, state)
@@ -327,19 +281,6 @@ def attach(
         globals()["activate"](sam, name)
     else:
         globals()["activate"](sam, state.active[0] if state.active else None)
-
-
-def _plain_copy(decoder: nn.Module) -> nn.Module:
-    """A copy of the frozen decoder without peft wrappers (other adapters' decoder LoRA, or the
-    empty wrappers left after detaching it): the copy holds the core decoder's layers only."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    dec = copy.deepcopy(decoder)
-    for path, mod in list(dec.named_modules()):
-        if isinstance(mod, BaseTunerLayer):
-            parent, _, attr = path.rpartition(".")
-            setattr(dec.get_submodule(parent) if parent else dec, attr, mod.get_base_layer())
-    return dec
 
 
 def set_trainable(sam: nn.Module, name: Optional[str]) -> None:
@@ -369,7 +310,8 @@ def activate(sam: nn.Module, name: Optional[str]) -> None:
     if state.merged is not None and name != state.merged:
         raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) before switching")
     state.active[:] = [name] if name is not None else []
-    _set_decoder_in_use(sam, name)
+    for hook in state.on_activate.values():  # one call per kind attached here, not per layer
+        hook(sam, name)
     sam.generation += 1
 
 
@@ -397,18 +339,10 @@ def _remove(sam: nn.Module, name: str, state: AdapterState) -> None:
     if inf is not None:
         if name in state.active:  # peft would otherwise pick another adapter to activate, with a warning
             state.active[:] = []
-        for part_name, part in list(inf.parts.items()):
-            if part_name in KINDS:
-                KINDS[part_name].remove(sam, name, state, part.handle)
-            elif part_name == "decoder" and inf.decoder == "lora":
-                from .lora import remove_lora
-
-                remove_lora(sam, name, part.handle)
+        for part in list(inf.parts.values()):
+            part.spec.remove(sam, name, state, part.handle)
             _link([part], state)  # peft's delete_adapter may have replaced a layer's active list
         inf.parts.clear()
-    decoders = getattr(sam, "adapter_decoders", None)
-    if decoders is not None and name in decoders:
-        del decoders[name]
     state.adapters.pop(name, None)
 
 
@@ -465,17 +399,16 @@ def trainable_summary(sam: nn.Module) -> Dict[str, Any]:
     total = sum(p.numel() for p in sam.parameters())
     trainable = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     by_kind: Dict[str, int] = {}
-    for path, p in sam.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".lora_" in path and path.startswith("mask_decoder"):
-            kind = "decoder_lora"
-        elif ".lora_" in path:
-            kind = "lora"
-        elif path.startswith("adapter_decoders"):
-            kind = "decoder_full"
-        else:
-            m = re.search(r"samadapt_(\w+?)\.", path)
-            kind = m.group(1) if m else "other"
-        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+    seen = set()
+    st = state_of(sam, create=False)
+    for inf in (st.adapters.values() if st is not None else ()):
+        for part in inf.parts.values():  # each part is labelled by the kind that made it
+            for m, a in part.tensors.values():
+                p = getattr(m, a)
+                if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    by_kind[part.spec.label] = by_kind.get(part.spec.label, 0) + p.numel()
+    for p in sam.parameters():
+        if p.requires_grad and id(p) not in seen:
+            by_kind["other"] = by_kind.get("other", 0) + p.numel()
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1), "by_kind": by_kind}

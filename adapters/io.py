@@ -5,11 +5,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .registry import DECODER_KINDS, KINDS, label_tensor
 from .base import (
     AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
     info, set_trainable,
@@ -201,7 +202,18 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
     Returns a dict with the parsed metadata (`format`, `name`, `config`, `decoder`, `base`,
     `domain`, `prompt_mode`, `metrics`, `recipe`, `samadapt_version`, ...) plus `tensors` (count),
-    `parameters`, `tensor_bytes`, `file_bytes`, `header_bytes` and `parameters_by_kind`.
+    `parameters`, `tensor_bytes`, `file_bytes`, `header_bytes`, `parameters_by_kind` and
+    `tensors_by_kind` (label -> tensor names). Labels come from the kinds the file names, asked
+    through the registry (`KindSpec.owns`); a tensor none of them owns is labelled `other`.
+
+    Args:
+        path: an adapter `.safetensors` file.
+
+    Returns:
+        The dict described above.
+
+    Raises:
+        AdapterFormatError: not a readable samadapt adapter file.
     """
     from safetensors import safe_open
 
@@ -209,6 +221,8 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     meta = _read_header(path)
     out = _parse(meta, path)
     by_kind: Dict[str, int] = {}
+    tensors_by_kind: Dict[str, List[str]] = {}
+    specs = _file_specs(out)
     n_params = n_bytes = 0
     with safe_open(str(path), framework="pt") as f:
         for k in meta["_keys"]:
@@ -219,15 +233,29 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                 numel *= s
             n_params += numel
             n_bytes += numel * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
-            kind = ("decoder_lora" if ".lora_" in k else "decoder_full") if k.startswith("mask_decoder.") else \
-                "lora" if ".lora_" in k else "sam_adapter" if "samadapt_sam_adapter" in k else \
-                "bottleneck" if "samadapt_bottleneck" in k else "other"
+            kind = label_tensor(k, specs)
             by_kind[kind] = by_kind.get(kind, 0) + numel
+            tensors_by_kind.setdefault(kind, []).append(k)
     with open(path, "rb") as fh:
         header = int.from_bytes(fh.read(8), "little")
     out.update(tensors=len(meta["_keys"]), parameters=n_params, tensor_bytes=n_bytes,
-               file_bytes=path.stat().st_size, header_bytes=header + 8, parameters_by_kind=by_kind)
+               file_bytes=path.stat().st_size, header_bytes=header + 8, parameters_by_kind=by_kind,
+               tensors_by_kind=tensors_by_kind)
     return out
+
+
+def _file_specs(parsed: Dict[str, Any]) -> Optional[List[Any]]:
+    """The registered kinds a file names (its configs, then its decoder policy), which label its
+    tensors; None (every registered kind) when the metadata does not say."""
+    try:
+        names = [c["kind"] for c in parsed["config"]]
+        policy = parsed["decoder"].get("policy", "frozen")
+    except (KeyError, TypeError, AttributeError):
+        return None
+    specs = [KINDS[n] for n in names if n in KINDS]
+    if policy in DECODER_KINDS:
+        specs.append(DECODER_KINDS[policy])
+    return specs
 
 
 def core_fingerprint(sam: nn.Module) -> str:

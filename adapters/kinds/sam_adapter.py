@@ -8,7 +8,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
 
 
 @dataclass
