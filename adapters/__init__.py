@@ -12,8 +12,8 @@ from .registry import (
     unregister_kind,
 )
 from .base import (  # noqa: E402
-    IncompatibleAdapterError, activate, active, adapter_parameters, attach, attached, detach, info, merge,
-    set_trainable, trainable_summary, unmerge,
+    AdapterSlot, IncompatibleAdapterError, Injected, activate, active, adapter_parameters, attach, attached,
+    block_indices, detach, info, merge, module_tensors, set_trainable, trainable_summary, unmerge,
 )
 # built-in kinds enrol themselves on import (one file per kind); plugins are read on first lookup
 from . import kinds  # noqa: E402
@@ -26,4 +26,6 @@ __all__ = [
     "set_trainable", "adapter_parameters", "info", "save", "load", "inspect", "adapter_state_dict", "AdapterBank",
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",
     "DECODER_POLICIES", "DECODER_KINDS", "FORMAT", "ENTRY_POINT_GROUP", "load_plugins", "unregister_kind",
+    # what a third-party kind builds on
+    "Injected", "AdapterSlot", "block_indices", "module_tensors",
 ]
