@@ -44,7 +44,35 @@ def config_from_dict(d: Dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------- per-model state
 class AdapterSlot(nn.ModuleDict):
     """Holds one kind's modules at one place in the model, keyed by adapter name. Canonical
-    tensor names drop the key, so a file loads under any name."""
+    tensor names drop the key, so a file loads under any name.
+
+    The slot also keeps the forward hooks its kind installed for it (`add_hooks`), so the kind can
+    take them out with the slot (`remove_hooks`) without storing anything on the host module.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> host, calls = nn.Linear(2, 2), []
+        >>> slot = AdapterSlot()
+        >>> slot.add_hooks(host.register_forward_hook(lambda m, a, out: calls.append(1)))
+        >>> _ = host(torch.zeros(1, 2)); slot.remove_hooks(); _ = host(torch.zeros(1, 2)); len(calls)
+        1
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # a leading underscore: adapter names start with a letter, so no key can shadow it
+        self._hooks: List[Any] = []
+
+    def add_hooks(self, *handles: Any) -> None:
+        """Keep hook handles (`register_forward_hook` / `register_forward_pre_hook` results)."""
+        self._hooks.extend(handles)
+
+    def remove_hooks(self) -> None:
+        """Remove every kept hook from the module it was registered on."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @dataclass

@@ -94,10 +94,10 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool =
         if "samadapt_bottleneck" not in blk._modules:
             blk.samadapt_bottleneck = AdapterSlot()
             # hooks are installed once per block and dispatch on the shared active list
-            blk._samadapt_hooks = [
+            blk.samadapt_bottleneck.add_hooks(
                 blk.attn.register_forward_hook(_attn_hook(blk, state)),
                 blk.mlp.register_forward_hook(_mlp_hook(blk, state)),
-            ]
+            )
         ref = blk.norm1.weight
         mod = BlockAdapters(dim, width, cfg.positions, cfg.scale).to(ref.device)
         blk.samadapt_bottleneck[name] = mod
@@ -112,10 +112,8 @@ def remove(sam: nn.Module, name: str, state, handle) -> None:
         if slot is not None and name in slot:
             del slot[name]
             if len(slot) == 0:
-                for h in blk._samadapt_hooks:
-                    h.remove()
+                slot.remove_hooks()
                 del blk.samadapt_bottleneck
-                del blk._samadapt_hooks
 
 
 register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove))

@@ -97,8 +97,7 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
     patch = enc.patch_embed.proj.kernel_size[0]
     if "samadapt_sam_adapter" not in enc._modules:
         enc.samadapt_sam_adapter = AdapterSlot()
-        ctx = _Context()
-        enc._samadapt_ctx = ctx
+        ctx = _Context()  # shared by the hooks' closures only
 
         def on_patch_embed_input(module, args):
             ctx.image = args[0]
@@ -122,10 +121,11 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
                 return None
             return pre
 
-        enc._samadapt_sam_adapter_hooks = [
+        enc.samadapt_sam_adapter.add_hooks(
             enc.patch_embed.register_forward_pre_hook(on_patch_embed_input),
             enc.patch_embed.register_forward_hook(on_patch_embed_output),
-        ] + [blk.register_forward_pre_hook(block_hook(i)) for i, blk in enumerate(enc.blocks)]
+            *[blk.register_forward_pre_hook(block_hook(i)) for i, blk in enumerate(enc.blocks)],
+        )
     gen = PromptGenerator(dim, width, patch, len(idx), cfg).to(enc.patch_embed.proj.weight.device)
     gen.block_index = {b: j for j, b in enumerate(idx)}
     enc.samadapt_sam_adapter[name] = gen
@@ -138,11 +138,8 @@ def remove(sam: nn.Module, name: str, state, handle=None) -> None:
     if slot is not None and name in slot:
         del slot[name]
         if len(slot) == 0:
-            for h in enc._samadapt_sam_adapter_hooks:
-                h.remove()
+            slot.remove_hooks()
             del enc.samadapt_sam_adapter
-            del enc._samadapt_sam_adapter_hooks
-            del enc._samadapt_ctx
 
 
 register_kind(KindSpec("sam_adapter", SamAdapterConfig, inject, remove))

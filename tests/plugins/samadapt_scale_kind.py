@@ -53,7 +53,7 @@ def inject(sam, cfg, name, state, init=True):
         if "samadapt_scale" not in blk._modules:
             slot = adapters.AdapterSlot()
             blk.add_module("samadapt_scale", slot)
-            slot.hook_handle = blk.register_forward_hook(_hook(slot, state))  # our own module's attribute
+            slot.add_hooks(blk.register_forward_hook(_hook(slot, state)))
         mod = ScaleShift(sam.image_encoder.embed_dim).to(blk.norm1.weight.device)
         blk.samadapt_scale[name] = mod
         tensors.update(adapters.module_tensors(f"image_encoder.blocks.{i}.samadapt_scale.", mod))
@@ -67,7 +67,7 @@ def remove(sam, name, state, handle):
         if slot is not None and name in slot:
             del slot[name]
             if len(slot) == 0:
-                slot.hook_handle.remove()
+                slot.remove_hooks()
                 del blk.samadapt_scale
 
 
