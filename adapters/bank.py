@@ -129,6 +129,8 @@ class AdapterBank:
         self.stats["evictions"] += 1
 
     def resident(self) -> List[str]:
+        """Names of the adapters on the core now: those attached by the caller, then the loaded ones
+        from least to most recently used."""
         with self._lock:
             return sorted(self._pinned) + list(self._loaded)
 

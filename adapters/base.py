@@ -77,6 +77,8 @@ class AdapterSlot(nn.ModuleDict):
 
 @dataclass
 class AdapterInfo:
+    """One attached adapter: its kinds' configs, decoder policy and what each part injected."""
+
     name: str
     configs: List[Any]
     decoder: str = "frozen"
@@ -95,6 +97,8 @@ class AdapterInfo:
 
 @dataclass
 class AdapterState:
+    """Every adapter attached to one `Sam`, the shared active list, and the merge record."""
+
     active: List[str] = field(default_factory=list)  # shared with every adapted layer
     adapters: Dict[str, AdapterInfo] = field(default_factory=dict)
     merged: Optional[str] = None
@@ -356,6 +360,11 @@ def attached(sam: nn.Module) -> List[str]:
 
 
 def info(sam: nn.Module, name: str) -> AdapterInfo:
+    """The `AdapterInfo` of attached adapter `name`.
+
+    Raises:
+        AdapterError: no adapter of that name is attached (lists the attached ones).
+    """
     st = state_of(sam)
     if name not in st.adapters:
         raise AdapterError(f"no adapter named {name!r} is attached; attached: {sorted(st.adapters)}")
@@ -375,7 +384,19 @@ def _remove(sam: nn.Module, name: str, state: AdapterState) -> None:
 
 
 def detach(sam: nn.Module, name: str) -> None:
-    """Remove adapter `name` and its modules; the model returns to the plain core if it was active."""
+    """Remove adapter `name` and its modules; the model returns to the plain core if it was active.
+
+    Raises:
+        AdapterError: `name` is not attached, or is merged (unmerge first).
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
+        >>> adapters.detach(sam, "b"); adapters.attached(sam)
+        []
+    """
     state = state_of(sam)
     info(sam, name)
     if state.merged == name:
@@ -389,7 +410,19 @@ def detach(sam: nn.Module, name: str) -> None:
 
 def merge(sam: nn.Module, name: str) -> None:
     """Fold adapter `name`'s LoRA into the frozen weights (zero-overhead inference); other kinds
-    of the same adapter stay active as modules. `unmerge` restores the core bit for bit."""
+    of the same adapter stay active as modules. `unmerge` restores the core bit for bit.
+
+    Raises:
+        AdapterError: `name` is not attached, or another adapter is merged.
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=2), name="l")
+        >>> adapters.merge(sam, "l"); adapters.unmerge(sam); adapters.active(sam)
+        'l'
+    """
     state = state_of(sam)
     inf = info(sam, name)  # raises for a name that is not attached
     if state.merged is not None:
@@ -422,7 +455,19 @@ def unmerge(sam: nn.Module) -> None:
 def trainable_summary(sam: nn.Module) -> Dict[str, Any]:
     """Trainable vs total parameters, overall and per adapter kind.
 
-    Returns a dict: `trainable`, `total`, `percent`, `by_kind` ({kind: trainable count}).
+    Each attached adapter's parts are labelled by the kind that made them (`KindSpec.label`, asked
+    through the registry); trainable parameters no adapter owns count as `other`.
+
+    Returns:
+        A dict: `trainable`, `total`, `percent`, `by_kind` ({label: trainable count}).
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=2), name="l", decoder="lora")
+        >>> sorted(adapters.trainable_summary(sam)["by_kind"])
+        ['decoder_lora', 'lora']
     """
     total = sum(p.numel() for p in sam.parameters())
     trainable = sum(p.numel() for p in sam.parameters() if p.requires_grad)

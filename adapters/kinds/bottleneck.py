@@ -18,6 +18,15 @@ class BottleneckConfig:
     `attn`: x_attn <- x_attn + up(gelu(down(x_attn))) on the attention output (sequential).
     `mlp`: block output gains `scale * up(gelu(down(h)))` where h is the MLP's input (parallel).
 
+    Args:
+        width: bottleneck width (default: `embed_dim // 4`, Med-SA's 0.25 ratio).
+        positions: `attn` (sequential) and/or `mlp` (parallel).
+        scale: scale of the parallel MLP adapter.
+        blocks: encoder block indices (None: all).
+
+    Raises:
+        AdapterError: an unknown position or a non-positive width.
+
     Example:
         >>> from samadapt import adapters
         >>> adapters.config("bottleneck", width=32, positions=["mlp"], scale=0.1).width
@@ -53,10 +62,13 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`up(gelu(down(x)))`, computed in the adapter's dtype and returned in `x`'s."""
         return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 class BlockAdapters(nn.Module):
+    """One adapter's bottlenecks in one block: `attn` (sequential) and/or `mlp` (parallel, scaled)."""
+
     def __init__(self, dim: int, width: int, positions: List[str], scale: float) -> None:
         super().__init__()
         self.scale = scale
@@ -84,6 +96,7 @@ def _mlp_hook(block, state):
 
 
 def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool = True) -> Injected:
+    """Bottlenecks named `name` in the blocks `cfg` chooses (the kind's `inject`)."""
     blocks = sam.image_encoder.blocks
     idx = block_indices(cfg.blocks, len(blocks), "bottleneck")
     dim = sam.image_encoder.embed_dim
@@ -106,6 +119,7 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool =
 
 
 def remove(sam: nn.Module, name: str, state, handle) -> None:
+    """Undo `inject`; a block left without bottlenecks loses its slot and hooks."""
     for i in handle:
         blk = sam.image_encoder.blocks[i]
         slot = blk._modules.get("samadapt_bottleneck")

@@ -15,6 +15,17 @@ from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices,
 class SamAdapterConfig:
     """Explicit visual prompting for every (or chosen) encoder block.
 
+    Args:
+        scale_factor: bottleneck width = `embed_dim // scale_factor` (paper: 32).
+        width: explicit bottleneck width (overrides `scale_factor`).
+        freq_ratio: area fraction of low frequencies masked out of the FFT, in [0, 1).
+        blocks: blocks receiving a prompt (None: all).
+        handcrafted: use the high-frequency image feature.
+        embedding: use the patch-embedding feature.
+
+    Raises:
+        AdapterError: a setting out of range, or both features off.
+
     Example:
         >>> from samadapt import adapters
         >>> adapters.config("sam_adapter", scale_factor=32, freq_ratio=0.25).freq_ratio
@@ -53,6 +64,9 @@ def high_frequency(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 class PromptGenerator(nn.Module):
+    """One adapter's prompt generator: feature maps, a small MLP per prompted block, a shared
+    zero-initialised up-projection."""
+
     def __init__(self, dim: int, width: int, patch: int, n_blocks: int, cfg: SamAdapterConfig) -> None:
         super().__init__()
         self.freq_ratio = cfg.freq_ratio
@@ -77,6 +91,7 @@ class PromptGenerator(nn.Module):
         return f
 
     def prompt(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """The prompt added to the tokens entering the `i`-th prompted block."""
         return self.shared_mlp(self.block_mlps[i](feats))
 
 
@@ -89,6 +104,7 @@ class _Context:
 
 
 def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool = True) -> Injected:
+    """A prompt generator named `name` (the kind's `inject`); the hooks are installed once per encoder."""
     enc = sam.image_encoder
     n = len(enc.blocks)
     idx = block_indices(cfg.blocks, n, "sam_adapter")
@@ -133,6 +149,7 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
 
 
 def remove(sam: nn.Module, name: str, state, handle=None) -> None:
+    """Undo `inject`; the last generator out takes the slot and its hooks with it."""
     enc = sam.image_encoder
     slot = enc._modules.get("samadapt_sam_adapter")
     if slot is not None and name in slot:
