@@ -31,13 +31,34 @@ def package_hashes():
     return out
 
 
+SHIFT_MODULE = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+import samadapt_scale_kind as scale
+from samadapt import adapters
+
+
+@dataclass
+class ShiftConfig(scale.ScaleConfig):
+    kind: ClassVar[str] = "shift"
+
+
+# not registered here: the entry point names this object, and samadapt registers it
+SPEC = adapters.KindSpec("shift", ShiftConfig, scale.inject, scale.remove, owns=lambda k: ".samadapt_scale." in k)
+"""
+
+
 def write_site(tmp_path: Path) -> Path:
-    """A site directory as pip would leave it: the plugin module plus its `.dist-info` (METADATA and
-    entry_points.txt), and a second, broken distribution whose entry point cannot be imported."""
+    """A site directory as pip would leave it: the plugin modules plus their `.dist-info` (METADATA
+    and entry_points.txt): one entry point names a module that registers its kind on import, one
+    names a `KindSpec` object, and a broken distribution's entry point cannot be imported."""
     site = tmp_path / "site"
     site.mkdir()
     shutil.copy(PLUGIN, site / PLUGIN.name)
+    (site / "samadapt_shift_kind.py").write_text(SHIFT_MODULE)
     dists = {"samadapt_scale_kind": "scale = samadapt_scale_kind",
+             "samadapt_shift_kind": "shift = samadapt_shift_kind:SPEC",
              "samadapt_broken_kind": "broken = samadapt_broken_kind_missing_module"}
     for dist, ep in dists.items():
         info = site / f"{dist}-0.1.dist-info"
@@ -58,19 +79,26 @@ def env_with(site: Path) -> dict:
     return env
 
 
-@pytest.fixture
-def scale_site(tmp_path, monkeypatch):
-    """The plugin installed on sys.path and loaded through its entry point; unregistered afterwards."""
-    site = write_site(tmp_path)
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    monkeypatch.delitem(sys.modules, "samadapt_scale_kind", raising=False)
-    with pytest.warns(RuntimeWarning, match="samadapt_broken_kind_missing_module"):
-        loaded = adapters.load_plugins()
-    assert "scale" in loaded and "broken" not in loaded
-    yield site
-    adapters.unregister_kind("scale")
-    sys.modules.pop("samadapt_scale_kind", None)
+@pytest.fixture(scope="module")
+def scale_site(tmp_path_factory):
+    """The plugins installed on sys.path and loaded through their entry points, once per module (an
+    entry point is loaded once per process); unregistered afterwards."""
+    site = write_site(tmp_path_factory.mktemp("plugins"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(site))
+        importlib.invalidate_caches()
+        for mod in ("samadapt_scale_kind", "samadapt_shift_kind"):
+            mp.delitem(sys.modules, mod, raising=False)
+        with pytest.warns(RuntimeWarning, match="'broken'.*samadapt_broken_kind_missing_module"):
+            loaded = adapters.load_plugins()
+        assert sorted(loaded) == ["scale", "shift"]
+        assert adapters.KINDS["shift"] is sys.modules["samadapt_shift_kind"].SPEC  # a KindSpec entry point
+        assert adapters.load_plugins() == []  # each entry point is loaded once
+        yield site
+        for kind in ("scale", "shift"):
+            adapters.unregister_kind(kind)
+        for mod in ("samadapt_scale_kind", "samadapt_shift_kind"):
+            sys.modules.pop(mod, None)
 
 
 def test_plugin_kind_lifecycle(scale_site, tiny_sam, tmp_path):
@@ -149,6 +177,23 @@ def test_plugins_load_lazily_and_a_broken_one_only_warns(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "before False" in run.stdout and "after True ScaleConfig" in run.stdout, run.stdout
     assert "'broken'" in run.stderr and "samadapt_broken_kind_missing_module" in run.stderr, run.stderr
+
+
+def test_a_kind_must_own_the_tensors_it_injects(scale_site, tiny_sam):
+    """Labels come from `KindSpec.owns`: a kind whose `owns` does not claim its tensors is refused at
+    attach, and the failed attach leaves the model as it was."""
+    scale = sys.modules["samadapt_scale_kind"]
+    spec = adapters.unregister_kind("scale")
+    adapters.register_kind(adapters.KindSpec("scale", scale.ScaleConfig, scale.inject, scale.remove,
+                                             owns=lambda k: False))
+    try:
+        with pytest.raises(adapters.AdapterError, match="does not claim"):
+            adapters.attach(tiny_sam, adapters.config("scale"), name="bad")
+        assert adapters.attached(tiny_sam) == []
+        assert not any("samadapt_scale" in n for n, _ in tiny_sam.named_modules())
+    finally:
+        adapters.unregister_kind("scale")
+        adapters.register_kind(spec)
 
 
 def test_duplicate_kind_is_refused():

@@ -347,6 +347,23 @@ def test_file_is_tensors_plus_small_header(case, policy, tmp_path):
     assert sum(meta["parameters_by_kind"].values()) == meta["parameters"]
 
 
+@pytest.mark.parametrize("case,policy", MATRIX)
+def test_kinds_label_their_tensors(case, policy, tmp_path):
+    """`trainable_summary` (live model) and `inspect` (file) label every tensor by the kind that owns
+    it, from the registry: the same counts, one label per kind in the adapter, nothing `other`."""
+    sam = fresh()
+    attach_case(sam, case, policy)
+    labels = {adapters.KINDS[k].label for k, _ in CASES[case]}
+    if policy != "frozen":
+        labels.add(adapters.DECODER_KINDS[policy].label)
+    by_kind = adapters.trainable_summary(sam)["by_kind"]
+    assert set(by_kind) == labels
+    meta = adapters.inspect(adapters.save(sam, tmp_path / "a.safetensors", name="a"))
+    assert meta["parameters_by_kind"] == by_kind
+    assert sorted(k for names in meta["tensors_by_kind"].values() for k in names) == \
+        sorted(adapters.adapter_state_dict(sam, "a"))
+
+
 def test_vit_b_lora_file_size(tmp_path):
     torch.manual_seed(0)
     sam = build_sam("vit_b")
