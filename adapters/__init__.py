@@ -16,7 +16,7 @@ from .base import (  # noqa: E402
     block_indices, detach, info, merge, module_tensors, set_trainable, trainable_summary, unmerge,
 )
 # built-in kinds enrol themselves on import (one file per kind); plugins are read on first lookup
-from . import kinds  # noqa: E402
+from . import kinds  # noqa: E402,F401
 from .kinds import DECODER_POLICIES  # noqa: E402
 from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .bank import AdapterBank  # noqa: E402

@@ -120,7 +120,8 @@ def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
 def _check_sam(sam: nn.Module) -> None:
     # `fingerprint` is looked up on the class: hasattr on the instance would hash every core weight
     if not hasattr(sam, "image_encoder") or not hasattr(sam, "mask_decoder") or not hasattr(type(sam), "fingerprint"):
-        raise AdapterError(f"expected a sam_core.Sam model, got {type(sam).__name__}; build one with sam_core.build_sam or load_sam")
+        raise AdapterError(f"expected a sam_core.Sam model, got {type(sam).__name__}; "
+                           f"build one with sam_core.build_sam or load_sam")
 
 
 def _check_name(name: str) -> None:
@@ -129,7 +130,8 @@ def _check_name(name: str) -> None:
             f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', starting with a letter"
         )
     if hasattr(_PROBE, name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
-        raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; pick another")
+        raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; "
+                           f"pick another")
 
 
 def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
@@ -265,7 +267,8 @@ def attach(
     dec_spec = decoder_spec(decoder)  # None: frozen, no decoder part
     configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
     if not configs and dec_spec is None:
-        raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy other than 'frozen'")
+        raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy "
+                           "other than 'frozen'")
     kinds = [getattr(c, "kind", None) for c in configs]
     for c, k in zip(configs, kinds):
         if k not in KINDS or not isinstance(c, KINDS[k].config_cls):
@@ -340,7 +343,8 @@ def activate(sam: nn.Module, name: Optional[str]) -> None:
     if name is not None and name not in state.adapters:
         raise AdapterError(f"no adapter named {name!r} is attached; attached: {sorted(state.adapters)}")
     if state.merged is not None and name != state.merged:
-        raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) before switching")
+        raise AdapterError(f"adapter {state.merged!r} is merged into the core; "
+                           f"call adapters.unmerge(sam) before switching")
     state.active[:] = [name] if name is not None else []
     for hook in state.on_activate.values():  # one call per kind attached here, not per layer
         hook(sam, name)

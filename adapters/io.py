@@ -62,7 +62,8 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
-        >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod", domain="camouflage")
+        >>> dest = os.path.join(tempfile.mkdtemp(), "cod.safetensors")
+        >>> p = adapters.save(sam, dest, name="cod", domain="camouflage")
         >>> adapters.inspect(p)["domain"]
         'camouflage'
     """
@@ -164,7 +165,8 @@ def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, t
                 keys = list(f.keys())
             tensor_sd = {}
     except Exception as e:
-        raise AdapterFormatError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterFormatError(f"{path}: not a readable .safetensors file ({why}); is it truncated?") from None
     fmt = meta.get("format")
     if fmt is None:
         raise AdapterFormatError(f"{path}: a .safetensors file but not a samadapt adapter (no 'format' metadata)")
@@ -173,7 +175,8 @@ def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, t
                                  f"upgrade samadapt or re-export the adapter")
     for k in ("config", "decoder", "base"):
         if k not in meta:
-            raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written by samadapt")
+            raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written "
+                                     f"by samadapt")
     meta["_keys"] = keys
     return meta, tensor_sd
 
@@ -288,7 +291,8 @@ def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
     if base.get("fingerprint") != fp:
         raise IncompatibleAdapterError(
             f"{where} expects base weights with fingerprint {base.get('fingerprint')} ({base.get('arch')}), "
-            f"this model's is {fp}; load the checkpoint it was trained on, or pass allow_base_mismatch=True to load anyway"
+            f"this model's is {fp}; load the checkpoint it was trained on, "
+            f"or pass allow_base_mismatch=True to load anyway"
         )
 
 

@@ -34,8 +34,10 @@ class BottleneckConfig:
     """
 
     kind: ClassVar[str] = "bottleneck"
-    width: Optional[int] = field(default=None, metadata={"help": "bottleneck width (default: embed_dim // 4 like Med-SA's 0.25 ratio)"})
-    positions: List[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"help": "'attn' (sequential), 'mlp' (parallel)"})
+    width: Optional[int] = field(
+        default=None, metadata={"help": "bottleneck width (default: embed_dim // 4 like Med-SA's 0.25 ratio)"})
+    positions: List[str] = field(
+        default_factory=lambda: ["attn", "mlp"], metadata={"help": "'attn' (sequential), 'mlp' (parallel)"})
     scale: float = field(default=0.5, metadata={"help": "scale of the parallel MLP adapter"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "encoder block indices (None: all)"})
 
@@ -43,7 +45,8 @@ class BottleneckConfig:
         self.positions = list(self.positions)
         bad = [p for p in self.positions if p not in POSITIONS]
         if bad or not self.positions:
-            raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; choose from {list(POSITIONS)}")
+            raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; "
+                               f"choose from {list(POSITIONS)}")
         if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
             raise AdapterError(f"bottleneck width={self.width!r} must be a positive integer")
         if self.blocks is not None:

@@ -45,7 +45,8 @@ class LoraConfig:
 
     kind: ClassVar[str] = "lora"
     r: int = field(default=4, metadata={"help": "rank of the update B @ A"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "scaling numerator; update scaled by alpha / r (default: r)"})
+    alpha: Optional[float] = field(
+        default=None, metadata={"help": "scaling numerator; update scaled by alpha / r (default: r)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     targets: List[str] = field(default_factory=lambda: ["qkv"], metadata={"help": f"linear layers: {sorted(TARGETS)}"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "encoder block indices (None: all)"})
@@ -101,7 +102,8 @@ def add_lora(sam: nn.Module, paths: List[str], name: str, peft_cfg) -> Injected:
             parent = sam.get_submodule(parent_path)
             target = getattr(parent, attr)
             if isinstance(target, LoraLayer):
-                target.update_layer(name, peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, config=peft_cfg, target_name=path)
+                target.update_layer(name, peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, config=peft_cfg,
+                                    target_name=path)
                 layer = target
             elif isinstance(target, nn.Linear):
                 layer = LoraLinear(target, name, config=peft_cfg, r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha,
@@ -135,7 +137,8 @@ def remove_lora(sam: nn.Module, name: str, handle: LoraHandle) -> None:
 
 def inject(sam: nn.Module, cfg: LoraConfig, name: str, state, init: bool = True) -> Injected:
     """LoRA `name` on the encoder layers `cfg` targets (the kind's `inject`)."""
-    return add_lora(sam, encoder_targets(sam, cfg), name, peft_config(cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora, init=init))
+    peft_cfg = peft_config(cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora, init=init)
+    return add_lora(sam, encoder_targets(sam, cfg), name, peft_cfg)
 
 
 def remove(sam: nn.Module, name: str, state, handle: LoraHandle) -> None:

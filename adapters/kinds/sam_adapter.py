@@ -33,9 +33,11 @@ class SamAdapterConfig:
     """
 
     kind: ClassVar[str] = "sam_adapter"
-    scale_factor: int = field(default=32, metadata={"help": "bottleneck width = embed_dim // scale_factor (paper: 32)"})
+    scale_factor: int = field(
+        default=32, metadata={"help": "bottleneck width = embed_dim // scale_factor (paper: 32)"})
     width: Optional[int] = field(default=None, metadata={"help": "explicit bottleneck width (overrides scale_factor)"})
-    freq_ratio: float = field(default=0.25, metadata={"help": "area fraction of low frequencies masked out of the FFT"})
+    freq_ratio: float = field(
+        default=0.25, metadata={"help": "area fraction of low frequencies masked out of the FFT"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "blocks receiving a prompt (None: all)"})
     handcrafted: bool = field(default=True, metadata={"help": "use the high-frequency image feature"})
     embedding: bool = field(default=True, metadata={"help": "use the patch-embedding feature"})
