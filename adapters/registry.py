@@ -179,19 +179,23 @@ def unregister_kind(name: str, part: str = "encoder") -> KindSpec:
 
 
 # ---------------------------------------------------------------------------- plugins
-_plugins = {"scanned": False, "seen": set()}
+_plugins = {"done": False, "loading": False, "seen": set()}
 _plugin_lock = threading.RLock()
 
 
 def _ensure_plugins() -> None:
-    if not _plugins["scanned"]:
-        load_plugins()
+    if _plugins["done"]:
+        return
+    with _plugin_lock:  # another thread's lookup waits here until the plugins are in
+        if not (_plugins["done"] or _plugins["loading"]):  # loading: a plugin's own lookup, same thread
+            load_plugins()
 
 
 def load_plugins() -> List[str]:
     """Read the `samadapt.adapter_kinds` entry points and load those not loaded yet.
 
     Called by the first registry lookup; call it again after installing a plugin while running.
+    Each entry point (name and object reference) is loaded at most once per process.
 
     Returns:
         The names of the entry points loaded by this call.
@@ -204,23 +208,32 @@ def load_plugins() -> List[str]:
     from importlib.metadata import entry_points
 
     with _plugin_lock:
-        _plugins["scanned"] = True  # set first: a plugin's own registry lookups must not recurse
-        loaded = []
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            key = (ep.name, ep.value)
-            if key in _plugins["seen"]:
-                continue
-            _plugins["seen"].add(key)
-            try:
-                obj = ep.load()
-                if isinstance(obj, KindSpec) and _BY_PART[obj.part].specs.get(obj.name) is not obj:
-                    register_kind(obj)
-            except Exception as e:  # a broken plugin must not take the built-in kinds down with it
-                warnings.warn(f"samadapt: adapter-kind plugin {ep.name!r} ({ep.value}) could not be loaded and is "
-                              f"skipped: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-                continue
-            loaded.append(ep.name)
-        return loaded
+        _plugins["loading"] = True  # a plugin's own registry lookups must not recurse into loading
+        try:
+            return _load_entry_points(entry_points(group=ENTRY_POINT_GROUP))
+        finally:
+            _plugins["loading"] = False
+            _plugins["done"] = True
+
+
+def _load_entry_points(eps: Iterable[Any]) -> List[str]:
+    """Load each entry point not seen before; a failure is a warning naming the plugin."""
+    loaded = []
+    for ep in eps:
+        key = (ep.name, ep.value)
+        if key in _plugins["seen"]:
+            continue
+        _plugins["seen"].add(key)
+        try:
+            obj = ep.load()  # a module registers its kind on import; a KindSpec is registered here
+            if isinstance(obj, KindSpec) and _BY_PART[obj.part].specs.get(obj.name) is not obj:
+                register_kind(obj)
+        except Exception as e:  # a broken plugin must not take the built-in kinds down with it
+            warnings.warn(f"samadapt: adapter-kind plugin {ep.name!r} ({ep.value}) could not be loaded and is "
+                          f"skipped: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+            continue
+        loaded.append(ep.name)
+    return loaded
 
 
 # ---------------------------------------------------------------------------- lookups
