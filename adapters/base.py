@@ -265,6 +265,7 @@ def attach(
     if state.merged is not None:
         raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) first")
     dec_spec = decoder_spec(decoder)  # None: frozen, no decoder part
+    dec_cfg = decoder_config(dec_spec, decoder_r) if dec_spec is not None else None  # checked before any change
     configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
     if not configs and dec_spec is None:
         raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy "
@@ -279,13 +280,12 @@ def attach(
     core = {id(p) for p in sam.core_parameters()}
     for p, _ in flags:
         p.requires_grad_(False)
-    info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
+    info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r, decoder_config=dec_cfg)
     state.adapters[name] = info_  # registered first: a failure below is undone by _remove
     try:
         jobs = [(c.kind, KINDS[c.kind], c) for c in configs]
         if dec_spec is not None:
-            info_.decoder_config = decoder_config(dec_spec, decoder_r)
-            jobs.append(("decoder", dec_spec, info_.decoder_config))
+            jobs.append(("decoder", dec_spec, dec_cfg))
         for part_name, spec, c in jobs:
             part = spec.inject(sam, c, name, state, _init)
             part.spec = spec

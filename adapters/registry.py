@@ -271,7 +271,8 @@ def decoder_spec(policy: str) -> Optional[KindSpec]:
     if policy == "frozen":
         return None
     if policy not in DECODER_KINDS:
-        raise AdapterError(f"decoder policy {policy!r} is not one of {('frozen',) + tuple(DECODER_KINDS)}")
+        raise AdapterError(f"decoder policy {policy!r} is not one of {('frozen',) + tuple(DECODER_KINDS)}; "
+                           f"pick one (frozen keeps the core's decoder as it is)")
     return DECODER_KINDS[policy]
 
 
