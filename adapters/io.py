@@ -274,6 +274,7 @@ def core_fingerprint(sam: nn.Module) -> str:
     if cached is not None and cached[0] == key:
         return cached[1]
     fp = sam.fingerprint
+    # an adapters-owned cache kept in the instance's __dict__ (no sam_core field is written)
     sam.__dict__["_samadapt_fingerprint"] = (key, fp)
     return fp
 

@@ -24,6 +24,7 @@ from torch import nn
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, module_tensors, register_kind
 from .lora import add_lora, peft_config, remove_lora
 
+# the built-in policies (public API); `adapters.DECODER_KINDS` also lists third-party ones
 DECODER_POLICIES = ("frozen", "full", "lora")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SLOT = "adapter_decoders"  # the `Sam` submodule holding the full copies, keyed by adapter name
