@@ -7,12 +7,17 @@ Example:
     >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod", decoder="frozen")
     >>> adapters.activate(sam, None)   # the plain frozen core
 """
-from .base import (
-    DECODER_POLICIES, KINDS, AdapterError, IncompatibleAdapterError, KindSpec, activate, active, adapter_parameters,
-    attach, attached, config, detach, info, merge, register_kind, set_trainable, trainable_summary, unmerge,
+from .registry import (
+    DECODER_KINDS, ENTRY_POINT_GROUP, KINDS, AdapterError, KindSpec, config, load_plugins, register_kind,
+    unregister_kind,
 )
-# kinds enrol themselves on import: one file per kind
-from . import lora, sam_adapter, bottleneck  # noqa: E402,F401
+from .base import (  # noqa: E402
+    AdapterSlot, IncompatibleAdapterError, Injected, activate, active, adapter_parameters, attach, attached,
+    block_indices, detach, info, merge, module_tensors, set_trainable, trainable_summary, unmerge,
+)
+# built-in kinds enrol themselves on import (one file per kind); plugins are read on first lookup
+from . import kinds  # noqa: E402,F401
+from .kinds import DECODER_POLICIES  # noqa: E402
 from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .bank import AdapterBank  # noqa: E402
 
@@ -20,7 +25,9 @@ __all__ = [
     "config", "attach", "activate", "active", "attached", "detach", "merge", "unmerge", "trainable_summary",
     "set_trainable", "adapter_parameters", "info", "save", "load", "inspect", "adapter_state_dict", "AdapterBank",
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",
-    "DECODER_POLICIES", "FORMAT",
+    "DECODER_POLICIES", "DECODER_KINDS", "FORMAT", "ENTRY_POINT_GROUP", "load_plugins", "unregister_kind",
+    # what a third-party kind builds on
+    "Injected", "AdapterSlot", "block_indices", "module_tensors",
 ]
 
 from .peft_linear_view import register as _register_linear_view  # noqa: E402

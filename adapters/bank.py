@@ -129,6 +129,8 @@ class AdapterBank:
         self.stats["evictions"] += 1
 
     def resident(self) -> List[str]:
+        """Names of the adapters on the core now: those attached by the caller, then the loaded ones
+        from least to most recently used."""
         with self._lock:
             return sorted(self._pinned) + list(self._loaded)
 
@@ -163,7 +165,8 @@ class AdapterBank:
                 self._cache.popitem(last=False)
         return out
 
-    def _decode(self, name: Optional[str], emb: Any, prompts: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode(self, name: Optional[str], emb: Any,
+                prompts: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         activate(self.sam, name)
         self._predictor.set_embedding(emb)
         # the decoder's per-image products live in the embedding's own cache; only the most recent
@@ -207,7 +210,8 @@ class AdapterBank:
                     results[i] = self._decode(name, entry, prompts)
         return results
 
-    def embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> torch.Tensor:
+    def embedding(self, image: np.ndarray, adapter: Optional[str] = None,
+                  image_id: Optional[str] = None) -> torch.Tensor:
         """The (cached) image embedding under `adapter`."""
         with self._lock:
             version = self._ensure(adapter)

@@ -1,93 +1,39 @@
-"""Shared adapter lifecycle: the kind registry, per-model adapter state, attach / activate /
-detach / merge / unmerge, and the canonical (name-free) tensor names used by the file format.
+"""Shared adapter lifecycle: per-model adapter state, attach / activate / detach / merge / unmerge,
+and the canonical (name-free) tensor names used by the file format.
 
-Every injected layer reads the active adapter from one list object shared by the whole model
-(peft's LoRA layers included, whose `_active_adapter` is pointed at it), so `activate` is a
-constant-time switch whatever the number of adapted layers.
+The lifecycle knows no kind by name: it asks the registry (`adapters.registry`) for each kind's
+`KindSpec`, decoder policies included. Every injected layer reads the active adapter from one list
+object shared by the whole model (peft's LoRA layers are handed it through `set_adapter`), so
+`activate` is a constant-time switch whatever the number of adapted layers.
 """
-import copy
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-DECODER_POLICIES = ("frozen", "full", "lora")
+from .registry import (  # noqa: F401  (re-exported: kinds and users import these from base)
+    KINDS, AdapterError, Injected, KindSpec, config, decoder_config, decoder_spec, register_kind,
+)
+
 _PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
-
-
-class AdapterError(ValueError):
-    """A user-facing adapter problem (bad name, unknown kind, nothing matched, ...)."""
 
 
 class IncompatibleAdapterError(AdapterError):
     """The adapter file was made for another base model (arch, image size or weights)."""
 
 
-# ---------------------------------------------------------------------------- registry
-@dataclass
-class Injected:
-    """What a kind's `inject` hands back for one adapter.
-
-    `tensors` names every tensor of the adapter by its canonical (name-free) path in the `Sam`,
-    as the (owner module, attribute) that holds it: saving, loading, the trainable flags and the
-    parameter list all read this index instead of walking the model. `handle` is the kind's own
-    record, handed back to its `remove`; `peft_layers` are the peft tuner layers (path, layer)
-    that hold this adapter, pointed at the shared active list and used by `merge`.
-    """
-
-    tensors: Dict[str, Tuple[nn.Module, str]]
-    handle: Any = None
-    peft_layers: List[Tuple[str, nn.Module]] = field(default_factory=list)
-
-
-@dataclass
-class KindSpec:
-    """What the lifecycle needs from one adapter kind (one file in `adapters/`)."""
-
-    name: str
-    config_cls: Type
-    inject: Callable  # (sam, config, adapter_name, state, init) -> Injected; init=False: every tensor is written next
-    remove: Callable  # (sam, adapter_name, state, handle) -> None
-    mergeable: bool = False
-
-
-KINDS: Dict[str, KindSpec] = {}
-
-
-def register_kind(spec: KindSpec) -> KindSpec:
-    """Enrol an adapter kind; each kind file calls this once at import."""
-    KINDS[spec.name] = spec
-    return spec
-
-
-def config(kind: str, **kwargs) -> Any:
-    """The `Config` dataclass of a registered kind, filled with `kwargs`.
-
-    Example:
-        >>> from samadapt import adapters
-        >>> adapters.config("lora", r=4, targets=["qkv"]).r
-        4
-    """
-    if kind not in KINDS:
-        raise AdapterError(f"unknown adapter kind {kind!r}; registered kinds: {sorted(KINDS)}")
-    cls = KINDS[kind].config_cls
-    valid = {f.name for f in fields(cls)}
-    bad = sorted(set(kwargs) - valid)
-    if bad:
-        raise AdapterError(f"{kind} config has no setting(s) {bad}; valid: {sorted(valid)}")
-    return cls(**kwargs)
-
-
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """A kind's Config as the JSON-able dict stored in a file's `config` metadata (with `kind`)."""
     d = asdict(cfg)
     d["kind"] = cfg.kind
     return d
 
 
 def config_from_dict(d: Dict[str, Any]) -> Any:
+    """The Config an entry of a file's `config` metadata describes (through the registry)."""
     d = dict(d)
     kind = d.pop("kind", None)
     if kind is None:
@@ -98,16 +44,47 @@ def config_from_dict(d: Dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------- per-model state
 class AdapterSlot(nn.ModuleDict):
     """Holds one kind's modules at one place in the model, keyed by adapter name. Canonical
-    tensor names drop the key, so a file loads under any name."""
+    tensor names drop the key, so a file loads under any name.
+
+    The slot also keeps the forward hooks its kind installed for it (`add_hooks`), so the kind can
+    take them out with the slot (`remove_hooks`) without storing anything on the host module.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> host, calls = nn.Linear(2, 2), []
+        >>> slot = AdapterSlot()
+        >>> slot.add_hooks(host.register_forward_hook(lambda m, a, out: calls.append(1)))
+        >>> _ = host(torch.zeros(1, 2)); slot.remove_hooks(); _ = host(torch.zeros(1, 2)); len(calls)
+        1
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # a leading underscore: adapter names start with a letter, so no key can shadow it
+        self._hooks: List[Any] = []
+
+    def add_hooks(self, *handles: Any) -> None:
+        """Keep hook handles (`register_forward_hook` / `register_forward_pre_hook` results)."""
+        self._hooks.extend(handles)
+
+    def remove_hooks(self) -> None:
+        """Remove every kept hook from the module it was registered on."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @dataclass
 class AdapterInfo:
+    """One attached adapter: its kinds' configs, decoder policy and what each part injected."""
+
     name: str
     configs: List[Any]
     decoder: str = "frozen"
     decoder_r: int = 4
     parts: Dict[str, Injected] = field(default_factory=dict)  # kind name or "decoder" -> what it injected
+    decoder_config: Any = None  # the decoder policy's Config (None: frozen)
 
     @property
     def tensors(self) -> Dict[str, Tuple[nn.Module, str]]:
@@ -120,13 +97,19 @@ class AdapterInfo:
 
 @dataclass
 class AdapterState:
+    """Every adapter attached to one `Sam`, the shared active list, and the merge record."""
+
     active: List[str] = field(default_factory=list)  # shared with every adapted layer
     adapters: Dict[str, AdapterInfo] = field(default_factory=dict)
     merged: Optional[str] = None
     merge_stash: Dict[str, Tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
+    # kinds attached here that follow activation by a call (`KindSpec.on_activate`), by kind label
+    on_activate: Dict[str, Callable] = field(default_factory=dict)
 
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
+    """The adapter state of `sam` (kept in the instance's `__dict__`: not a submodule or buffer, so
+    `state_dict` and `to()` never see it); None if it has none and `create` is False."""
     st = sam.__dict__.get("_adapter_state")
     if st is None and create:
         st = AdapterState()
@@ -137,7 +120,8 @@ def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
 def _check_sam(sam: nn.Module) -> None:
     # `fingerprint` is looked up on the class: hasattr on the instance would hash every core weight
     if not hasattr(sam, "image_encoder") or not hasattr(sam, "mask_decoder") or not hasattr(type(sam), "fingerprint"):
-        raise AdapterError(f"expected a sam_core.Sam model, got {type(sam).__name__}; build one with sam_core.build_sam or load_sam")
+        raise AdapterError(f"expected a sam_core.Sam model, got {type(sam).__name__}; "
+                           f"build one with sam_core.build_sam or load_sam")
 
 
 def _check_name(name: str) -> None:
@@ -146,7 +130,8 @@ def _check_name(name: str) -> None:
             f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', starting with a letter"
         )
     if hasattr(_PROBE, name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
-        raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; pick another")
+        raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; "
+                           f"pick another")
 
 
 def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
@@ -218,20 +203,23 @@ def load_adapter_tensors(sam: nn.Module, name: str, sd: Dict[str, torch.Tensor],
 
 
 def _link(parts: Iterable[Injected], state: AdapterState) -> None:
-    """Point peft layers' active-adapter list at the shared one."""
+    """Point peft layers' active-adapter list at the shared one, through peft's public `set_adapter`.
+
+    peft keeps the very list it is handed as the layer's active adapters, so every layer then reads
+    `state.active` and `activate` stays one list write. `set_adapter` also sets requires_grad on the
+    layer's adapters; the flags are put back as they were (the lifecycle owns them).
+    """
     for part in parts:
         for _, layer in part.peft_layers:
-            layer._active_adapter = state.active
-            layer._disable_adapters = False
+            flags = [(p, p.requires_grad) for p in layer.parameters()]
+            if layer.disable_adapters:
+                layer.enable_adapters(True)
+            layer.set_adapter(state.active, inference_mode=True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------------- lifecycle
-def _set_decoder_in_use(sam: nn.Module, name: Optional[str]) -> None:
-    decoders = getattr(sam, "adapter_decoders", None)
-    dec = decoders[name] if decoders is not None and name is not None and name in decoders else None
-    sam.use_decoder(dec)
-
-
 def attach(
     sam: nn.Module,
     configs: Union[Any, Sequence[Any]],
@@ -276,11 +264,12 @@ def attach(
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it first or pick another name")
     if state.merged is not None:
         raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) first")
-    if decoder not in DECODER_POLICIES:
-        raise AdapterError(f"decoder policy {decoder!r} is not one of {DECODER_POLICIES}")
+    dec_spec = decoder_spec(decoder)  # None: frozen, no decoder part
+    dec_cfg = decoder_config(dec_spec, decoder_r) if dec_spec is not None else None  # checked before any change
     configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
-    if not configs and decoder == "frozen":
-        raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy other than 'frozen'")
+    if not configs and dec_spec is None:
+        raise AdapterError("nothing to attach: give at least one adapter config or a decoder policy "
+                           "other than 'frozen'")
     kinds = [getattr(c, "kind", None) for c in configs]
     for c, k in zip(configs, kinds):
         if k not in KINDS or not isinstance(c, KINDS[k].config_cls):
@@ -291,26 +280,26 @@ def attach(
     core = {id(p) for p in sam.core_parameters()}
     for p, _ in flags:
         p.requires_grad_(False)
-    info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r)
+    info_ = AdapterInfo(name=name, configs=configs, decoder=decoder, decoder_r=decoder_r, decoder_config=dec_cfg)
     state.adapters[name] = info_  # registered first: a failure below is undone by _remove
     try:
-        for c in configs:
-            info_.parts[c.kind] = KINDS[c.kind].inject(sam, c, name, state, _init)
-        if decoder == "full":
-            if "adapter_decoders" not in sam._modules:
-                sam.adapter_decoders = AdapterSlot()
-            dec = _plain_copy(sam.mask_decoder)
-            sam.adapter_decoders[name] = dec
-            info_.parts["decoder"] = Injected(tensors=module_tensors("mask_decoder.", dec))
-        elif decoder == "lora":
-            from .lora import inject_decoder_lora
-
-            info_.parts["decoder"] = inject_decoder_lora(sam, name, decoder_r, _init)
+        jobs = [(c.kind, KINDS[c.kind], c) for c in configs]
+        if dec_spec is not None:
+            jobs.append(("decoder", dec_spec, dec_cfg))
+        for part_name, spec, c in jobs:
+            part = spec.inject(sam, c, name, state, _init)
+            part.spec = spec
+            info_.parts[part_name] = part
+            if spec.on_activate is not None:
+                state.on_activate[spec.label] = spec.on_activate
         seen: Dict[str, str] = {}
         for part_name, part in info_.parts.items():
             for k in part.tensors:
                 if k in seen:
                     raise AdapterError(f"tensor name {k} is claimed by both {seen[k]} and {part_name}")
+                if not part.spec.owns(k):  # labels (inspect, trainable_summary) come from `owns`
+                    raise AdapterError(f"kind {part.spec.name!r} injected tensor {k} that its KindSpec.owns does "
+                                       f"not claim; fix the kind's owns (or its tensor names)")
                 seen[k] = part_name
     except BaseException:
         _remove(sam, name, state)
@@ -327,19 +316,6 @@ def attach(
         globals()["activate"](sam, name)
     else:
         globals()["activate"](sam, state.active[0] if state.active else None)
-
-
-def _plain_copy(decoder: nn.Module) -> nn.Module:
-    """A copy of the frozen decoder without peft wrappers (other adapters' decoder LoRA, or the
-    empty wrappers left after detaching it): the copy holds the core decoder's layers only."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    dec = copy.deepcopy(decoder)
-    for path, mod in list(dec.named_modules()):
-        if isinstance(mod, BaseTunerLayer):
-            parent, _, attr = path.rpartition(".")
-            setattr(dec.get_submodule(parent) if parent else dec, attr, mod.get_base_layer())
-    return dec
 
 
 def set_trainable(sam: nn.Module, name: Optional[str]) -> None:
@@ -367,9 +343,11 @@ def activate(sam: nn.Module, name: Optional[str]) -> None:
     if name is not None and name not in state.adapters:
         raise AdapterError(f"no adapter named {name!r} is attached; attached: {sorted(state.adapters)}")
     if state.merged is not None and name != state.merged:
-        raise AdapterError(f"adapter {state.merged!r} is merged into the core; call adapters.unmerge(sam) before switching")
+        raise AdapterError(f"adapter {state.merged!r} is merged into the core; "
+                           f"call adapters.unmerge(sam) before switching")
     state.active[:] = [name] if name is not None else []
-    _set_decoder_in_use(sam, name)
+    for hook in state.on_activate.values():  # one call per kind attached here, not per layer
+        hook(sam, name)
     sam.generation += 1
 
 
@@ -386,6 +364,11 @@ def attached(sam: nn.Module) -> List[str]:
 
 
 def info(sam: nn.Module, name: str) -> AdapterInfo:
+    """The `AdapterInfo` of attached adapter `name`.
+
+    Raises:
+        AdapterError: no adapter of that name is attached (lists the attached ones).
+    """
     st = state_of(sam)
     if name not in st.adapters:
         raise AdapterError(f"no adapter named {name!r} is attached; attached: {sorted(st.adapters)}")
@@ -397,23 +380,27 @@ def _remove(sam: nn.Module, name: str, state: AdapterState) -> None:
     if inf is not None:
         if name in state.active:  # peft would otherwise pick another adapter to activate, with a warning
             state.active[:] = []
-        for part_name, part in list(inf.parts.items()):
-            if part_name in KINDS:
-                KINDS[part_name].remove(sam, name, state, part.handle)
-            elif part_name == "decoder" and inf.decoder == "lora":
-                from .lora import remove_lora
-
-                remove_lora(sam, name, part.handle)
+        for part in list(inf.parts.values()):
+            part.spec.remove(sam, name, state, part.handle)
             _link([part], state)  # peft's delete_adapter may have replaced a layer's active list
         inf.parts.clear()
-    decoders = getattr(sam, "adapter_decoders", None)
-    if decoders is not None and name in decoders:
-        del decoders[name]
     state.adapters.pop(name, None)
 
 
 def detach(sam: nn.Module, name: str) -> None:
-    """Remove adapter `name` and its modules; the model returns to the plain core if it was active."""
+    """Remove adapter `name` and its modules; the model returns to the plain core if it was active.
+
+    Raises:
+        AdapterError: `name` is not attached, or is merged (unmerge first).
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
+        >>> adapters.detach(sam, "b"); adapters.attached(sam)
+        []
+    """
     state = state_of(sam)
     info(sam, name)
     if state.merged == name:
@@ -427,7 +414,19 @@ def detach(sam: nn.Module, name: str) -> None:
 
 def merge(sam: nn.Module, name: str) -> None:
     """Fold adapter `name`'s LoRA into the frozen weights (zero-overhead inference); other kinds
-    of the same adapter stay active as modules. `unmerge` restores the core bit for bit."""
+    of the same adapter stay active as modules. `unmerge` restores the core bit for bit.
+
+    Raises:
+        AdapterError: `name` is not attached, or another adapter is merged.
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=2), name="l")
+        >>> adapters.merge(sam, "l"); adapters.unmerge(sam); adapters.active(sam)
+        'l'
+    """
     state = state_of(sam)
     inf = info(sam, name)  # raises for a name that is not attached
     if state.merged is not None:
@@ -460,22 +459,33 @@ def unmerge(sam: nn.Module) -> None:
 def trainable_summary(sam: nn.Module) -> Dict[str, Any]:
     """Trainable vs total parameters, overall and per adapter kind.
 
-    Returns a dict: `trainable`, `total`, `percent`, `by_kind` ({kind: trainable count}).
+    Each attached adapter's parts are labelled by the kind that made them (`KindSpec.label`, asked
+    through the registry); trainable parameters no adapter owns count as `other`.
+
+    Returns:
+        A dict: `trainable`, `total`, `percent`, `by_kind` ({label: trainable count}).
+
+    Example:
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=2), name="l", decoder="lora")
+        >>> sorted(adapters.trainable_summary(sam)["by_kind"])
+        ['decoder_lora', 'lora']
     """
     total = sum(p.numel() for p in sam.parameters())
     trainable = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     by_kind: Dict[str, int] = {}
-    for path, p in sam.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".lora_" in path and path.startswith("mask_decoder"):
-            kind = "decoder_lora"
-        elif ".lora_" in path:
-            kind = "lora"
-        elif path.startswith("adapter_decoders"):
-            kind = "decoder_full"
-        else:
-            m = re.search(r"samadapt_(\w+?)\.", path)
-            kind = m.group(1) if m else "other"
-        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+    seen = set()
+    st = state_of(sam, create=False)
+    for inf in (st.adapters.values() if st is not None else ()):
+        for part in inf.parts.values():  # each part is labelled by the kind that made it
+            for m, a in part.tensors.values():
+                p = getattr(m, a)
+                if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    by_kind[part.spec.label] = by_kind.get(part.spec.label, 0) + p.numel()
+    for p in sam.parameters():
+        if p.requires_grad and id(p) not in seen:
+            by_kind["other"] = by_kind.get("other", 0) + p.numel()
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1), "by_kind": by_kind}

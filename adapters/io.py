@@ -5,11 +5,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .registry import DECODER_KINDS, KINDS, label_tensor
 from .base import (
     AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
     info, set_trainable,
@@ -61,7 +62,8 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
         >>> from samadapt.sam_core import build_sam
         >>> sam = build_sam("tiny")
         >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
-        >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod", domain="camouflage")
+        >>> dest = os.path.join(tempfile.mkdtemp(), "cod.safetensors")
+        >>> p = adapters.save(sam, dest, name="cod", domain="camouflage")
         >>> adapters.inspect(p)["domain"]
         'camouflage'
     """
@@ -163,7 +165,8 @@ def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, t
                 keys = list(f.keys())
             tensor_sd = {}
     except Exception as e:
-        raise AdapterFormatError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterFormatError(f"{path}: not a readable .safetensors file ({why}); is it truncated?") from None
     fmt = meta.get("format")
     if fmt is None:
         raise AdapterFormatError(f"{path}: a .safetensors file but not a samadapt adapter (no 'format' metadata)")
@@ -172,7 +175,8 @@ def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, t
                                  f"upgrade samadapt or re-export the adapter")
     for k in ("config", "decoder", "base"):
         if k not in meta:
-            raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written by samadapt")
+            raise AdapterFormatError(f"{path}: metadata lacks {k!r}; the file is damaged or was not written "
+                                     f"by samadapt")
     meta["_keys"] = keys
     return meta, tensor_sd
 
@@ -201,7 +205,18 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
     Returns a dict with the parsed metadata (`format`, `name`, `config`, `decoder`, `base`,
     `domain`, `prompt_mode`, `metrics`, `recipe`, `samadapt_version`, ...) plus `tensors` (count),
-    `parameters`, `tensor_bytes`, `file_bytes`, `header_bytes` and `parameters_by_kind`.
+    `parameters`, `tensor_bytes`, `file_bytes`, `header_bytes`, `parameters_by_kind` and
+    `tensors_by_kind` (label -> tensor names). Labels come from the kinds the file names, asked
+    through the registry (`KindSpec.owns`); a tensor none of them owns is labelled `other`.
+
+    Args:
+        path: an adapter `.safetensors` file.
+
+    Returns:
+        The dict described above.
+
+    Raises:
+        AdapterFormatError: not a readable samadapt adapter file.
     """
     from safetensors import safe_open
 
@@ -209,6 +224,8 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     meta = _read_header(path)
     out = _parse(meta, path)
     by_kind: Dict[str, int] = {}
+    tensors_by_kind: Dict[str, List[str]] = {}
+    specs = _file_specs(out)
     n_params = n_bytes = 0
     with safe_open(str(path), framework="pt") as f:
         for k in meta["_keys"]:
@@ -219,15 +236,29 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                 numel *= s
             n_params += numel
             n_bytes += numel * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
-            kind = ("decoder_lora" if ".lora_" in k else "decoder_full") if k.startswith("mask_decoder.") else \
-                "lora" if ".lora_" in k else "sam_adapter" if "samadapt_sam_adapter" in k else \
-                "bottleneck" if "samadapt_bottleneck" in k else "other"
+            kind = label_tensor(k, specs)
             by_kind[kind] = by_kind.get(kind, 0) + numel
+            tensors_by_kind.setdefault(kind, []).append(k)
     with open(path, "rb") as fh:
         header = int.from_bytes(fh.read(8), "little")
     out.update(tensors=len(meta["_keys"]), parameters=n_params, tensor_bytes=n_bytes,
-               file_bytes=path.stat().st_size, header_bytes=header + 8, parameters_by_kind=by_kind)
+               file_bytes=path.stat().st_size, header_bytes=header + 8, parameters_by_kind=by_kind,
+               tensors_by_kind=tensors_by_kind)
     return out
+
+
+def _file_specs(parsed: Dict[str, Any]) -> Optional[List[Any]]:
+    """The registered kinds a file names (its configs, then its decoder policy), which label its
+    tensors; None (every registered kind) when the metadata does not say."""
+    try:
+        names = [c["kind"] for c in parsed["config"]]
+        policy = parsed["decoder"].get("policy", "frozen")
+    except (KeyError, TypeError, AttributeError):
+        return None
+    specs = [KINDS[n] for n in names if n in KINDS]
+    if policy in DECODER_KINDS:
+        specs.append(DECODER_KINDS[policy])
+    return specs
 
 
 def core_fingerprint(sam: nn.Module) -> str:
@@ -243,6 +274,7 @@ def core_fingerprint(sam: nn.Module) -> str:
     if cached is not None and cached[0] == key:
         return cached[1]
     fp = sam.fingerprint
+    # an adapters-owned cache kept in the instance's __dict__ (no sam_core field is written)
     sam.__dict__["_samadapt_fingerprint"] = (key, fp)
     return fp
 
@@ -260,7 +292,8 @@ def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
     if base.get("fingerprint") != fp:
         raise IncompatibleAdapterError(
             f"{where} expects base weights with fingerprint {base.get('fingerprint')} ({base.get('arch')}), "
-            f"this model's is {fp}; load the checkpoint it was trained on, or pass allow_base_mismatch=True to load anyway"
+            f"this model's is {fp}; load the checkpoint it was trained on, "
+            f"or pass allow_base_mismatch=True to load anyway"
         )
 
 

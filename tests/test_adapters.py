@@ -347,6 +347,23 @@ def test_file_is_tensors_plus_small_header(case, policy, tmp_path):
     assert sum(meta["parameters_by_kind"].values()) == meta["parameters"]
 
 
+@pytest.mark.parametrize("case,policy", MATRIX)
+def test_kinds_label_their_tensors(case, policy, tmp_path):
+    """`trainable_summary` (live model) and `inspect` (file) label every tensor by the kind that owns
+    it, from the registry: the same counts, one label per kind in the adapter, nothing `other`."""
+    sam = fresh()
+    attach_case(sam, case, policy)
+    labels = {adapters.KINDS[k].label for k, _ in CASES[case]}
+    if policy != "frozen":
+        labels.add(adapters.DECODER_KINDS[policy].label)
+    by_kind = adapters.trainable_summary(sam)["by_kind"]
+    assert set(by_kind) == labels
+    meta = adapters.inspect(adapters.save(sam, tmp_path / "a.safetensors", name="a"))
+    assert meta["parameters_by_kind"] == by_kind
+    assert sorted(k for names in meta["tensors_by_kind"].values() for k in names) == \
+        sorted(adapters.adapter_state_dict(sam, "a"))
+
+
 def test_vit_b_lora_file_size(tmp_path):
     torch.manual_seed(0)
     sam = build_sam("vit_b")
@@ -745,6 +762,67 @@ def test_bank_capacity_and_listing(bank_dir, lone_results, tmp_path):
     with pytest.raises(AdapterError, match="no adapter named 'seg_lora'"):
         bank.predict(BANK_IMAGES[0], adapter="seg_lora", **BANK_PROMPTS[0])
     assert sorted(bank.available()) == ["seg_bottle", "seg_evp", "seg_new"]
+
+
+def test_bank_reloads_a_file_rewritten_on_disk(tmp_path):
+    """A file rewritten in place with other weights (same name, same size) is served with the new
+    weights on the next request, as a direct load of the new file gives them."""
+    path = tmp_path / "x.safetensors"
+    s = fresh()
+    adapters.attach(s, adapters.config("lora", targets=["qkv", "proj"]), name="x")
+    perturb(s, "x", seed=1)
+    adapters.save(s, path, name="x")
+    bank = AdapterBank(fresh(), tmp_path)
+    image, prompt = BANK_IMAGES[0], BANK_PROMPTS[1]
+    first = bank.predict(image, adapter="x", **prompt)
+    old = path.stat()
+    perturb(s, "x", seed=2)
+    adapters.save(s, path, name="x")
+    # a later mtime even where the clock is coarser than two writes apart
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    assert path.stat().st_size == old.st_size
+    second = bank.predict(image, adapter="x", **prompt)
+    direct = fresh()
+    adapters.load(direct, path)
+    pred = SamPredictor(direct)
+    pred.set_image(image)
+    assert_same_result(second, pred.predict(**prompt))
+    assert not np.array_equal(first[2], second[2])  # the new weights answer differently
+    assert bank.stats["loads"] == 2
+
+
+GEN_ARGS = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+def assert_same_masks(got, want):
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        assert np.array_equal(g["segmentation"], w["segmentation"])
+        for k in ("area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"):
+            assert g[k] == w[k], k
+
+
+@pytest.mark.parametrize("adapter", BANK_ADAPTERS)
+def test_bank_generate_matches_the_generator(bank_dir, adapter):
+    """`AdapterBank.generate` under adapter X gives `SamAutomaticMaskGenerator(sam).generate` after
+    `adapters.activate(sam, X)`, and a second call takes the whole-image embedding from the cache."""
+    from samadapt.sam_core import SamAutomaticMaskGenerator
+
+    image = BANK_IMAGES[1]
+    s = fresh()
+    if adapter is not None:
+        adapters.load(s, bank_dir / f"{adapter}.safetensors")
+    adapters.activate(s, adapter)
+    want = SamAutomaticMaskGenerator(s, **GEN_ARGS).generate(image)
+
+    bank = AdapterBank(fresh(), bank_dir)
+    got = bank.generate(image, adapter=adapter, **GEN_ARGS)
+    assert_same_masks(got, want)
+    hits, misses = bank.stats["cache_hits"], bank.stats["cache_misses"]
+    assert misses == 1
+    assert_same_masks(bank.generate(image, adapter=adapter, **GEN_ARGS), want)
+    assert (bank.stats["cache_hits"], bank.stats["cache_misses"]) == (hits + 1, misses)
 
 
 # ----------------------------------------------------------------------------- peft as the reference

@@ -6,7 +6,7 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
 
 POSITIONS = ("attn", "mlp")
 
@@ -18,6 +18,15 @@ class BottleneckConfig:
     `attn`: x_attn <- x_attn + up(gelu(down(x_attn))) on the attention output (sequential).
     `mlp`: block output gains `scale * up(gelu(down(h)))` where h is the MLP's input (parallel).
 
+    Args:
+        width: bottleneck width (default: `embed_dim // 4`, Med-SA's 0.25 ratio).
+        positions: `attn` (sequential) and/or `mlp` (parallel).
+        scale: scale of the parallel MLP adapter.
+        blocks: encoder block indices (None: all).
+
+    Raises:
+        AdapterError: an unknown position or a non-positive width.
+
     Example:
         >>> from samadapt import adapters
         >>> adapters.config("bottleneck", width=32, positions=["mlp"], scale=0.1).width
@@ -25,8 +34,10 @@ class BottleneckConfig:
     """
 
     kind: ClassVar[str] = "bottleneck"
-    width: Optional[int] = field(default=None, metadata={"help": "bottleneck width (default: embed_dim // 4 like Med-SA's 0.25 ratio)"})
-    positions: List[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"help": "'attn' (sequential), 'mlp' (parallel)"})
+    width: Optional[int] = field(
+        default=None, metadata={"help": "bottleneck width (default: embed_dim // 4 like Med-SA's 0.25 ratio)"})
+    positions: List[str] = field(
+        default_factory=lambda: ["attn", "mlp"], metadata={"help": "'attn' (sequential), 'mlp' (parallel)"})
     scale: float = field(default=0.5, metadata={"help": "scale of the parallel MLP adapter"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "encoder block indices (None: all)"})
 
@@ -34,7 +45,8 @@ class BottleneckConfig:
         self.positions = list(self.positions)
         bad = [p for p in self.positions if p not in POSITIONS]
         if bad or not self.positions:
-            raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; choose from {list(POSITIONS)}")
+            raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; "
+                               f"choose from {list(POSITIONS)}")
         if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
             raise AdapterError(f"bottleneck width={self.width!r} must be a positive integer")
         if self.blocks is not None:
@@ -53,10 +65,13 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`up(gelu(down(x)))`, computed in the adapter's dtype and returned in `x`'s."""
         return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 class BlockAdapters(nn.Module):
+    """One adapter's bottlenecks in one block: `attn` (sequential) and/or `mlp` (parallel, scaled)."""
+
     def __init__(self, dim: int, width: int, positions: List[str], scale: float) -> None:
         super().__init__()
         self.scale = scale
@@ -84,6 +99,7 @@ def _mlp_hook(block, state):
 
 
 def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool = True) -> Injected:
+    """Bottlenecks named `name` in the blocks `cfg` chooses (the kind's `inject`)."""
     blocks = sam.image_encoder.blocks
     idx = block_indices(cfg.blocks, len(blocks), "bottleneck")
     dim = sam.image_encoder.embed_dim
@@ -94,10 +110,10 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool =
         if "samadapt_bottleneck" not in blk._modules:
             blk.samadapt_bottleneck = AdapterSlot()
             # hooks are installed once per block and dispatch on the shared active list
-            blk._samadapt_hooks = [
+            blk.samadapt_bottleneck.add_hooks(
                 blk.attn.register_forward_hook(_attn_hook(blk, state)),
                 blk.mlp.register_forward_hook(_mlp_hook(blk, state)),
-            ]
+            )
         ref = blk.norm1.weight
         mod = BlockAdapters(dim, width, cfg.positions, cfg.scale).to(ref.device)
         blk.samadapt_bottleneck[name] = mod
@@ -106,16 +122,15 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool =
 
 
 def remove(sam: nn.Module, name: str, state, handle) -> None:
+    """Undo `inject`; a block left without bottlenecks loses its slot and hooks."""
     for i in handle:
         blk = sam.image_encoder.blocks[i]
         slot = blk._modules.get("samadapt_bottleneck")
         if slot is not None and name in slot:
             del slot[name]
             if len(slot) == 0:
-                for h in blk._samadapt_hooks:
-                    h.remove()
+                slot.remove_hooks()
                 del blk.samadapt_bottleneck
-                del blk._samadapt_hooks
 
 
 register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove))

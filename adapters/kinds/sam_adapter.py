@@ -8,12 +8,23 @@ from typing import ClassVar, List, Optional
 import torch
 from torch import nn
 
-from .base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
 
 
 @dataclass
 class SamAdapterConfig:
     """Explicit visual prompting for every (or chosen) encoder block.
+
+    Args:
+        scale_factor: bottleneck width = `embed_dim // scale_factor` (paper: 32).
+        width: explicit bottleneck width (overrides `scale_factor`).
+        freq_ratio: area fraction of low frequencies masked out of the FFT, in [0, 1).
+        blocks: blocks receiving a prompt (None: all).
+        handcrafted: use the high-frequency image feature.
+        embedding: use the patch-embedding feature.
+
+    Raises:
+        AdapterError: a setting out of range, or both features off.
 
     Example:
         >>> from samadapt import adapters
@@ -22,9 +33,11 @@ class SamAdapterConfig:
     """
 
     kind: ClassVar[str] = "sam_adapter"
-    scale_factor: int = field(default=32, metadata={"help": "bottleneck width = embed_dim // scale_factor (paper: 32)"})
+    scale_factor: int = field(
+        default=32, metadata={"help": "bottleneck width = embed_dim // scale_factor (paper: 32)"})
     width: Optional[int] = field(default=None, metadata={"help": "explicit bottleneck width (overrides scale_factor)"})
-    freq_ratio: float = field(default=0.25, metadata={"help": "area fraction of low frequencies masked out of the FFT"})
+    freq_ratio: float = field(
+        default=0.25, metadata={"help": "area fraction of low frequencies masked out of the FFT"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "blocks receiving a prompt (None: all)"})
     handcrafted: bool = field(default=True, metadata={"help": "use the high-frequency image feature"})
     embedding: bool = field(default=True, metadata={"help": "use the patch-embedding feature"})
@@ -53,6 +66,9 @@ def high_frequency(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 class PromptGenerator(nn.Module):
+    """One adapter's prompt generator: feature maps, a small MLP per prompted block, a shared
+    zero-initialised up-projection."""
+
     def __init__(self, dim: int, width: int, patch: int, n_blocks: int, cfg: SamAdapterConfig) -> None:
         super().__init__()
         self.freq_ratio = cfg.freq_ratio
@@ -77,6 +93,7 @@ class PromptGenerator(nn.Module):
         return f
 
     def prompt(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """The prompt added to the tokens entering the `i`-th prompted block."""
         return self.shared_mlp(self.block_mlps[i](feats))
 
 
@@ -89,6 +106,7 @@ class _Context:
 
 
 def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool = True) -> Injected:
+    """A prompt generator named `name` (the kind's `inject`); the hooks are installed once per encoder."""
     enc = sam.image_encoder
     n = len(enc.blocks)
     idx = block_indices(cfg.blocks, n, "sam_adapter")
@@ -97,8 +115,7 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
     patch = enc.patch_embed.proj.kernel_size[0]
     if "samadapt_sam_adapter" not in enc._modules:
         enc.samadapt_sam_adapter = AdapterSlot()
-        ctx = _Context()
-        enc._samadapt_ctx = ctx
+        ctx = _Context()  # shared by the hooks' closures only
 
         def on_patch_embed_input(module, args):
             ctx.image = args[0]
@@ -122,10 +139,11 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
                 return None
             return pre
 
-        enc._samadapt_sam_adapter_hooks = [
+        enc.samadapt_sam_adapter.add_hooks(
             enc.patch_embed.register_forward_pre_hook(on_patch_embed_input),
             enc.patch_embed.register_forward_hook(on_patch_embed_output),
-        ] + [blk.register_forward_pre_hook(block_hook(i)) for i, blk in enumerate(enc.blocks)]
+            *[blk.register_forward_pre_hook(block_hook(i)) for i, blk in enumerate(enc.blocks)],
+        )
     gen = PromptGenerator(dim, width, patch, len(idx), cfg).to(enc.patch_embed.proj.weight.device)
     gen.block_index = {b: j for j, b in enumerate(idx)}
     enc.samadapt_sam_adapter[name] = gen
@@ -133,16 +151,14 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
 
 
 def remove(sam: nn.Module, name: str, state, handle=None) -> None:
+    """Undo `inject`; the last generator out takes the slot and its hooks with it."""
     enc = sam.image_encoder
     slot = enc._modules.get("samadapt_sam_adapter")
     if slot is not None and name in slot:
         del slot[name]
         if len(slot) == 0:
-            for h in enc._samadapt_sam_adapter_hooks:
-                h.remove()
+            slot.remove_hooks()
             del enc.samadapt_sam_adapter
-            del enc._samadapt_sam_adapter_hooks
-            del enc._samadapt_ctx
 
 
 register_kind(KindSpec("sam_adapter", SamAdapterConfig, inject, remove))

@@ -1,5 +1,5 @@
-"""LoRA and DoRA on the image encoder's linear layers (and, for `decoder="lora"`, on the mask
-decoder's attention projections), built from peft's own LoRA layers.
+"""LoRA and DoRA on the image encoder's linear layers, built from peft's own LoRA layers (the
+`lora` decoder policy in `kinds/decoder.py` uses the same `add_lora` on the mask decoder).
 
 Each targeted `nn.Linear` becomes a `peft.tuners.lora.Linear` -- the layer peft's
 `inject_adapter_in_model` creates for it -- and a second adapter on the same layer is added with
@@ -16,16 +16,26 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from .base import AdapterError, Injected, KindSpec, block_indices, register_kind
+from ..base import AdapterError, Injected, KindSpec, block_indices, register_kind
 
 # target name -> attribute path inside an encoder block
 TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
 class LoraConfig:
     """LoRA (or DoRA) on chosen linear layers of chosen encoder blocks.
+
+    Args:
+        r: rank of the update `B @ A`.
+        alpha: scaling numerator; the update is scaled by `alpha / r` (default: `r`).
+        dropout: dropout on the LoRA input.
+        targets: linear layers of each block (`qkv`, `proj`, `mlp.fc1`, `mlp.fc2`).
+        blocks: encoder block indices (None: all).
+        use_dora: weight-decomposed LoRA (DoRA).
+
+    Raises:
+        AdapterError: a setting out of range (says which and what is allowed).
 
     Example:
         >>> from samadapt import adapters
@@ -35,7 +45,8 @@ class LoraConfig:
 
     kind: ClassVar[str] = "lora"
     r: int = field(default=4, metadata={"help": "rank of the update B @ A"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "scaling numerator; update scaled by alpha / r (default: r)"})
+    alpha: Optional[float] = field(
+        default=None, metadata={"help": "scaling numerator; update scaled by alpha / r (default: r)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     targets: List[str] = field(default_factory=lambda: ["qkv"], metadata={"help": f"linear layers: {sorted(TARGETS)}"})
     blocks: Optional[List[int]] = field(default=None, metadata={"help": "encoder block indices (None: all)"})
@@ -72,21 +83,6 @@ def encoder_targets(sam: nn.Module, cfg: LoraConfig) -> List[str]:
     return [f"image_encoder.blocks.{i}.{TARGETS[t]}" for i in blocks for t in TARGETS if t in cfg.targets]
 
 
-def decoder_targets(sam: nn.Module) -> List[str]:
-    """Module paths of the mask decoder's attention projections (q, k, v, out) in model order."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    out, wrapped = [], []
-    for path, mod in sam.mask_decoder.transformer.named_modules():
-        if any(path.startswith(w + ".") for w in wrapped):  # inside a LoRA layer: its own A/B/base modules
-            continue
-        if isinstance(mod, BaseTunerLayer):
-            wrapped.append(path)
-        if path.rpartition(".")[2] in DECODER_PROJECTIONS and isinstance(mod, (nn.Linear, BaseTunerLayer)):
-            out.append(f"mask_decoder.transformer.{path}")
-    return out
-
-
 @dataclass
 class LoraHandle:
     """The layers holding one adapter's LoRA: (module path, peft LoRA layer)."""
@@ -106,7 +102,8 @@ def add_lora(sam: nn.Module, paths: List[str], name: str, peft_cfg) -> Injected:
             parent = sam.get_submodule(parent_path)
             target = getattr(parent, attr)
             if isinstance(target, LoraLayer):
-                target.update_layer(name, peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, config=peft_cfg, target_name=path)
+                target.update_layer(name, peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, config=peft_cfg,
+                                    target_name=path)
                 layer = target
             elif isinstance(target, nn.Linear):
                 layer = LoraLinear(target, name, config=peft_cfg, r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha,
@@ -139,15 +136,19 @@ def remove_lora(sam: nn.Module, name: str, handle: LoraHandle) -> None:
 
 
 def inject(sam: nn.Module, cfg: LoraConfig, name: str, state, init: bool = True) -> Injected:
-    return add_lora(sam, encoder_targets(sam, cfg), name, peft_config(cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora, init=init))
-
-
-def inject_decoder_lora(sam: nn.Module, name: str, r: int, init: bool = True) -> Injected:
-    return add_lora(sam, decoder_targets(sam), name, peft_config(r, r, init=init))
+    """LoRA `name` on the encoder layers `cfg` targets (the kind's `inject`)."""
+    peft_cfg = peft_config(cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora, init=init)
+    return add_lora(sam, encoder_targets(sam, cfg), name, peft_cfg)
 
 
 def remove(sam: nn.Module, name: str, state, handle: LoraHandle) -> None:
+    """Undo `inject` (the kind's `remove`)."""
     remove_lora(sam, name, handle)
 
 
-register_kind(KindSpec("lora", LoraConfig, inject, remove, mergeable=True))
+def owns(key: str) -> bool:
+    """The encoder LoRA's tensors: peft's `lora_A` / `lora_B` / `lora_magnitude_vector` names."""
+    return ".lora_" in key and not key.startswith("mask_decoder.")
+
+
+register_kind(KindSpec("lora", LoraConfig, inject, remove, mergeable=True, owns=owns))
