@@ -13,7 +13,7 @@ from .registry import (
 )
 from .base import (  # noqa: E402
     AdapterSlot, IncompatibleAdapterError, Injected, activate, active, adapter_parameters, attach, attached,
-    block_indices, detach, info, merge, module_tensors, set_trainable, trainable_summary, unmerge,
+    block_indices, detach, info, is_valid_name, merge, module_tensors, set_trainable, trainable_summary, unmerge,
 )
 # built-in kinds enrol themselves on import (one file per kind); plugins are read on first lookup
 from . import kinds  # noqa: E402,F401
@@ -22,6 +22,7 @@ from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, s
 from .bank import AdapterBank  # noqa: E402
 
 __all__ = [
+    "is_valid_name",
     "config", "attach", "activate", "active", "attached", "detach", "merge", "unmerge", "trainable_summary",
     "set_trainable", "adapter_parameters", "info", "save", "load", "inspect", "adapter_state_dict", "AdapterBank",
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",

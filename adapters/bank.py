@@ -13,7 +13,7 @@ from torch import nn
 
 from samadapt.sam_core import ImageEmbedding, SamPredictor
 
-from .base import AdapterError, _NAME_RE, activate, attached, detach
+from .base import AdapterError, activate, attached, detach, is_valid_name
 from .io import inspect as inspect_file, load as load_file
 
 
@@ -81,7 +81,7 @@ class AdapterBank:
         out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(self._pinned)}
         if self.directory is not None:
             for p in sorted(self.directory.glob("*.safetensors")):
-                if _NAME_RE.match(p.stem) and p.stem not in out:
+                if is_valid_name(p.stem) and p.stem not in out:
                     try:
                         out[p.stem] = inspect_file(p)
                     except AdapterError as e:
@@ -89,7 +89,7 @@ class AdapterBank:
         return out
 
     def _file(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not is_valid_name(name):
             raise AdapterError(f"adapter name {name!r} is not valid; use a name from the listing")
         if self.directory is None:
             raise AdapterError(f"no adapter named {name!r}; attached: {sorted(self._pinned)}")

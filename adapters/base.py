@@ -124,6 +124,17 @@ def _check_sam(sam: nn.Module) -> None:
                            f"build one with sam_core.build_sam or load_sam")
 
 
+def is_valid_name(name: object) -> bool:
+    """True if `name` can name an adapter: 1-64 letters, digits, `_` or `-`, starting with a letter.
+
+    Example:
+        >>> from samadapt import adapters
+        >>> adapters.is_valid_name("cod-v2"), adapters.is_valid_name("2cod"), adapters.is_valid_name("a\\n")
+        (True, False, False)
+    """
+    return isinstance(name, str) and _NAME_RE.match(name) is not None
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise AdapterError(

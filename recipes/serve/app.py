@@ -38,8 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from torch import nn
 
-from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError
-from samadapt.adapters.base import _NAME_RE
+from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError, is_valid_name
 
 from .api import (
     ERRORS, AdapterList, ApiError, AutoMask, AutoRequest, AutoResponse, BodyLimit, Health, ImageInfo, ImageStore,
@@ -103,7 +102,7 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         """400 for a name that could not come from the listing, 404 for one not in it now."""
         if name is None:
             return None
-        if not _NAME_RE.fullmatch(name):  # fullmatch: `$` alone would let a trailing newline through
+        if not is_valid_name(name):
             shown = name if len(name) <= 80 else name[:80] + "..."
             raise ApiError(400, f"adapter name {shown!r} is not valid (letters, digits, _ and -, starting with a "
                                 f"letter); use a name from GET /api/adapters or null for the plain core")
