@@ -50,7 +50,7 @@ def make_fixture(root: Path, base=None, seed: int = 4321):
 
     from samadapt import adapters
     from samadapt import sam_core
-    from samadapt.recipes.trainer import load_base
+    from samadapt.recipes.model import load_base
 
     if base is None:
         torch.manual_seed(seed)

@@ -31,7 +31,7 @@ def _user_errors():
 
 def cmd_train(args) -> int:
     from .config import load_recipe
-    from .trainer import train
+    from .train import train
 
     cfg = load_recipe(args.recipe, args.set)
     train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)

@@ -11,6 +11,17 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
+from samadapt.adapters import DECODER_POLICIES, KINDS
+from samadapt.sam_core import ARCHS
+
+from .augment import DOMAINS
+from .data import LAYOUTS
+from .errors import RecipeError
+from .losses import RECIPE_LOSSES
+from .metrics import METRICS
+from .prompts import PROMPT_MODES
+from .synthetic import SYNTHETIC_DOMAINS
+
 ANY = object()  # a leaf that takes any value (e.g. a list of adapter kind settings)
 
 SCHEMA: Dict[str, Any] = {
@@ -18,23 +29,23 @@ SCHEMA: Dict[str, Any] = {
     "domain": "",
     "base": {
         "checkpoint": None,      # SAM checkpoint path (Meta .pth, .safetensors, HF folder); None: see `arch`
-        "arch": "tiny",          # vit_b | vit_l | vit_h | tiny
+        "arch": "tiny",          # one of sam_core.ARCHS: vit_b | vit_l | vit_h | tiny
         "image_size": None,      # encoder input side (None: the checkpoint's / arch's)
         "pretrained_tiny": True,  # tiny with no checkpoint: use the committed pretrained tiny core
     },
     "adapter": {
         "name": "adapter",
         "kinds": ANY,            # list of {kind: ..., setting: value}
-        "decoder": "frozen",     # frozen | full | lora
+        "decoder": "frozen",     # one of adapters.DECODER_POLICIES: frozen | full | lora
         "decoder_r": 4,
     },
     "data": {
         "root": None,            # dataset folder(s): a path or a list (or --data)
-        "layout": "auto",        # auto | generic | cod10k | camo | istd | sbu | kvasir | cvc_clinicdb
+        "layout": "auto",        # auto or one of data.LAYOUTS (generic, cod10k, camo, istd, sbu, kvasir, ...)
         "train_split": "train",
         "eval_split": "test",
         "val_fraction": 0.1,     # held-out share when a layout has no test split
-        "synthetic": None,       # generic | camouflage | shadow | polyp: generated data instead of a folder
+        "synthetic": None,       # one of synthetic.SYNTHETIC_DOMAINS: generated data instead of a folder
         "synthetic_train_size": 256,
         "synthetic_eval_size": 32,
         "synthetic_image_size": 256,
@@ -42,25 +53,18 @@ SCHEMA: Dict[str, Any] = {
         "strict": True,          # images without masks are an error naming them (false: skip them with a warning)
     },
     "augment": {
-        "domain": None,          # augmentation pipeline (None: the recipe's domain)
+        "domain": None,          # augmentation pipeline, one of augment.DOMAINS (None: the recipe's domain)
         "enabled": True,
     },
     "prompts": {
-        "mode": "none",          # none | box | points | box+points | mixed
+        "mode": "none",          # one of prompts.PROMPT_MODES: none | box | points | box+points | mixed
         "box_jitter": 0.1,       # std of box-side noise, as a fraction of the box side
         "n_pos": 1,
         "n_neg": 0,
         "correction_rounds": 0,  # iterative correction clicks sampled from the previous prediction's errors
         "multimask": False,      # train on the best of 3 masks (ambiguous single-point prompts)
     },
-    "loss": {                    # weights; 0 disables a term
-        "bce": 0.0,
-        "balanced_bce": 0.0,
-        "iou": 0.0,
-        "focal": 0.0,
-        "dice": 0.0,
-        "iou_mse": 0.0,
-    },
+    "loss": {name: 0.0 for name in RECIPE_LOSSES},  # weights (losses.RECIPE_LOSSES); 0 disables a term
     "train": {
         "epochs": 10,
         "max_steps": None,       # stop after this many optimizer steps (None: epochs decide)
@@ -99,20 +103,22 @@ NULLABLE_TYPES = {
     ("base", "checkpoint"): str, ("base", "image_size"): int, ("data", "root"): (str, list),
     ("data", "synthetic"): str, ("augment", "domain"): str, ("train", "max_steps"): int, ("output", "dir"): str,
 }
+# The allowed values of a key come from the registry that defines them, so a new arch, layout,
+# domain, prompt mode, adapter kind or metric is a valid recipe value without touching this file.
 CHOICES = {
-    ("base", "arch"): ["vit_b", "vit_l", "vit_h", "tiny"],
-    ("adapter", "decoder"): ["frozen", "full", "lora"],
-    ("data", "layout"): ["auto", "generic", "cod10k", "camo", "istd", "sbu", "kvasir", "cvc_clinicdb"],
-    ("data", "synthetic"): [None, "generic", "objects", "camouflage", "shadow", "polyp"],
-    ("prompts", "mode"): ["none", "box", "points", "box+points", "mixed"],
+    ("base", "arch"): list(ARCHS),
+    ("adapter", "decoder"): list(DECODER_POLICIES),
+    ("data", "layout"): ["auto", *LAYOUTS],
+    ("data", "synthetic"): [None, *SYNTHETIC_DOMAINS],
+    ("augment", "domain"): [None, *DOMAINS],
+    ("prompts", "mode"): list(PROMPT_MODES),
     ("train", "scheduler"): ["cosine", "constant"],
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],
     ("train", "attention"): ["auto", "timm", "sdpa", "triton"],
     ("output", "dtype"): ["fp32", "fp16", "bf16"],
 }
-
-
-from .errors import RecipeError  # noqa: E402,F401
+ADAPTER_KINDS = list(KINDS)  # adapter.kinds[*].kind (checked by `adapters.config`, which names them)
+METRIC_NAMES = list(METRICS)  # eval.metrics and eval.select
 
 
 def _paths(schema: Dict[str, Any], prefix=()) -> List[tuple]:
@@ -219,8 +225,6 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
             errors.append("nothing to train: add adapter.kinds or set adapter.decoder to full or lora")
         if sum(cfg["loss"].values()) <= 0:
             errors.append("every loss weight is 0; set at least one of " + ", ".join(f"loss.{k}" for k in SCHEMA["loss"]))
-        from .metrics import METRICS
-
         bad = [m for m in cfg["eval"]["metrics"] if m not in METRICS]
         if bad:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
@@ -235,7 +239,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-BUILTIN = Path(__file__).parent
+BUILTIN = Path(__file__).parent / "configs"
 
 
 def resolve_path(recipe: Union[str, Path]) -> Path:

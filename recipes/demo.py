@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import load_recipe
-from .trainer import train
+from .train import train
 
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, overrides: Optional[List[str]] = None) -> int:

@@ -26,7 +26,9 @@ __all__ = [
     "mask_iou",
     "iou_mse",
     "LOSSES",
+    "RECIPE_LOSSES",
     "CombinedLoss",
+    "pick_multimask",
 ]
 
 
@@ -292,6 +294,9 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "iou_mse": iou_mse,
 }
 
+#: The terms a recipe's `loss:` section weighs (`samadapt.recipes.config` builds that section from this).
+RECIPE_LOSSES: Tuple[str, ...] = ("bce", "balanced_bce", "iou", "focal", "dice", "iou_mse")
+
 
 class CombinedLoss(nn.Module):
     """Weighted sum of named loss terms.
@@ -358,3 +363,35 @@ class CombinedLoss(nn.Module):
             terms[name] = value.detach()
             weighted.append(value * w)
         return torch.stack(weighted).sum(), terms
+
+
+def pick_multimask(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor,
+                   loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's multimask training: of each sample's candidate masks keep the one with the lowest loss
+    against that sample's target, so only it is trained (the choice is made without gradients).
+
+    Args:
+        logits: B x C x H x W candidate mask logits.
+        iou: B x C predicted IoUs.
+        target: B x 1 x H x W targets.
+        loss_fn: a `CombinedLoss` (called as `loss_fn(logits, target, pred_iou)`).
+
+    Returns:
+        The B x 1 x H x W logits and the B IoU predictions picked.
+
+    Example:
+        >>> import torch
+        >>> target = torch.ones(1, 1, 4, 4)
+        >>> logits = torch.stack([-torch.ones(4, 4), torch.ones(4, 4)])[None] * 5  # candidate 1 is right
+        >>> picked, _ = pick_multimask(logits, torch.zeros(1, 2), target, CombinedLoss({"bce": 1.0}))
+        >>> bool((picked > 0).all())
+        True
+    """
+    B, C = logits.shape[:2]
+    with torch.no_grad():
+        per = torch.stack([torch.stack([loss_fn(logits[b:b + 1, j:j + 1], target[b:b + 1], iou[b:b + 1, j])[0]
+                                        for j in range(C)]) for b in range(B)])  # B x C
+    pick = per.argmin(1)
+    rows = torch.arange(B, device=logits.device)
+    return logits[rows, pick.to(logits.device)].unsqueeze(1), iou[rows, pick.to(iou.device)]

@@ -235,7 +235,7 @@ def run_server(args) -> int:
     import uvicorn
 
     from .errors import UserError
-    from .trainer import load_base
+    from .model import load_base
 
     directory = Path(args.adapters)
     if not directory.is_dir():

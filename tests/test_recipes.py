@@ -103,7 +103,7 @@ def test_multimask_trains_each_samples_best_candidate():
     """Of 3 candidate masks, each sample keeps its own lowest-loss one (SAM's rule), not one index
     for the whole batch; gradients reach only the picked candidates."""
     from samadapt.recipes.losses import CombinedLoss
-    from samadapt.recipes.trainer import pick_multimask
+    from samadapt.recipes.losses import pick_multimask
 
     loss_fn = CombinedLoss({"focal": 20.0, "dice": 1.0, "iou_mse": 1.0})
     target = torch.zeros(3, 1, 16, 16)
@@ -134,7 +134,7 @@ def test_multimask_trains_each_samples_best_candidate():
 def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     """train.attention picks the encoder's attention route (the same function: the same losses and
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
-    from samadapt.recipes.trainer import set_encoder_attention
+    from samadapt.recipes.model import set_encoder_attention
     from samadapt.sam_core import build_sam
     from samadapt.sam_core.fast_attention import fast_attention_enabled
 
