@@ -183,6 +183,16 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
     return out
 
 
+def _default(parts: List[str]) -> Any:
+    """The schema default at a dotted path (None where the path is unknown)."""
+    node: Any = SCHEMA
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
 def set_value(raw: Dict[str, Any], assignment: str) -> None:
     """Apply one `a.b=value` override to a raw (unvalidated) recipe dict."""
     if "=" not in assignment:
@@ -193,6 +203,8 @@ def set_value(raw: Dict[str, Any], assignment: str) -> None:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, bool) and isinstance(_default(parts), str):
+        parsed = value.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `train.mixed_precision=no` means "no"
     node = raw
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):

@@ -11,7 +11,7 @@ from samadapt.recipes.train import train
 
 pytestmark = pytest.mark.skipif(not TINY_CORE.is_file(), reason=f"{TINY_CORE} missing")
 
-# recipes/demo.yaml as it is, on 24 held-out images
+# recipes/configs/demo.yaml as it is, on 24 held-out images
 SHORT = ["data.synthetic_eval_size=24", "eval.samples=2"]
 
 
