@@ -1,29 +1,21 @@
 """The run directory: its lock, atomic writes, checkpoints (write, read, rotation) and resume.
 
-A checkpoint `checkpoints/step_N/` holds only what is trained (the adapter tensors, as safetensors),
-the optimizer, the scheduler, every RNG state and the data position, and resumes exactly. Every file
-is written to a temporary name and renamed, so a killed run leaves whole files or none.
-
-Why not Accelerate's `save_state`/`load_state` (kept out, not yet tried against the exact-resume test):
-`save_state` writes every prepared model's full state dict (the frozen core too: hundreds of MB per
-checkpoint for `vit_b`), so it needs a `register_save_state_pre_hook` that drops the model, and
-`load_state` then a matching hook, since it loads one weight file per prepared model; its RNG file
-stores NumPy state as a pickle read by allow-listing NumPy globals in `torch.load`, where ours is plain
-tensors and strings read with `weights_only=True`; and the data position and the best metric still
-need a file of their own. The scheme here keeps the same ingredients (trained tensors, optimizer and
-scheduler `state_dict()`s, RNG states, the position for `skip_first_batches`) in files checked on load.
+A checkpoint `checkpoints/step_N/` is Accelerate's `save_state` folder (optimizer, scheduler, every
+process's RNG states, the grad scaler) with one change made by a save hook: in place of the prepared
+model's full state dict (the frozen core too: hundreds of MB for `vit_b`) it holds only what trains,
+`trained.safetensors`; a load hook reads that back and checks it is this run's trainable set.
+`position.json` (step, epoch, batch in epoch for `skip_first_batches`, best metric) is written last, and
+the folder is written under a temporary name and renamed, so a killed run leaves whole checkpoints or
+none. Resume is exact (tests/test_recipes.py: after SIGKILL, and with randomness after the resume point).
+Under FSDP Accelerate saves the sharded model itself before any hook runs, so there the core is saved too.
 """
-import ast
 import contextlib
 import json
 import os
-import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -123,52 +115,57 @@ def check_resume(run_dir: Path, resume: bool) -> None:
         raise RecipeError(f"{run_dir} already holds checkpoints; pass --resume to continue or --out another folder")
 
 
-# ---------------------------------------------------------------------------- RNG states
-def rng_state() -> Dict[str, Any]:
-    """Every RNG's state (torch, CUDA, Python, NumPy) as tensors and strings `torch.load` reads with
-    `weights_only=True`.
-
-    Example:
-        >>> st = rng_state(); x = torch.rand(1); set_rng_state(st); torch.equal(x, torch.rand(1))
-        True
-    """
-    s = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
-          "numpy": json.dumps([s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])])}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: Dict[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    torch.set_rng_state(st["torch"])
-    random.setstate(ast.literal_eval(st["python"]))
-    s = json.loads(st["numpy"])
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 # ---------------------------------------------------------------------------- checkpoints
 def trained_tensors(sam: nn.Module) -> Dict[str, torch.Tensor]:
     """Copies of the parameters that train (`requires_grad`), by name: what a checkpoint stores."""
     return {n: p.detach().cpu().contiguous().clone() for n, p in sam.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, sam: nn.Module, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int,
-                    best: Optional[float], keep: int) -> Path:
-    """Write `checkpoints/step_N/` and keep the newest `keep` checkpoints.
+TRAINED = "trained.safetensors"
 
-    It holds the trained tensors (safetensors), optimizer + scheduler + RNG (`torch.save` of plain
-    tensors and numbers, read back with `weights_only=True`) and the position; written to a temporary
-    folder and renamed.
+
+def adapter_only_checkpoints(accelerator, sam: nn.Module) -> None:
+    """Register the `save_state`/`load_state` hooks that keep checkpoints adapter-only.
 
     Args:
+        accelerator: the run's `accelerate.Accelerator` (after `prepare`).
+        sam: the unwrapped core whose trainable parameters are checkpointed.
+    """
+    from safetensors.torch import save_file
+
+    def save_trained(models, weights, output_dir):
+        weights.clear()  # the prepared model's full state dict, frozen core included: not saved
+        if accelerator.is_main_process:
+            save_file(trained_tensors(sam), str(Path(output_dir) / TRAINED))
+
+    def load_trained(models, input_dir):
+        from safetensors.torch import load_file
+
+        path = Path(input_dir)
+        tensors = load_file(str(path / TRAINED))
+        params = dict(sam.named_parameters())
+        if set(tensors) != {n for n, p in params.items() if p.requires_grad}:
+            raise TrainingError(f"{path} does not match this run's trainable parameters (different recipe?); "
+                                f"start a new output folder or remove {path.parent}")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        models.clear()  # loaded above: Accelerate has no full state dict to load
+
+    accelerator.register_save_state_pre_hook(save_trained)
+    accelerator.register_load_state_pre_hook(load_trained)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, epoch: int, batch_in_epoch: int, best: Optional[float],
+                    keep: int) -> Path:
+    """Write `checkpoints/step_N/` with `accelerator.save_state` and keep the newest `keep` checkpoints.
+
+    Every process calls it (each saves its RNG states); the main process writes the rest, adds
+    `position.json` and renames the temporary folder into place.
+
+    Args:
+        accelerator: the run's accelerator, with `adapter_only_checkpoints` registered.
         run_dir: the run directory.
-        sam: the (unwrapped) core with its adapters.
-        optimizer: the plain torch optimizer (not Accelerate's wrapper).
-        scheduler: the plain torch scheduler.
         step: optimizer steps done.
         epoch: the epoch to continue in.
         batch_in_epoch: batches of that epoch already consumed.
@@ -178,27 +175,31 @@ def save_checkpoint(run_dir: Path, sam: nn.Module, optimizer, scheduler, step: i
     Returns:
         The checkpoint folder.
     """
-    from safetensors.torch import save_file
-
     ck_root = run_dir / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ck_root))
-    try:
-        save_file(trained_tensors(sam), str(tmp / "trained.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "state.pt")
-        position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
-        (tmp / "position.json").write_text(json.dumps(position))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+    tmp = ck_root / f".tmp-step_{step:08d}"  # one name for every process
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        ck_root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
+            (tmp / "position.json").write_text(json.dumps(position))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = sorted(p for p in ck_root.glob("step_*") if p.is_dir())
-    for p in old[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    if accelerator.is_main_process:
+        old = sorted(p for p in ck_root.glob("step_*") if p.is_dir())
+        for p in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 
@@ -208,29 +209,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return cks[-1] if cks else None
 
 
-def load_checkpoint(path: Path, sam: nn.Module, optimizer, scheduler) -> Dict[str, Any]:
-    """Load a checkpoint into `sam`, the optimizer and the scheduler (plain torch objects).
+def load_checkpoint(accelerator, path: Path) -> Dict[str, Any]:
+    """Restore a checkpoint with `accelerator.load_state`: trained tensors, optimizer, scheduler, RNG states.
 
     Returns:
-        The position (`step`, `epoch`, `batch_in_epoch`, `best`) and `rng`, the states for `set_rng_state`.
+        The position: `step`, `epoch`, `batch_in_epoch`, `best`.
 
     Raises:
         TrainingError: the checkpoint's tensors are not this run's trainable parameters.
     """
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "trained.safetensors"))
-    params = dict(sam.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(tensors) != trainable:
-        raise TrainingError(f"{path} does not match this run's trainable parameters (different recipe?); "
-                            f"start a new output folder or remove {path.parent}")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-    st = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(st["optimizer"])
-    scheduler.load_state_dict(st["scheduler"])
-    pos = json.loads((path / "position.json").read_text())
-    pos["rng"] = st["rng"]
-    return pos
+    accelerator.load_state(str(path))
+    return json.loads((path / "position.json").read_text())

@@ -3,7 +3,8 @@
 `train` reads top to bottom like Accelerate's `complete_nlp_example.py`: seed -> model -> trainable
 params only -> `prepare` -> `accumulate` -> `backward` -> `gather_for_metrics` (in `evaluate`), and the
 model is unwrapped before anything is saved. `accelerate launch` settings are honoured: its mixed
-precision wins over the recipe's. Checkpoints and resume live in `checkpointing`, the model in
+precision wins over the recipe's. Checkpoints (`save_state`/`load_state`, adapter-only) and resume live in
+`checkpointing`, the model in
 `model`, evaluation in `evaluate`. Rank 0 writes every file.
 """
 import contextlib
@@ -23,8 +24,8 @@ from samadapt import adapters
 from samadapt.adapters.io import atomic_file
 
 from . import config as recipe_config
-from .checkpointing import (atomic_write_text, check_resume, clear_stale_temporaries, latest_checkpoint,
-                            load_checkpoint, run_lock, save_checkpoint, set_rng_state)
+from .checkpointing import (adapter_only_checkpoints, atomic_write_text, check_resume, clear_stale_temporaries,
+                            latest_checkpoint, load_checkpoint, run_lock, save_checkpoint)
 from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
 from .losses import CombinedLoss, pick_multimask
@@ -323,15 +324,15 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     model = TrainStep(sam)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, scheduler)
+    adapter_only_checkpoints(accelerator, accelerator.unwrap_model(model).sam)  # save_state: adapter, not core
 
     # -------- the run directory is locked from the resume on (rank 0 writes every file)
     with run_lock(run_dir) if is_main else contextlib.nullcontext():
         step, start_epoch, skip, best = 0, 0, 0, None
         if resume:
             ck = latest_checkpoint(run_dir)
-            pos = load_checkpoint(ck, accelerator.unwrap_model(model).sam, optimizer.optimizer, scheduler.scheduler)
+            pos = load_checkpoint(accelerator, ck)  # load_state: trained tensors, optimizer, scheduler, RNG
             step, start_epoch, skip, best = pos["step"], pos["epoch"], pos["batch_in_epoch"], pos["best"]
-            set_rng_state(pos["rng"])
             log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
         metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler,
                            loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress, log,
@@ -349,9 +350,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     is_main = accelerator.is_main_process
     sam = accelerator.unwrap_model(model).sam  # what is saved and evaluated: the unwrapped core
 
-    def checkpoint(epoch_, batch_):
-        return save_checkpoint(run_dir, sam, optimizer.optimizer, scheduler.scheduler, step, epoch_, batch_, best,
-                               t["keep_checkpoints"])
+    def checkpoint(epoch_, batch_):  # every process: each saves its own RNG states
+        return save_checkpoint(accelerator, run_dir, step, epoch_, batch_, best, t["keep_checkpoints"])
 
     if is_main:
         clear_stale_temporaries(run_dir)  # a run killed mid-write leaves only temporary names behind
@@ -429,9 +429,7 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                     accelerator.log(scalars, step=step)
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total_steps:
-                    accelerator.wait_for_everyone()
-                    if is_main:
-                        last_good = checkpoint(epoch, batch_i)
+                    last_good = checkpoint(epoch, batch_i)
                 if step >= total_steps:
                     done = True
                     break
@@ -452,11 +450,9 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                 write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
                 atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
         accelerator.wait_for_everyone()
-        if is_main and not done:
+        if not done:
             last_good = checkpoint(epoch + 1, 0)
     bar.close()
-    accelerator.wait_for_everyone()
-    if is_main:
-        last_good = checkpoint(epochs, 0)
+    last_good = checkpoint(epochs, 0)
     accelerator.end_training()
     return metrics_log

@@ -321,6 +321,10 @@ def test_resume_restores_the_rng(tmp_path):
     assert a.keys() == b.keys() and any("lora" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # checkpoints hold what trains (adapter + decoder), never a copy of the frozen core
+    ck = tmp_path / "cut" / "checkpoints" / "step_00000008"
+    assert not [f.name for f in ck.iterdir() if f.name.startswith(("model", "pytorch_model"))]
+    assert a and all("camo-demo" in k for k in a), sorted(a)[:5]
 
 
 def test_launch_mixed_precision_wins_over_the_recipe(tmp_path, monkeypatch):
