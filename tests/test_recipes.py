@@ -348,7 +348,8 @@ def test_launch_mixed_precision_wins_over_the_recipe(tmp_path, monkeypatch):
            "--set", "train.mixed_precision=no"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
-    warned = [l for l in r.stderr.splitlines() if l.startswith("warning: accelerate launch says --mixed_precision bf16")]
+    says = "warning: accelerate launch says --mixed_precision bf16"
+    warned = [line for line in r.stderr.splitlines() if line.startswith(says)]
     assert len(warned) == 1, r.stderr[-4000:]
     import yaml
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["mixed_precision"] == "bf16"
