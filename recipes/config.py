@@ -194,7 +194,19 @@ def _default(parts: List[str]) -> Any:
 
 
 def set_value(raw: Dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b=value` override to a raw (unvalidated) recipe dict."""
+    """Apply one `a.b=value` override (the value parsed as YAML) to a raw (unvalidated) recipe dict.
+
+    Args:
+        raw: the recipe dict, changed in place.
+        assignment: `key.path=value`, as `--set` takes it.
+
+    Raises:
+        RecipeError: no `=` in `assignment`.
+
+    Example:
+        >>> raw = {}; set_value(raw, "train.epochs=3"); set_value(raw, "train.mixed_precision=no"); raw
+        {'train': {'epochs': 3, 'mixed_precision': 'no'}}
+    """
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r} needs the form key.path=value, e.g. train.lr=1e-4")
     key, value = assignment.split("=", 1)
@@ -214,7 +226,21 @@ def set_value(raw: Dict[str, Any], assignment: str) -> None:
 
 
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Check a raw recipe dict against the schema; returns it with every default filled in."""
+    """Check a raw recipe dict against the schema: types, choices (from the registries) and cross-field rules.
+
+    Args:
+        raw: the recipe as read from YAML (with overrides applied).
+
+    Returns:
+        The recipe with every default filled in.
+
+    Raises:
+        RecipeError: listing every problem, each with its fix (nearest key, allowed values).
+
+    Example:
+        >>> validate({"adapter": {"kinds": [{"kind": "lora"}]}, "loss": {"dice": 1}})["train"]["scheduler"]
+        'cosine'
+    """
     errors: List[str] = []
     cfg = _check(raw or {}, SCHEMA, (), errors)
     if not errors:
@@ -255,7 +281,15 @@ BUILTIN = Path(__file__).parent / "configs"
 
 
 def resolve_path(recipe: Union[str, Path]) -> Path:
-    """A recipe file path, or the name of a built-in recipe (`camouflage`, `shadow`, `polyp`, `demo`)."""
+    """A recipe file path, or the name of a built-in recipe in `recipes/configs/` (`demo`, `camouflage`, ...).
+
+    Raises:
+        RecipeError: neither a file nor a built-in name (the names are listed).
+
+    Example:
+        >>> resolve_path("demo").parent.name
+        'configs'
+    """
     p = Path(recipe)
     if p.is_file():
         return p
@@ -288,4 +322,5 @@ def load_recipe(recipe: Union[str, Path, Dict[str, Any]], overrides: Optional[Li
 
 
 def dump(cfg: Dict[str, Any]) -> str:
+    """The recipe as YAML, keys in schema order (what `recipe.yaml` and adapter files record)."""
     return yaml.safe_dump(cfg, sort_keys=False)
