@@ -7,19 +7,41 @@ Example:
     >>> adapters.attach(sam, adapters.config("lora", r=4, targets=["qkv"]), name="cod", decoder="frozen")
     >>> adapters.activate(sam, None)   # the plain frozen core
 """
-from .registry import (
-    DECODER_KINDS, ENTRY_POINT_GROUP, KINDS, AdapterError, KindSpec, config, load_plugins, register_kind,
-    unregister_kind,
-)
-from .base import (  # noqa: E402
-    AdapterSlot, IncompatibleAdapterError, Injected, activate, active, adapter_parameters, attach, attached,
-    block_indices, detach, info, is_valid_name, merge, module_tensors, set_trainable, trainable_summary, unmerge,
-)
 # built-in kinds enrol themselves on import (one file per kind); plugins are read on first lookup
 from . import kinds  # noqa: E402,F401
-from .kinds import DECODER_POLICIES  # noqa: E402
-from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .bank import AdapterBank  # noqa: E402
+from .base import (  # noqa: E402
+    AdapterSlot,
+    IncompatibleAdapterError,
+    Injected,
+    activate,
+    active,
+    adapter_parameters,
+    attach,
+    attached,
+    block_indices,
+    detach,
+    info,
+    is_valid_name,
+    merge,
+    module_tensors,
+    set_trainable,
+    trainable_summary,
+    unmerge,
+)
+from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
+from .kinds import DECODER_POLICIES  # noqa: E402
+from .registry import (
+    DECODER_KINDS,
+    ENTRY_POINT_GROUP,
+    KINDS,
+    AdapterError,
+    KindSpec,
+    config,
+    load_plugins,
+    register_kind,
+    unregister_kind,
+)
 
 __all__ = [
     "is_valid_name",
@@ -32,4 +54,5 @@ __all__ = [
 ]
 
 from .peft_linear_view import register as _register_linear_view  # noqa: E402
+
 _register_linear_view()  # the fast decoder then reads plain peft LoRA layers by their weights

@@ -14,7 +14,8 @@ from torch import nn
 from samadapt.sam_core import ImageEmbedding, SamPredictor
 
 from .base import AdapterError, activate, attached, detach, is_valid_name
-from .io import inspect as inspect_file, load as load_file
+from .io import inspect as inspect_file
+from .io import load as load_file
 
 
 def image_key(image: np.ndarray) -> str:

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from .registry import (  # noqa: F401  (re-exported: kinds and users import these from base)
-    KINDS, AdapterError, Injected, KindSpec, config, decoder_config, decoder_spec, register_kind,
+    KINDS,
+    AdapterError,
+    Injected,
+    KindSpec,
+    config,
+    decoder_config,
+    decoder_spec,
+    register_kind,
 )
 
 _PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes

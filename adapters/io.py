@@ -10,12 +10,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .registry import DECODER_KINDS, KINDS, label_tensor
-from .base import (
-    AdapterError, IncompatibleAdapterError, attach, config_from_dict, config_to_dict, detach,
-    info, set_trainable,
-)
 from . import base as _base
+from .base import (
+    AdapterError,
+    IncompatibleAdapterError,
+    attach,
+    config_from_dict,
+    config_to_dict,
+    detach,
+    info,
+    set_trainable,
+)
+from .registry import DECODER_KINDS, KINDS, label_tensor
 
 FORMAT = "samadapt.adapter/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,

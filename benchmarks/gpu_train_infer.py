@@ -50,8 +50,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
 from _common import machine, table, write_json
+
 from samadapt.sam_core.fast.attention import _decomposed_terms  # the per-query bias terms, as every route has them
 
 HF_DIMS = {  # transformers SamVisionConfig numbers for our archs
@@ -394,9 +394,9 @@ def main() -> None:
     else:
         arch, big, size, batch, steps, warmup = "vit_b", "vit_h", 1024, args.batch or 4, args.steps or 10, args.warmup or 3
     info = machine()
+    import peft
     import timm
     import transformers
-    import peft
 
     info.update(timm=timm.__version__, transformers=transformers.__version__, peft=peft.__version__)
     lines = []

@@ -22,7 +22,6 @@ import argparse
 import time
 
 import torch
-
 from _common import fmt_ms, machine, summary, table, time_blocks, write_json
 
 
@@ -56,7 +55,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from samadapt.sam_core import SamPredictor, ResizeLongestSide
+    from samadapt.sam_core import ResizeLongestSide, SamPredictor
     from samadapt.sam_core.fast import fast_decode, postprocess_masks_fast
 
     t0 = time.perf_counter()

@@ -48,9 +48,8 @@ def make_fixture(root: Path, base=None, seed: int = 4321):
     """A tiny core checkpoint (or `base`) and three perturbed LoRA adapters for it."""
     import torch
 
-    from samadapt import adapters
-    from samadapt import sam_core
-    from samadapt.recipes.trainer import load_base
+    from samadapt import adapters, sam_core
+    from samadapt.recipes.model import load_base
 
     if base is None:
         torch.manual_seed(seed)

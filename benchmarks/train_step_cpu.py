@@ -21,7 +21,6 @@ import time
 import warnings
 
 import torch
-
 from _common import machine, summary, table, time_blocks, write_json
 
 

@@ -1,0 +1,1 @@
+"""What users run: the CLI, recipes (`configs/`), training, evaluation, prediction and serving."""

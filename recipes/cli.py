@@ -6,13 +6,20 @@ User errors (bad path, bad recipe, wrong adapter for this base, unreadable image
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from .errors import UserError
 
 
 def version() -> str:
-    """The installed distribution's version (`samadapt --version`)."""
+    """The installed distribution's version (`samadapt --version` prints `samadapt <version>`).
+
+    Example:
+        >>> from importlib.metadata import version as dist_version
+        >>> version() == dist_version("samadapt")
+        True
+    """
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
 
@@ -22,16 +29,20 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def _user_errors():
+def user_errors() -> tuple:
+    """The exceptions `main` turns into one `error: ...` line and exit 2: every `UserError`, adapter and
+    checkpoint errors, and OS path errors (missing, not a folder, a folder, no permission)."""
     from samadapt.adapters import AdapterError
     from samadapt.sam_core import CheckpointError
 
-    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
 
 
 def cmd_train(args) -> int:
+    """`samadapt train`: run a recipe."""
     from .config import load_recipe
-    from .trainer import train
+    from .train import train
 
     cfg = load_recipe(args.recipe, args.set)
     train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)
@@ -39,18 +50,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`samadapt demo`."""
     from .demo import run_demo
 
     return run_demo(out_dir=args.out, quick=args.quick, overrides=args.set)
 
 
 def cmd_eval(args) -> int:
+    """`samadapt eval`."""
     from .evaluate import run_eval
 
     return run_eval(args)
 
 
 def cmd_inspect(args) -> int:
+    """`samadapt inspect FILE`: an adapter file's metadata as a table (or `--json`)."""
     from samadapt import adapters
 
     info = adapters.inspect(args.file)
@@ -86,18 +100,21 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """`samadapt predict`."""
     from .predict import run_predict
 
     return run_predict(args)
 
 
 def cmd_serve(args) -> int:
-    from .serve.app import run_server
+    """`samadapt serve`."""
+    from .serve import run_server
 
     return run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `samadapt` argument parser (no work at import time: each subcommand imports what it needs)."""
     p = argparse.ArgumentParser(prog="samadapt", description="Parameter-efficient domain adaptation of Segment Anything")
     p.add_argument("--version", action="version", version=f"samadapt {version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train an adapter from a YAML recipe")
-    t.add_argument("recipe", help="recipe YAML path or built-in name (camouflage, shadow, polyp, demo)")
+    builtin = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "configs").glob("*.yaml")))
+    t.add_argument("recipe", help=f"recipe YAML path or built-in name ({builtin})")
     t.add_argument("--data", nargs="+", help="dataset folder(s) (overrides data.root)")
     t.add_argument("--base", help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
     t.add_argument("--out", help="run directory (default: output.dir or runs/<name>)")
@@ -158,13 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run `samadapt ARGS`; returns the exit status (0, 2 for a user error, 130 when interrupted).
+
+    Example:
+        >>> main(["inspect", "no/such/file.safetensors"])
+        2
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)) and getattr(e, "filename", None):
+        if isinstance(e, OSError) and getattr(e, "filename", None):
             msg = f"{e.strerror}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -11,6 +11,17 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
+from samadapt.adapters import DECODER_POLICIES, KINDS
+from samadapt.sam_core import ARCHS
+
+from .data import LAYOUTS
+from .data.augment import DOMAINS
+from .data.prompts import PROMPT_MODES
+from .data.synthetic import SYNTHETIC_DOMAINS
+from .errors import RecipeError
+from .losses import RECIPE_LOSSES
+from .metrics import METRICS
+
 ANY = object()  # a leaf that takes any value (e.g. a list of adapter kind settings)
 
 SCHEMA: Dict[str, Any] = {
@@ -18,23 +29,23 @@ SCHEMA: Dict[str, Any] = {
     "domain": "",
     "base": {
         "checkpoint": None,      # SAM checkpoint path (Meta .pth, .safetensors, HF folder); None: see `arch`
-        "arch": "tiny",          # vit_b | vit_l | vit_h | tiny
+        "arch": "tiny",          # one of sam_core.ARCHS: vit_b | vit_l | vit_h | tiny
         "image_size": None,      # encoder input side (None: the checkpoint's / arch's)
         "pretrained_tiny": True,  # tiny with no checkpoint: use the committed pretrained tiny core
     },
     "adapter": {
         "name": "adapter",
         "kinds": ANY,            # list of {kind: ..., setting: value}
-        "decoder": "frozen",     # frozen | full | lora
+        "decoder": "frozen",     # one of adapters.DECODER_POLICIES: frozen | full | lora
         "decoder_r": 4,
     },
     "data": {
         "root": None,            # dataset folder(s): a path or a list (or --data)
-        "layout": "auto",        # auto | generic | cod10k | camo | istd | sbu | kvasir | cvc_clinicdb
+        "layout": "auto",        # auto or one of data.LAYOUTS (generic, cod10k, camo, istd, sbu, kvasir, ...)
         "train_split": "train",
         "eval_split": "test",
         "val_fraction": 0.1,     # held-out share when a layout has no test split
-        "synthetic": None,       # generic | camouflage | shadow | polyp: generated data instead of a folder
+        "synthetic": None,       # one of synthetic.SYNTHETIC_DOMAINS: generated data instead of a folder
         "synthetic_train_size": 256,
         "synthetic_eval_size": 32,
         "synthetic_image_size": 256,
@@ -42,25 +53,18 @@ SCHEMA: Dict[str, Any] = {
         "strict": True,          # images without masks are an error naming them (false: skip them with a warning)
     },
     "augment": {
-        "domain": None,          # augmentation pipeline (None: the recipe's domain)
+        "domain": None,          # augmentation pipeline, one of augment.DOMAINS (None: the recipe's domain)
         "enabled": True,
     },
     "prompts": {
-        "mode": "none",          # none | box | points | box+points | mixed
+        "mode": "none",          # one of prompts.PROMPT_MODES: none | box | points | box+points | mixed
         "box_jitter": 0.1,       # std of box-side noise, as a fraction of the box side
         "n_pos": 1,
         "n_neg": 0,
         "correction_rounds": 0,  # iterative correction clicks sampled from the previous prediction's errors
         "multimask": False,      # train on the best of 3 masks (ambiguous single-point prompts)
     },
-    "loss": {                    # weights; 0 disables a term
-        "bce": 0.0,
-        "balanced_bce": 0.0,
-        "iou": 0.0,
-        "focal": 0.0,
-        "dice": 0.0,
-        "iou_mse": 0.0,
-    },
+    "loss": {name: 0.0 for name in RECIPE_LOSSES},  # weights (losses.RECIPE_LOSSES); 0 disables a term
     "train": {
         "epochs": 10,
         "max_steps": None,       # stop after this many optimizer steps (None: epochs decide)
@@ -99,20 +103,22 @@ NULLABLE_TYPES = {
     ("base", "checkpoint"): str, ("base", "image_size"): int, ("data", "root"): (str, list),
     ("data", "synthetic"): str, ("augment", "domain"): str, ("train", "max_steps"): int, ("output", "dir"): str,
 }
+# The allowed values of a key come from the registry that defines them, so a new arch, layout,
+# domain, prompt mode, adapter kind or metric is a valid recipe value without touching this file.
 CHOICES = {
-    ("base", "arch"): ["vit_b", "vit_l", "vit_h", "tiny"],
-    ("adapter", "decoder"): ["frozen", "full", "lora"],
-    ("data", "layout"): ["auto", "generic", "cod10k", "camo", "istd", "sbu", "kvasir", "cvc_clinicdb"],
-    ("data", "synthetic"): [None, "generic", "objects", "camouflage", "shadow", "polyp"],
-    ("prompts", "mode"): ["none", "box", "points", "box+points", "mixed"],
+    ("base", "arch"): list(ARCHS),
+    ("adapter", "decoder"): list(DECODER_POLICIES),
+    ("data", "layout"): ["auto", *LAYOUTS],
+    ("data", "synthetic"): [None, *SYNTHETIC_DOMAINS],
+    ("augment", "domain"): [None, *DOMAINS],
+    ("prompts", "mode"): list(PROMPT_MODES),
     ("train", "scheduler"): ["cosine", "constant"],
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],
     ("train", "attention"): ["auto", "timm", "sdpa", "triton"],
     ("output", "dtype"): ["fp32", "fp16", "bf16"],
 }
-
-
-from .errors import RecipeError  # noqa: E402,F401
+ADAPTER_KINDS = list(KINDS)  # adapter.kinds[*].kind (checked by `adapters.config`, which names them)
+METRIC_NAMES = list(METRICS)  # eval.metrics and eval.select
 
 
 def _paths(schema: Dict[str, Any], prefix=()) -> List[tuple]:
@@ -177,8 +183,30 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
     return out
 
 
+def _default(parts: List[str]) -> Any:
+    """The schema default at a dotted path (None where the path is unknown)."""
+    node: Any = SCHEMA
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
 def set_value(raw: Dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b=value` override to a raw (unvalidated) recipe dict."""
+    """Apply one `a.b=value` override (the value parsed as YAML) to a raw (unvalidated) recipe dict.
+
+    Args:
+        raw: the recipe dict, changed in place.
+        assignment: `key.path=value`, as `--set` takes it.
+
+    Raises:
+        RecipeError: no `=` in `assignment`.
+
+    Example:
+        >>> raw = {}; set_value(raw, "train.epochs=3"); set_value(raw, "train.mixed_precision=no"); raw
+        {'train': {'epochs': 3, 'mixed_precision': 'no'}}
+    """
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r} needs the form key.path=value, e.g. train.lr=1e-4")
     key, value = assignment.split("=", 1)
@@ -187,6 +215,8 @@ def set_value(raw: Dict[str, Any], assignment: str) -> None:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, bool) and isinstance(_default(parts), str):
+        parsed = value.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `train.mixed_precision=no` means "no"
     node = raw
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
@@ -196,7 +226,21 @@ def set_value(raw: Dict[str, Any], assignment: str) -> None:
 
 
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Check a raw recipe dict against the schema; returns it with every default filled in."""
+    """Check a raw recipe dict against the schema: types, choices (from the registries) and cross-field rules.
+
+    Args:
+        raw: the recipe as read from YAML (with overrides applied).
+
+    Returns:
+        The recipe with every default filled in.
+
+    Raises:
+        RecipeError: listing every problem, each with its fix (nearest key, allowed values).
+
+    Example:
+        >>> validate({"adapter": {"kinds": [{"kind": "lora"}]}, "loss": {"dice": 1}})["train"]["scheduler"]
+        'cosine'
+    """
     errors: List[str] = []
     cfg = _check(raw or {}, SCHEMA, (), errors)
     if not errors:
@@ -219,8 +263,6 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
             errors.append("nothing to train: add adapter.kinds or set adapter.decoder to full or lora")
         if sum(cfg["loss"].values()) <= 0:
             errors.append("every loss weight is 0; set at least one of " + ", ".join(f"loss.{k}" for k in SCHEMA["loss"]))
-        from .metrics import METRICS
-
         bad = [m for m in cfg["eval"]["metrics"] if m not in METRICS]
         if bad:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
@@ -235,11 +277,19 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-BUILTIN = Path(__file__).parent
+BUILTIN = Path(__file__).parent / "configs"
 
 
 def resolve_path(recipe: Union[str, Path]) -> Path:
-    """A recipe file path, or the name of a built-in recipe (`camouflage`, `shadow`, `polyp`, `demo`)."""
+    """A recipe file path, or the name of a built-in recipe in `recipes/configs/` (`demo`, `camouflage`, ...).
+
+    Raises:
+        RecipeError: neither a file nor a built-in name (the names are listed).
+
+    Example:
+        >>> resolve_path("demo").parent.name
+        'configs'
+    """
     p = Path(recipe)
     if p.is_file():
         return p
@@ -272,4 +322,5 @@ def load_recipe(recipe: Union[str, Path, Dict[str, Any]], overrides: Optional[Li
 
 
 def dump(cfg: Dict[str, Any]) -> str:
+    """The recipe as YAML, keys in schema order (what `recipe.yaml` and adapter files record)."""
     return yaml.safe_dump(cfg, sort_keys=False)

@@ -4,10 +4,23 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import load_recipe
-from .trainer import train
+from .train import train
 
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, overrides: Optional[List[str]] = None) -> int:
+    """Train the `demo` recipe into `out_dir` (always fresh) and print frozen vs adapted metrics.
+
+    Args:
+        out_dir: the run directory; a previous demo run there is replaced.
+        quick: one short epoch on fewer images (a smoke test).
+        overrides: `key=value` recipe overrides, as `--set` takes them.
+
+    Returns:
+        0 (the exit status).
+
+    Example (shell):
+        samadapt demo --quick
+    """
     overrides = list(overrides or [])
     if quick:
         overrides = ["train.epochs=1", "data.synthetic_train_size=32", "data.synthetic_eval_size=8"] + overrides

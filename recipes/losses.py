@@ -1,12 +1,12 @@
 """Segmentation losses on logits.
 
-Every loss takes ``logits`` and ``target`` of the same shape (B, 1, H, W) (any
+Every loss takes `logits` and `target` of the same shape (B, 1, H, W) (any
 shape whose first dimension is the batch works), targets in {0, 1} (bool or
 float; soft targets in [0, 1] are accepted), and returns a scalar: the mean of
-per-image values (``bce`` and ``focal`` average over all pixels of the batch,
+per-image values (`bce` and `focal` average over all pixels of the batch,
 which is the same thing for equal-size images).  All are differentiable and
 finite for empty and full masks.  Targets must already be at the logits'
-resolution (``F.interpolate`` one of them first).
+resolution (`F.interpolate` one of them first).
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ __all__ = [
     "mask_iou",
     "iou_mse",
     "LOSSES",
+    "RECIPE_LOSSES",
     "CombinedLoss",
+    "pick_multimask",
 ]
 
 
@@ -75,7 +77,7 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Per image, positives are weighted by beta = |negatives| / |pixels| and
     negatives by 1 - beta; normalised by the total weight this is exactly
-    ``(mean BCE over positive pixels + mean BCE over negative pixels) / 2``,
+    `(mean BCE over positive pixels + mean BCE over negative pixels) / 2`,
     which is how it is computed.  An image with only one class (empty or full
     mask) uses the mean over that class, so it still gets a gradient (the raw
     beta weighting would give it none).  Soft targets count as fractional members of both classes.
@@ -105,10 +107,10 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def iou_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft IoU loss per image: ``1 - (sum(p t) + s) / (sum(p) + sum(t) - sum(p t) + s)``, p = sigmoid(logits).
+    """Soft IoU loss per image: `1 - (sum(p t) + s) / (sum(p) + sum(t) - sum(p t) + s)`, p = sigmoid(logits).
 
     This is the IoU term of the "structure loss" without its boundary
-    weighting (see :func:`structure_loss`).  ``smooth`` keeps it finite for
+    weighting (see `structure_loss`).  `smooth` keeps it finite for
     empty masks (an empty target with an all-background prediction gives ~0).
 
     Args:
@@ -136,8 +138,8 @@ def iou_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) ->
 def focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss, mean over pixels (SAM's focal term).
 
-    ``alpha_t * (1 - p_t) ** gamma * BCE`` with ``p_t = p t + (1 - p)(1 - t)``
-    and ``alpha_t = alpha t + (1 - alpha)(1 - t)``; ``alpha < 0`` disables the
+    `alpha_t * (1 - p_t) ** gamma * BCE` with `p_t = p t + (1 - p)(1 - t)`
+    and `alpha_t = alpha t + (1 - alpha)(1 - t)`; `alpha < 0` disables the
     class weighting.
 
     Args:
@@ -165,7 +167,7 @@ def focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma
 
 
 def dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per image: ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` (SAM's dice term, s = 1).
+    """Soft Dice loss per image: `1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)` (SAM's dice term, s = 1).
 
     Args:
         logits: (B, 1, H, W).
@@ -191,8 +193,8 @@ def dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> tor
 def structure_loss(logits: torch.Tensor, target: torch.Tensor, kernel: int = 31) -> torch.Tensor:
     """Boundary-weighted BCE + weighted soft IoU (the "structure loss" common in polyp/COD models).
 
-    Pixel weight ``w = 1 + 5 |avg_pool(t, kernel) - t|`` (large near edges);
-    per image ``sum(w bce) / sum(w) + 1 - (sum(w p t) + 1) / (sum(w (p + t)) - sum(w p t) + 1)``.
+    Pixel weight `w = 1 + 5 |avg_pool(t, kernel) - t|` (large near edges);
+    per image `sum(w bce) / sum(w) + 1 - (sum(w p t) + 1) / (sum(w (p + t)) - sum(w p t) + 1)`.
 
     Args:
         logits: (B, 1, H, W).
@@ -224,7 +226,7 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, kernel: int = 31)
 
 @torch.no_grad()
 def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """IoU per image of ``logits > threshold`` against ``target > 0.5``; 1.0 when both are empty.
+    """IoU per image of `logits > threshold` against `target > 0.5`; 1.0 when both are empty.
 
     Args:
         logits: (B, ...) logits.
@@ -250,13 +252,13 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0)
 def iou_mse(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """MSE between the predicted IoU score and the IoU of the thresholded mask (SAM's IoU-head loss).
 
-    The actual IoU (:func:`mask_iou`) is a constant target: the gradient flows
-    only into ``pred_iou``.
+    The actual IoU (`mask_iou`) is a constant target: the gradient flows
+    only into `pred_iou`.
 
     Args:
         pred_iou: (B,) or (B, 1) predicted scores.
         logits: (B, 1, H, W) mask logits.
-        target: same shape as ``logits``.
+        target: same shape as `logits`.
         threshold: logit threshold.
 
     Returns:
@@ -280,7 +282,7 @@ def iou_mse(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, 
     return F.mse_loss(p, actual.to(p.dtype))
 
 
-#: Loss terms usable in :class:`CombinedLoss` (``iou_mse`` additionally needs ``pred_iou``).
+#: Loss terms usable in `CombinedLoss` (`iou_mse` additionally needs `pred_iou`).
 LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "bce": bce,
     "balanced_bce": balanced_bce,
@@ -292,18 +294,21 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "iou_mse": iou_mse,
 }
 
+#: The terms a recipe's `loss:` section weighs (`samadapt.recipes.config` builds that section from this).
+RECIPE_LOSSES: Tuple[str, ...] = ("bce", "balanced_bce", "iou", "focal", "dice", "iou_mse")
+
 
 class CombinedLoss(nn.Module):
     """Weighted sum of named loss terms.
 
-    SAM's recipe is ``{"focal": 20, "dice": 1, "iou_mse": 1}``; shadow models
-    often use ``{"balanced_bce": 1}``, polyp/COD models ``{"structure": 1}`` or
-    ``{"bce": 1, "iou": 1}``.
+    SAM's recipe is `{"focal": 20, "dice": 1, "iou_mse": 1}`; shadow models
+    often use `{"balanced_bce": 1}`, polyp/COD models `{"structure": 1}` or
+    `{"bce": 1, "iou": 1}`.
 
     Args:
-        weights: term name -> non-negative weight; names from :data:`LOSSES`.
+        weights: term name -> non-negative weight; names from `LOSSES`.
 
-    Returns (of a call): ``(total, terms)``: the differentiable weighted sum
+    Returns (of a call): `(total, terms)`: the differentiable weighted sum
     and a dict name -> *unweighted* term value (detached), for logging.
 
     Raises:
@@ -341,10 +346,10 @@ class CombinedLoss(nn.Module):
         Args:
             logits: (B, 1, H, W) mask logits.
             target: same shape.
-            pred_iou: (B,) or (B, 1) IoU predictions; required when ``iou_mse`` is a term.
+            pred_iou: (B,) or (B, 1) IoU predictions; required when `iou_mse` is a term.
 
         Returns:
-            ``(total, terms)``.
+            `(total, terms)`.
         """
         terms: Dict[str, torch.Tensor] = {}
         weighted = []
@@ -358,3 +363,35 @@ class CombinedLoss(nn.Module):
             terms[name] = value.detach()
             weighted.append(value * w)
         return torch.stack(weighted).sum(), terms
+
+
+def pick_multimask(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor,
+                   loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's multimask training: of each sample's candidate masks keep the one with the lowest loss
+    against that sample's target, so only it is trained (the choice is made without gradients).
+
+    Args:
+        logits: B x C x H x W candidate mask logits.
+        iou: B x C predicted IoUs.
+        target: B x 1 x H x W targets.
+        loss_fn: a `CombinedLoss` (called as `loss_fn(logits, target, pred_iou)`).
+
+    Returns:
+        The B x 1 x H x W logits and the B IoU predictions picked.
+
+    Example:
+        >>> import torch
+        >>> target = torch.ones(1, 1, 4, 4)
+        >>> logits = torch.stack([-torch.ones(4, 4), torch.ones(4, 4)])[None] * 5  # candidate 1 is right
+        >>> picked, _ = pick_multimask(logits, torch.zeros(1, 2), target, CombinedLoss({"bce": 1.0}))
+        >>> bool((picked > 0).all())
+        True
+    """
+    B, C = logits.shape[:2]
+    with torch.no_grad():
+        per = torch.stack([torch.stack([loss_fn(logits[b:b + 1, j:j + 1], target[b:b + 1], iou[b:b + 1, j])[0]
+                                        for j in range(C)]) for b in range(B)])  # B x C
+    pick = per.argmin(1)
+    rows = torch.arange(B, device=logits.device)
+    return logits[rows, pick.to(logits.device)].unsqueeze(1), iou[rows, pick.to(iou.device)]

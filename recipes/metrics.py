@@ -1,58 +1,56 @@
-"""Per-image segmentation metrics that reproduce ``pysodmetrics`` numbers.
+# why: over 500 lines: one self-contained port of pysodmetrics' formulas, each next to the parity notes tests check
+"""Per-image segmentation metrics that reproduce `pysodmetrics` numbers.
 
 This module is a self-contained numpy/scipy/OpenCV implementation of the
-salient/camouflaged-object metrics computed by ``py_sod_metrics`` (S-measure,
+salient/camouflaged-object metrics computed by `py_sod_metrics` (S-measure,
 E-measure, weighted F-measure, MAE) plus the binary metrics used in shadow
-detection and segmentation (BER, Dice, IoU).  ``pysodmetrics`` itself is only
-a test dependency: ``tests/test_metrics.py`` checks that every number here
-equals the one ``pysodmetrics`` gives, to 1e-6 or better.
+detection and segmentation (BER, Dice, IoU).  `pysodmetrics` itself is only
+a test dependency: `tests/test_metrics.py` checks that every number here
+equals the one `pysodmetrics` gives, to 1e-6 or better.
 
-Input convention (shared by every function and by :class:`MetricSuite`)
-------------------------------------------------------------------------
-``pred`` (2-D):
-  * float32 / float64 in [0, 1] -- used as is (this is ``pysodmetrics``'
-    ``step(..., normalize=False)``).  float16 is widened to float32.  Values
-    outside [0, 1] or NaN raise ``ValueError``.
-  * uint8 in 0..255 -- normalised exactly like ``pysodmetrics``'
-    ``step(..., normalize=True)`` (MATLAB ``mapminmax(im2double(pred))``):
-    ``pred / 255`` and then min-max rescaled to [0, 1] unless the map is
+Input convention (shared by every function and by `MetricSuite`):
+`pred` (2-D):
+  * float32 / float64 in [0, 1] -- used as is (this is `pysodmetrics`'
+    `step(..., normalize=False)`).  float16 is widened to float32.  Values
+    outside [0, 1] or NaN raise `ValueError`.
+  * uint8 in 0..255 -- normalised exactly like `pysodmetrics`'
+    `step(..., normalize=True)` (MATLAB `mapminmax(im2double(pred))`):
+    `pred / 255` and then min-max rescaled to [0, 1] unless the map is
     constant.  So a uint8 map that only spans 10..200 is stretched to 0..1.
   * bool -- used as a 0/1 float64 map.
-``gt`` (2-D, same shape as ``pred``):
+`gt` (2-D, same shape as `pred`):
   * bool -- True is object.
-  * uint8 -- ``gt > 128`` is object (``pysodmetrics`` thresholds at 128, so a
+  * uint8 -- `gt > 128` is object (`pysodmetrics` thresholds at 128, so a
     pixel valued exactly 128 is background).  A uint8 mask whose largest value
     is 1 (a 0/1 label map) would be read as empty under that rule, so it is
-    rejected with a ``ValueError``; pass ``gt.astype(bool)`` instead.
+    rejected with a `ValueError`; pass `gt.astype(bool)` instead.
   * any other integer/float dtype -- accepted only when every value is 0 or 1.
 
-Deliberate differences from ``pysodmetrics``
---------------------------------------------
+Deliberate differences from `pysodmetrics`:
 * S-measure: when the ground-truth centroid falls in the last row or column,
-  one of the four region quadrants is empty; ``pysodmetrics`` (like the
+  one of the four region quadrants is empty; `pysodmetrics` (like the
   original MATLAB code) then returns NaN (0 * NaN).  Here an empty quadrant has
-  weight 0 and contributes 0, which is the value ``pysodmetrics`` gives if its
+  weight 0 and contributes 0, which is the value `pysodmetrics` gives if its
   SSIM of an empty region is taken as 0.  Every other case is identical.
-* BER / Dice / IoU are not ``pysodmetrics`` metrics; their edge cases are
-  documented on each function (``pysodmetrics``' FmeasureV2 handlers give 0 for
+* BER / Dice / IoU are not `pysodmetrics` metrics; their edge cases are
+  documented on each function (`pysodmetrics`' FmeasureV2 handlers give 0 for
   0/0, we give 1.0 for Dice/IoU when both masks are empty).
 
-Quirks of ``pysodmetrics`` that ARE reproduced
-----------------------------------------------
-* E-measure normalises by ``H*W - 1`` (MATLAB code), so a perfect prediction
-  scores ``H*W / (H*W - 1)``, slightly above 1 (a 1x1 image divides by eps).
+Quirks of `pysodmetrics` that ARE reproduced:
+* E-measure normalises by `H*W - 1` (MATLAB code), so a perfect prediction
+  scores `H*W / (H*W - 1)`, slightly above 1 (a 1x1 image divides by eps).
 * E-measure with empty gt counts predicted-background pixels; with full gt it
   counts predicted-foreground pixels.
-* The adaptive threshold is ``min(2 * mean(pred), 1)`` and binarises with
-  ``pred >= threshold``; an all-zero prediction is therefore binarised to all
+* The adaptive threshold is `min(2 * mean(pred), 1)` and binarises with
+  `pred >= threshold`; an all-zero prediction is therefore binarised to all
   foreground (threshold 0).
-* The 256-point E-measure curve quantises with ``uint8(pred * 255)``
-  (truncation, in the dtype of ``pred``) and thresholds ``>= t`` for
+* The 256-point E-measure curve quantises with `uint8(pred * 255)`
+  (truncation, in the dtype of `pred`) and thresholds `>= t` for
   t = 255..0; "mean"/"max" are the mean/max of that curve.
-* S-measure with empty gt is ``1 - mean(pred)``, with full gt ``mean(pred)``;
-  the centroid is rounded half-to-even (``np.round``).
-* Weighted F-measure with empty gt is 0.  Its ``beta`` argument in
-  ``pysodmetrics`` is really beta**2; ours is beta (default 1, same result).
+* S-measure with empty gt is `1 - mean(pred)`, with full gt `mean(pred)`;
+  the centroid is rounded half-to-even (`np.round`).
+* Weighted F-measure with empty gt is 0.  Its `beta` argument in
+  `pysodmetrics` is really beta**2; ours is beta (default 1, same result).
 """
 
 from __future__ import annotations
@@ -88,7 +86,7 @@ _E_MODES = ("adaptive", "mean", "max")
 # Input validation / normalisation
 # --------------------------------------------------------------------------- #
 def _prepare(pred, gt) -> Tuple[np.ndarray, np.ndarray]:
-    """Validate inputs and return ``(pred in [0,1] as float, gt as bool)``."""
+    """Validate inputs and return `(pred in [0,1] as float, gt as bool)`."""
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.ndim != 2 or gt.ndim != 2 or pred.shape != gt.shape:
@@ -222,7 +220,7 @@ def _s_measure(p: np.ndarray, g: np.ndarray, alpha: float) -> float:
 def _enhanced_alignment_sum(tp, fp, n_fg: int, n: int):
     """Sum of the enhanced-alignment matrix of a binary map given its confusion counts.
 
-    ``tp``/``fp`` may be scalars or arrays (one entry per threshold).
+    `tp`/`fp` may be scalars or arrays (one entry per threshold).
     """
     pred_fg = tp + fp
     pred_bg = n - pred_fg
@@ -245,7 +243,7 @@ def _enhanced_alignment_sum(tp, fp, n_fg: int, n: int):
 
 
 def _e_curve(p: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """E-measure at the 256 thresholds ``uint8(255 * pred) >= t`` for t = 255, 254, ..., 0."""
+    """E-measure at the 256 thresholds `uint8(255 * pred) >= t` for t = 255, 254, ..., 0."""
     q = (p * 255).astype(np.uint8)
     hist_fg = np.bincount(q[g], minlength=256)
     hist_all = np.bincount(q.ravel(), minlength=256)
@@ -267,7 +265,7 @@ def _e_adaptive(p: np.ndarray, g: np.ndarray) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _gauss_1d(size: int = 7, sigma: float = 5.0) -> np.ndarray:
-    """1-D factor of MATLAB ``fspecial('gaussian', size, sigma)`` (outer(k, k) is the 2-D kernel)."""
+    """1-D factor of MATLAB `fspecial('gaussian', size, sigma)` (outer(k, k) is the 2-D kernel)."""
     r = (size - 1) / 2
     x = np.arange(-r, r + 1)
     k = np.exp(-(x * x) / (2 * sigma * sigma))
@@ -300,7 +298,7 @@ def _weighted_f(p: np.ndarray, g: np.ndarray, beta2: float) -> float:
 
 
 def _confusion(p: np.ndarray, g: np.ndarray, threshold: float) -> Tuple[int, int, int, int]:
-    """(TP, FP, FN, TN) of ``pred > threshold`` against ``gt``."""
+    """(TP, FP, FN, TN) of `pred > threshold` against `gt`."""
     binary = p > threshold
     tp = int(np.count_nonzero(binary & g))
     n_pred = int(np.count_nonzero(binary))
@@ -337,10 +335,10 @@ def _iou(p: np.ndarray, g: np.ndarray, threshold: float) -> float:
 # Public per-image metrics
 # --------------------------------------------------------------------------- #
 def s_measure(pred, gt, alpha: float = 0.5) -> float:
-    """Structure measure S_alpha (Fan et al., ICCV 2017), as ``py_sod_metrics.Smeasure``.
+    """Structure measure S_alpha (Fan et al., ICCV 2017), as `py_sod_metrics.Smeasure`.
 
-    ``alpha * S_object + (1 - alpha) * S_region``, clipped at 0.  Empty gt gives
-    ``1 - mean(pred)``, full gt gives ``mean(pred)``.  Higher is better.
+    `alpha * S_object + (1 - alpha) * S_region`, clipped at 0.  Empty gt gives
+    `1 - mean(pred)`, full gt gives `mean(pred)`.  Higher is better.
 
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 (min-max
@@ -361,19 +359,19 @@ def s_measure(pred, gt, alpha: float = 0.5) -> float:
 
 
 def e_measure(pred, gt, mode: str = "adaptive") -> float:
-    """Enhanced-alignment measure E_phi (Fan et al., IJCAI 2018), as ``py_sod_metrics.Emeasure``.
+    """Enhanced-alignment measure E_phi (Fan et al., IJCAI 2018), as `py_sod_metrics.Emeasure`.
 
-    ``"adaptive"`` binarises at ``min(2 * mean(pred), 1)`` (``pred >= thr``);
-    ``"mean"`` / ``"max"`` are the mean / max of this image's 256-threshold
-    curve (thresholds ``uint8(255 * pred) >= t``, t = 0..255).  Note the
-    dataset-level mean/max of :class:`MetricSuite` average the curves first.
-    Normalised by ``H*W - 1`` like the reference, so a perfect map scores
-    ``H*W / (H*W - 1)`` (16/15 in the example below).
+    `"adaptive"` binarises at `min(2 * mean(pred), 1)` (`pred >= thr`);
+    `"mean"` / `"max"` are the mean / max of this image's 256-threshold
+    curve (thresholds `uint8(255 * pred) >= t`, t = 0..255).  Note the
+    dataset-level mean/max of `MetricSuite` average the curves first.
+    Normalised by `H*W - 1` like the reference, so a perfect map scores
+    `H*W / (H*W - 1)` (16/15 in the example below).
 
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 or bool.
         gt: 2-D ground truth of the same shape, bool or uint8 (object = > 128).
-        mode: ``"adaptive"``, ``"mean"`` or ``"max"``.
+        mode: `"adaptive"`, `"mean"` or `"max"`.
 
     Returns:
         The E-measure (about [0, 1]; higher is better).
@@ -393,9 +391,9 @@ def e_measure(pred, gt, mode: str = "adaptive") -> float:
 
 
 def weighted_f(pred, gt, beta: float = 1.0) -> float:
-    """Weighted F-measure F^w_beta (Margolin et al., CVPR 2014), as ``py_sod_metrics.WeightedFmeasure``.
+    """Weighted F-measure F^w_beta (Margolin et al., CVPR 2014), as `py_sod_metrics.WeightedFmeasure`.
 
-    ``beta`` is the usual F-beta beta; pysodmetrics' ``WeightedFmeasure(beta=b)``
+    `beta` is the usual F-beta beta; pysodmetrics' `WeightedFmeasure(beta=b)`
     takes b = beta**2 (both default to 1).  Empty gt gives 0.
 
     Args:
@@ -416,7 +414,7 @@ def weighted_f(pred, gt, beta: float = 1.0) -> float:
 
 
 def mae(pred, gt) -> float:
-    """Mean absolute error between the [0, 1] prediction and the binary gt, as ``py_sod_metrics.MAE``.
+    """Mean absolute error between the [0, 1] prediction and the binary gt, as `py_sod_metrics.MAE`.
 
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 or bool.
@@ -436,17 +434,17 @@ def mae(pred, gt) -> float:
 def ber(pred, gt, threshold: float = 0.5) -> float:
     """Balanced error rate in percent, as in the shadow-detection literature.
 
-    ``100 * (1 - 0.5 * (TP / Npos + TN / Nneg))`` with the prediction
-    binarised as ``pred > threshold`` (after the input normalisation, so a
+    `100 * (1 - 0.5 * (TP / Npos + TN / Nneg))` with the prediction
+    binarised as `pred > threshold` (after the input normalisation, so a
     uint8 map is min-max scaled first).  If gt has no positives the rate is
-    the background error alone, ``100 * FP / Nneg``; if gt has no negatives it
-    is ``100 * FN / Npos`` (pysodmetrics' BERHandler would instead count the
+    the background error alone, `100 * FP / Nneg`; if gt has no negatives it
+    is `100 * FN / Npos` (pysodmetrics' BERHandler would instead count the
     missing class as 0 accuracy, giving at least 50).
 
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 or bool.
         gt: 2-D ground truth of the same shape, bool or uint8 (object = > 128).
-        threshold: binarisation threshold on the [0, 1] prediction (strict ``>``).
+        threshold: binarisation threshold on the [0, 1] prediction (strict `>`).
 
     Returns:
         The BER in [0, 100] (lower is better).
@@ -460,7 +458,7 @@ def ber(pred, gt, threshold: float = 0.5) -> float:
 
 
 def dice(pred, gt, threshold: float = 0.5) -> float:
-    """Dice coefficient ``2 TP / (2 TP + FP + FN)`` of ``pred > threshold`` against gt.
+    """Dice coefficient `2 TP / (2 TP + FP + FN)` of `pred > threshold` against gt.
 
     Both masks empty gives 1.0 (perfect agreement); pysodmetrics' DICEHandler
     gives 0 there.
@@ -468,7 +466,7 @@ def dice(pred, gt, threshold: float = 0.5) -> float:
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 or bool.
         gt: 2-D ground truth of the same shape, bool or uint8 (object = > 128).
-        threshold: binarisation threshold on the [0, 1] prediction (strict ``>``).
+        threshold: binarisation threshold on the [0, 1] prediction (strict `>`).
 
     Returns:
         The Dice score in [0, 1] (higher is better).
@@ -482,7 +480,7 @@ def dice(pred, gt, threshold: float = 0.5) -> float:
 
 
 def iou(pred, gt, threshold: float = 0.5) -> float:
-    """Intersection over union ``TP / (TP + FP + FN)`` of ``pred > threshold`` against gt.
+    """Intersection over union `TP / (TP + FP + FN)` of `pred > threshold` against gt.
 
     Both masks empty gives 1.0 (perfect agreement); pysodmetrics' IOUHandler
     gives 0 there.
@@ -490,7 +488,7 @@ def iou(pred, gt, threshold: float = 0.5) -> float:
     Args:
         pred: 2-D prediction, float in [0, 1], uint8 in 0..255 or bool.
         gt: 2-D ground truth of the same shape, bool or uint8 (object = > 128).
-        threshold: binarisation threshold on the [0, 1] prediction (strict ``>``).
+        threshold: binarisation threshold on the [0, 1] prediction (strict `>`).
 
     Returns:
         The IoU in [0, 1] (higher is better).
@@ -504,21 +502,21 @@ def iou(pred, gt, threshold: float = 0.5) -> float:
 
 
 def _e_measure_adaptive(pred, gt) -> float:
-    """E-measure with the adaptive threshold (see :func:`e_measure`)."""
+    """E-measure with the adaptive threshold (see `e_measure`)."""
     return e_measure(pred, gt, mode="adaptive")
 
 
 def _e_measure_mean(pred, gt) -> float:
-    """Mean of the per-image 256-threshold E-measure curve (see :func:`e_measure`)."""
+    """Mean of the per-image 256-threshold E-measure curve (see `e_measure`)."""
     return e_measure(pred, gt, mode="mean")
 
 
 def _e_measure_max(pred, gt) -> float:
-    """Max of the per-image 256-threshold E-measure curve (see :func:`e_measure`)."""
+    """Max of the per-image 256-threshold E-measure curve (see `e_measure`)."""
     return e_measure(pred, gt, mode="max")
 
 
-#: Per-image metric callables ``f(pred, gt) -> float`` by name (default parameters).
+#: Per-image metric callables `f(pred, gt) -> float` by name (default parameters).
 METRICS: Dict[str, Callable[..., float]] = {
     "s_measure": s_measure,
     "e_measure_adaptive": _e_measure_adaptive,
@@ -548,14 +546,14 @@ class MetricSuite:
     """Accumulates per-image metrics and reports dataset-level values like pysodmetrics.
 
     S-measure, adaptive E-measure, weighted F, MAE, BER, Dice and IoU are the
-    mean of the per-image values.  ``e_measure_mean`` / ``e_measure_max``
+    mean of the per-image values.  `e_measure_mean` / `e_measure_max`
     follow pysodmetrics: the 256-threshold E-measure curves are averaged over
     images first, then the mean / max of that averaged curve is taken (so
-    ``e_measure_max`` is generally not the mean of per-image maxima).  All
+    `e_measure_max` is generally not the mean of per-image maxima).  All
     metrics use their default parameters (alpha=0.5, beta=1, threshold=0.5).
 
     Args:
-        names: metric names from :data:`METRICS`; ``None`` means all of them.
+        names: metric names from `METRICS`; `None` means all of them.
 
     Example:
         >>> suite = MetricSuite(["mae", "dice"])

@@ -581,7 +581,7 @@ def run_predict(args) -> int:
 
     from samadapt import adapters
 
-    from .trainer import load_base
+    from .model import load_base
 
     sam = load_base(args.base)
     if args.adapter:

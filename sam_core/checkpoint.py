@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from torch.nn import functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
+from torch.nn import functional as F
 
 from .build import ARCHS, PATCH_SIZE, SamArch, build_sam
 from .sam import Sam

@@ -2,9 +2,9 @@
 from typing import Type
 
 import torch
+from timm.layers import LayerNorm2d  # the same channel-wise LayerNorm the image-encoder neck uses
 from torch import nn
 from torch.nn import functional as F
-from timm.layers import LayerNorm2d  # the same channel-wise LayerNorm the image-encoder neck uses
 
 __all__ = ["LayerNorm2d", "MLPBlock", "MLP"]
 

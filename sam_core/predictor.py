@@ -6,7 +6,11 @@ import numpy as np
 import torch
 
 from .fast import (
-    DecoderImageCache, fast_decode, fast_decoder_applies, postprocess_masks_fast, prepare_image_embedding,
+    DecoderImageCache,
+    fast_decode,
+    fast_decoder_applies,
+    postprocess_masks_fast,
+    prepare_image_embedding,
 )
 from .sam import Sam
 from .transforms import ResizeLongestSide

@@ -14,10 +14,10 @@ seeds, so that float noise between the two implementations cannot move a mask ac
 import numpy as np
 import pytest
 import torch
+from reference import build_meta_sam
 
 from samadapt.sam_core import SamAutomaticMaskGenerator, load_sam
 from samadapt.sam_core.amg_utils import area_from_rle, build_point_grid, mask_to_rle, rle_to_mask
-from reference import build_meta_sam
 
 sa = pytest.importorskip("segment_anything")
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from samadapt.recipes.data.augment import build_augmentation
 from samadapt.recipes.data import (
     LAYOUTS,
     FolderDataset,
@@ -24,6 +23,7 @@ from samadapt.recipes.data import (
     sam_resize_pad,
     split_names,
 )
+from samadapt.recipes.data.augment import build_augmentation
 from samadapt.recipes.errors import EmptyDatasetError, ImageReadError, UnpairedFilesError
 from samadapt.sam_core.transforms import ResizeLongestSide
 

@@ -6,11 +6,12 @@ import json
 import pytest
 
 from samadapt.recipes.config import load_recipe
-from samadapt.recipes.trainer import TINY_CORE, train
+from samadapt.recipes.model import TINY_CORE
+from samadapt.recipes.train import train
 
 pytestmark = pytest.mark.skipif(not TINY_CORE.is_file(), reason=f"{TINY_CORE} missing")
 
-# recipes/demo.yaml as it is, on 24 held-out images
+# recipes/configs/demo.yaml as it is, on 24 held-out images
 SHORT = ["data.synthetic_eval_size=24", "eval.samples=2"]
 
 

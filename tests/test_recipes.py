@@ -102,8 +102,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_multimask_trains_each_samples_best_candidate():
     """Of 3 candidate masks, each sample keeps its own lowest-loss one (SAM's rule), not one index
     for the whole batch; gradients reach only the picked candidates."""
-    from samadapt.recipes.losses import CombinedLoss
-    from samadapt.recipes.trainer import pick_multimask
+    from samadapt.recipes.losses import CombinedLoss, pick_multimask
 
     loss_fn = CombinedLoss({"focal": 20.0, "dice": 1.0, "iou_mse": 1.0})
     target = torch.zeros(3, 1, 16, 16)
@@ -134,7 +133,7 @@ def test_multimask_trains_each_samples_best_candidate():
 def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     """train.attention picks the encoder's attention route (the same function: the same losses and
     adapter); train.compile runs the encoder compiled. On CPU the triton route takes SDPA."""
-    from samadapt.recipes.trainer import set_encoder_attention
+    from samadapt.recipes.model import set_encoder_attention
     from samadapt.sam_core import build_sam
     from samadapt.sam_core.fast import fast_attention_enabled
 
@@ -216,3 +215,163 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert info["metrics"]["eval"]["s_measure"] == info["metrics"]["eval"]["s_measure"]  # not NaN
     m = json.loads((out / "metrics.json").read_text())
     assert m["history"]
+    assert "warning: accelerate launch says" not in r.stderr  # the launch and the recipe agree
+
+
+def test_every_config_opens_with_its_command():
+    """Each built-in recipe opens with the command that runs it, and the name lookup reads recipes/configs/."""
+    from samadapt.recipes.config import BUILTIN, resolve_path
+
+    files = sorted(BUILTIN.glob("*.yaml"))
+    assert BUILTIN.name == "configs" and {f.stem for f in files} >= {"demo", "camouflage", "shadow", "polyp",
+                                                                     "tiny_pretrain"}
+    for f in files:
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("# samadapt ") and (f.stem in first or "demo" in first), (f.name, first)
+        assert resolve_path(f.stem) == f
+
+
+def test_recipe_choices_are_the_registries():
+    """A recipe accepts exactly what the registries define: no copied lists to fall out of step."""
+    from samadapt import adapters
+    from samadapt.recipes import augment, config, data, losses, metrics, prompts, synthetic
+    from samadapt.sam_core import ARCHS
+
+    ch = config.CHOICES
+    assert ch[("base", "arch")] == list(ARCHS)
+    assert ch[("adapter", "decoder")] == list(adapters.DECODER_POLICIES)
+    assert ch[("data", "layout")] == ["auto", *data.LAYOUTS]
+    assert ch[("data", "synthetic")] == [None, *synthetic.SYNTHETIC_DOMAINS]
+    assert ch[("augment", "domain")] == [None, *augment.DOMAINS]
+    assert ch[("prompts", "mode")] == list(prompts.PROMPT_MODES)
+    assert config.ADAPTER_KINDS == list(adapters.KINDS)
+    assert config.METRIC_NAMES == list(metrics.METRICS)
+    assert list(config.SCHEMA["loss"]) == list(losses.RECIPE_LOSSES)
+    assert set(losses.RECIPE_LOSSES) <= set(losses.LOSSES)
+    # and validation uses them: every registered value is accepted, a value outside is refused
+    for key, values in ch.items():
+        dotted = ".".join(key)
+        for v in values:
+            if v is not None and key != ("base", "arch"):  # other archs would need their checkpoints to run
+                assert load_recipe("demo", [f"{dotted}={v}"])[key[0]][key[1]] == v
+        with pytest.raises(RecipeError, match="is not one of"):
+            load_recipe("demo", [f"{dotted}=no_such_value"])
+    for kind in adapters.KINDS:
+        assert load_recipe("demo", [f"adapter.kinds=[{{kind: {kind}}}]"])["adapter"]["kinds"] == [{"kind": kind}]
+    for m in metrics.METRICS:
+        assert load_recipe("demo", [f"eval.select={m}"])["eval"]["select"] == m
+    for name in losses.RECIPE_LOSSES:
+        assert load_recipe("demo", [f"loss.{name}=2"])["loss"][name] == 2.0
+
+
+def _quiet_train(cfg, out, **kw):
+    from samadapt.recipes.train import train
+
+    return train(cfg, out_dir=str(out), progress=False, log=lambda *a: None, **kw)
+
+
+def _logged(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(Path(run_dir, "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant"])
+def test_learning_rate_follows_the_schedule(tmp_path, kind):
+    """The LR logged after each optimizer step is the schedule's: linear warmup `(k + 1) / warmup`, then
+    cosine to 0 at the last step (or constant). A scheduler that is never stepped logs one LR throughout."""
+    import math
+
+    lr, warm = 1e-3, 3
+    cfg = load_recipe("demo", SMALL + ["train.epochs=2", f"train.lr={lr}", f"train.warmup_steps={warm}",
+                                       f"train.scheduler={kind}", "train.log_every=1", "train.checkpoint_every=0"])
+    _quiet_train(cfg, tmp_path / "run")
+    total = 2 * 16 // 4  # 16 images, batch 4, 2 epochs
+
+    def expected(k):  # the factor of the k-th step (0-based)
+        if k < warm:
+            return (k + 1) / warm
+        return 1.0 if kind == "constant" else 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+
+    lrs = _logged(tmp_path / "run", "lr")
+    assert sorted(lrs) == list(range(1, total + 1)), lrs
+    for step, value in lrs.items():  # logged after `step` steps: the LR of the next one
+        assert value == pytest.approx(lr * expected(step), rel=1e-5, abs=1e-12), (step, value, lrs)
+
+
+def test_resume_restores_the_rng(tmp_path):
+    """With LoRA dropout, every step after the resume point draws random masks: the resumed run equals the
+    uninterrupted one only if the checkpoint's RNG state is restored."""
+    from safetensors.torch import load_file
+
+    common = SMALL + ["adapter.kinds=[{kind: lora, r: 4, dropout: 0.5}]", "train.scheduler=constant",
+                      "train.checkpoint_every=0", "train.keep_checkpoints=0"]
+    _quiet_train(load_recipe("demo", common + ["train.max_steps=8"]), tmp_path / "full")
+    _quiet_train(load_recipe("demo", common + ["train.max_steps=4"]), tmp_path / "cut")  # ends at a checkpoint
+    _quiet_train(load_recipe("demo", common + ["train.max_steps=8"]), tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000008" / "trained.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000008" / "trained.safetensors"))
+    assert a.keys() == b.keys() and any("lora" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # checkpoints hold what trains (adapter + decoder), never a copy of the frozen core
+    ck = tmp_path / "cut" / "checkpoints" / "step_00000008"
+    assert not [f.name for f in ck.iterdir() if f.name.startswith(("model", "pytorch_model"))]
+    assert a and all("camo-demo" in k for k in a), sorted(a)[:5]
+
+
+def test_launch_mixed_precision_wins_over_the_recipe(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision` decides; a recipe that disagrees gets a warning line."""
+    from samadapt.recipes.train import launched_mixed_precision
+
+    lines = []
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launched_mixed_precision("bf16", lines.append) == "bf16" and not lines
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert launched_mixed_precision("bf16", lines.append) == "bf16" and not lines
+    assert launched_mixed_precision("no", lines.append) == "bf16"
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "train.mixed_precision=no" in lines[0]
+    monkeypatch.undo()
+
+    out = tmp_path / "bf16"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "samadapt.recipes.cli", "train", "demo",
+           "--out", str(out), "--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.max_steps=1",
+           "--set", "train.mixed_precision=no"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    says = "warning: accelerate launch says --mixed_precision bf16"
+    warned = [line for line in r.stderr.splitlines() if line.startswith(says)]
+    assert len(warned) == 1, r.stderr[-4000:]
+    import yaml
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["mixed_precision"] == "bf16"
+
+
+def test_run_directory_is_locked(tmp_path):
+    from samadapt.recipes.checkpointing import run_lock
+    from samadapt.recipes.errors import TrainingError
+
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(TrainingError, match="in use by another run"):
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released on exit
+        pass
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    from samadapt.recipes.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"samadapt {version('samadapt')}\n"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import build_meta_sam
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch.nn import functional as F
 
 from samadapt.sam_core import ARCHS, CheckpointError, build_sam, load_sam
 from samadapt.sam_core.checkpoint import hf_to_samadapt, meta_to_samadapt
-from reference import build_meta_sam
 
 TOL = 1e-4
 TINY = ARCHS["tiny"]

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from reference import build_meta_sam
 
 from samadapt.sam_core import SamPredictor, load_sam
-from reference import build_meta_sam
 
 sa = pytest.importorskip("segment_anything")
 

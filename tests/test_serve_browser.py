@@ -22,11 +22,11 @@ if not os.path.exists(CHROMIUM):
                 allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
+from test_serve import NAMES, make_core_and_adapters, mask_hash, scene  # noqa: E402
 
 from samadapt.adapters import AdapterBank  # noqa: E402
+from samadapt.recipes.model import load_base  # noqa: E402
 from samadapt.recipes.serve import background_server, create_app  # noqa: E402
-from samadapt.recipes.trainer import load_base  # noqa: E402
-from test_serve import NAMES, make_core_and_adapters, mask_hash, scene  # noqa: E402
 
 W, H = 320, 240
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -14,9 +14,10 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from samadapt.recipes.serve import background_server, create_app  # noqa: E402
-from samadapt.recipes.trainer import load_base  # noqa: E402
 from test_serve import NAMES, make_core_and_adapters, png_bytes, scene  # noqa: E402
+
+from samadapt.recipes.model import load_base  # noqa: E402
+from samadapt.recipes.serve import background_server, create_app  # noqa: E402
 
 CLIENTS, REQUESTS = 8, 50
 DEADLINE_S = 240.0

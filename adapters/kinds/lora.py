@@ -92,7 +92,8 @@ class LoraHandle:
 
 def add_lora(sam: nn.Module, paths: List[str], name: str, peft_cfg) -> Injected:
     """Give every linear layer at `paths` a LoRA named `name` (peft's layers; see the module doc)."""
-    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     handle = LoraHandle()
     tensors: Dict[str, Tuple[nn.Module, str]] = {}

@@ -18,7 +18,13 @@ from .datasets import FolderDataset, collate_batch, resize_longest, sam_resize_p
 from .files import DEFAULT_MASK_SUFFIXES, IMAGE_EXTENSIONS, list_images, pair_by_stem, read_image, read_mask
 from .layouts import LAYOUTS, detect_layout, resolve_layout, split_names
 from .prompts import (
-    PROMPT_MODES, PromptSampler, append_correction_clicks, box_from_mask, correction_click, pad_points, sample_points,
+    PROMPT_MODES,
+    PromptSampler,
+    append_correction_clicks,
+    box_from_mask,
+    correction_click,
+    pad_points,
+    sample_points,
 )
 from .synthetic import SYNTHETIC_DOMAINS, SyntheticDataset, make_sample, write_synthetic_folder
 

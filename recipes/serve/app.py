@@ -41,8 +41,24 @@ from torch import nn
 from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError, is_valid_name
 
 from .api import (
-    ERRORS, AdapterList, ApiError, AutoMask, AutoRequest, AutoResponse, BodyLimit, Health, ImageInfo, ImageStore,
-    SegmentRequest, SegmentResponse, adapter_info, check_prompts, decode_image, finite, mask_png, masks_rle,
+    ERRORS,
+    AdapterList,
+    ApiError,
+    AutoMask,
+    AutoRequest,
+    AutoResponse,
+    BodyLimit,
+    Health,
+    ImageInfo,
+    ImageStore,
+    SegmentRequest,
+    SegmentResponse,
+    adapter_info,
+    check_prompts,
+    decode_image,
+    finite,
+    mask_png,
+    masks_rle,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -302,7 +318,7 @@ def run_server(args) -> int:
     import uvicorn
 
     from ..errors import UserError
-    from ..trainer import load_base
+    from ..model import load_base
 
     directory = Path(args.adapters)
     if not directory.is_dir():

@@ -25,9 +25,9 @@ import threading
 from typing import Dict, Optional, Tuple
 
 import torch
+from timm.models.vision_transformer_sam import Attention as TimmSamAttention
 from torch import nn
 from torch.nn import functional as F
-from timm.models.vision_transformer_sam import Attention as TimmSamAttention
 
 __all__ = [
     "KERNELS",

@@ -1,0 +1,465 @@
+"""Accelerate training of adapters on a frozen SAM core: the loop of `samadapt train`.
+
+`train` reads top to bottom like Accelerate's `complete_nlp_example.py`: seed -> model -> trainable
+params only -> `prepare` -> `accumulate` -> `backward` -> `gather_for_metrics` (in `evaluate`), and the
+model is unwrapped before anything is saved. `accelerate launch` settings are honoured: its mixed
+precision wins over the recipe's. Checkpoints (`save_state`/`load_state`, adapter-only) and resume live in
+`checkpointing`, the model in
+`model`, evaluation in `evaluate`. Rank 0 writes every file.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from samadapt import adapters
+from samadapt.adapters.io import atomic_file
+
+from . import config as recipe_config
+from .checkpointing import (
+    adapter_only_checkpoints,
+    atomic_write_text,
+    check_resume,
+    clear_stale_temporaries,
+    latest_checkpoint,
+    load_checkpoint,
+    run_lock,
+    save_checkpoint,
+)
+from .data.prompts import PromptSampler
+from .errors import RecipeError, TrainingError
+from .evaluate import evaluate, format_metrics, is_better, write_overlays
+from .losses import CombinedLoss, pick_multimask
+from .model import TrainStep, adapt_core, build_core
+
+
+# ---------------------------------------------------------------------------- data
+class AugmentedItems(Dataset):
+    """SAM-ready items of a raw dataset, augmented with a seed derived from (seed, epoch, index): the
+    same item of the same epoch is augmented the same way in every process and after a resume.
+
+    Args:
+        base: a dataset of `{"image", "mask", "name"}` items.
+        aug: an augmentation from `augment.build_augmentation` (None: none).
+        image_size: the core's input side.
+        seed: the run's seed.
+    """
+
+    def __init__(self, base, aug, image_size: int, seed: int) -> None:
+        from .data import sam_resize_pad
+
+        self.base, self.aug, self.image_size, self.seed, self.epoch = base, aug, image_size, seed, 0
+        self._resize = sam_resize_pad
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = self.base[i]
+        image, mask = item["image"], item["mask"]
+        if self.aug is not None:
+            self.aug.reseed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
+            image, mask = self.aug(image, mask)
+        out = dict(self._resize(image, mask, self.image_size))
+        out["name"] = item.get("name", str(i))
+        return out
+
+
+class EpochSampler(Sampler):
+    """A permutation that depends only on (seed, epoch).
+
+    Example:
+        >>> s = EpochSampler(5, seed=0); s.set_epoch(1); sorted(s) == list(range(5))
+        True
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the permutation of `epoch`."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+class IndexedDataset(Dataset):
+    """Adds each item's dataset index (`index`, a tensor) so gathered metrics and overlays know it."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = dict(self.ds[i])
+        item["index"] = torch.tensor(i)
+        return item
+
+
+def collate_with_index(batch):
+    """`data.collate_batch` (the loaders' `collate_fn`; importing data lazily keeps startup light)."""
+    from .data import collate_batch
+
+    return collate_batch(batch)
+
+
+def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
+    """The (train, eval) datasets of SAM-ready items a recipe names: folders or a synthetic domain.
+
+    Args:
+        cfg: the validated recipe.
+        image_size: the core's input side.
+        data_root: the CLI's `--data` folder(s), overriding `data.root`.
+
+    Returns:
+        `(train, eval)`, both `AugmentedItems` (only train is augmented).
+
+    Raises:
+        RecipeError: no data is named.
+
+    Example:
+        >>> from samadapt.recipes.config import load_recipe
+        >>> cfg = load_recipe("demo", ["data.synthetic_train_size=2", "data.synthetic_eval_size=1"])
+        >>> [len(d) for d in build_datasets(cfg, 64)]
+        [2, 1]
+    """
+    from .data import FolderDataset, SyntheticDataset
+    from .data.augment import DOMAINS, build_augmentation
+
+    d = cfg["data"]
+    root = data_root or d["root"]
+    domain = cfg["augment"]["domain"] or cfg["domain"] or "generic"
+    seed = cfg["train"]["seed"]
+    if root:
+        common = dict(layout=d["layout"], strict=d["strict"], val_fraction=d["val_fraction"], seed=seed)
+        train_raw = FolderDataset(root, split=d["train_split"], **common)
+        eval_raw = FolderDataset(root, split=d["eval_split"], **common)
+    elif d["synthetic"]:
+        s = d["synthetic_image_size"]
+        train_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_train_size"], image_size=s, seed=seed)
+        eval_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_eval_size"], image_size=s, seed=seed + 10_000)
+    else:
+        raise RecipeError("no data: pass --data DIR, set data.root, or set data.synthetic to a synthetic domain")
+    aug = None
+    if cfg["augment"]["enabled"]:
+        aug = build_augmentation(domain if domain in DOMAINS else "generic", image_size, train=True)
+    return AugmentedItems(train_raw, aug, image_size, seed), AugmentedItems(eval_raw, None, image_size, seed)
+
+
+# ---------------------------------------------------------------------------- schedule and precision
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """The learning-rate schedule of `train.scheduler`, from `torch.optim.lr_scheduler`.
+
+    A linear warmup over `warmup_steps` steps (factor `(step + 1) / warmup_steps`), then `cosine`
+    (decay to 0 at `total_steps`) or `constant`.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        kind: `cosine` or `constant`.
+        warmup_steps: steps of linear warmup (0: none).
+        total_steps: the run's length in scheduler steps.
+
+    Returns:
+        A torch scheduler.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = build_scheduler(opt, "cosine", warmup_steps=2, total_steps=6)
+        >>> lrs = []
+        >>> for _ in range(6):
+        ...     lrs.append(round(sched.get_last_lr()[0], 4)); opt.step(); sched.step()
+        >>> lrs
+        [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464]
+    """
+    from torch.optim import lr_scheduler
+
+    if kind not in ("cosine", "constant"):
+        raise RecipeError(f"train.scheduler={kind!r} is not one of ['cosine', 'constant']")
+    if kind == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=0.0)
+    else:
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup_steps <= 0:
+        return main
+    if warmup_steps == 1:  # factor (0 + 1) / 1 = 1 for one step, then the main schedule starts
+        warm = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        warm = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
+                                     total_iters=warmup_steps - 1)
+    return lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup_steps])
+
+
+def launched_mixed_precision(recipe_value: str, warn=None) -> str:
+    """The mixed precision a run uses: `accelerate launch --mixed_precision` (its environment variable
+    `ACCELERATE_MIXED_PRECISION`) wins over the recipe's `train.mixed_precision`, with a warning line
+    when they disagree; without a launcher the recipe decides.
+
+    Args:
+        recipe_value: `train.mixed_precision`.
+        warn: called with the warning line (default: print it to stderr).
+
+    Returns:
+        `no`, `bf16` or `fp16`.
+
+    Example:
+        >>> import os
+        >>> os.environ.pop("ACCELERATE_MIXED_PRECISION", None) and None
+        >>> launched_mixed_precision("bf16")
+        'bf16'
+    """
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if not launched or launched == recipe_value:
+        return recipe_value
+    (warn or (lambda line: print(line, file=sys.stderr)))(
+        f"warning: accelerate launch says --mixed_precision {launched} but the recipe says "
+        f"train.mixed_precision={recipe_value}; using {launched} (the launch setting wins)")
+    return launched
+
+
+# ---------------------------------------------------------------------------- export
+def export(run_dir: Path, sam, cfg: Dict[str, Any], fingerprint: str, res: Dict[str, float]) -> Path:
+    """Write the best adapter (or, for full-core training, the core) with its metrics and resolved recipe.
+
+    Args:
+        run_dir: the run directory.
+        sam: the unwrapped core.
+        cfg: the validated recipe.
+        fingerprint: the fp32 core's fingerprint (the adapter's `base`).
+        res: the evaluation metrics of this state.
+
+    Returns:
+        The file written.
+    """
+    if cfg["train"]["full_core"]:
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}
+        with atomic_file(run_dir / "core.safetensors") as tmp:
+            save_file(sd, tmp, metadata={"format": "samadapt.core/1", "arch": sam.arch, "metrics": json.dumps(res)})
+        return run_dir / "core.safetensors"
+    return adapters.save(sam, run_dir / "adapter.safetensors", name=cfg["adapter"]["name"],
+                         dtype=cfg["output"]["dtype"], base_fingerprint=fingerprint, domain=cfg["domain"],
+                         prompt_mode=cfg["prompts"]["mode"], metrics={"eval": res}, recipe=recipe_config.dump(cfg))
+
+
+# ---------------------------------------------------------------------------- the run
+def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, base: Optional[str] = None,
+          resume: bool = False, progress: bool = True, log=print) -> Dict[str, Any]:
+    """Run a validated recipe.
+
+    Args:
+        cfg: the validated recipe (`config.load_recipe`).
+        out_dir: the run directory (default `output.dir` or `runs/<name>`).
+        data_root: dataset folder(s), overriding `data.root`.
+        base: a SAM checkpoint, overriding `base.checkpoint`.
+        resume: continue from the run directory's latest checkpoint.
+        progress: show a progress bar.
+        log: where progress lines go.
+
+    Returns:
+        The metrics dict also written to `metrics.json` (`baseline`, `adapted`, `history`).
+
+    Raises:
+        RecipeError: bad data, or a resume that does not fit the run directory.
+        TrainingError: the loss became non-finite, or the run directory is in use.
+
+    Example (shell):
+        samadapt train demo --out runs/demo
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    t = cfg["train"]
+    run_dir = Path(out_dir or cfg["output"]["dir"] or Path("runs") / cfg["name"])
+
+    # -------- everything that can fail on user input is checked before anything is written
+    set_seed(t["seed"])  # before the core is built: a randomly initialised core must be reproducible too
+    sam = build_core(cfg, base)
+    fp32_fingerprint = sam.fingerprint
+    train_ds, eval_ds = build_datasets(cfg, sam.image_size, data_root)
+    loss_fn = CombinedLoss({k: v for k, v in cfg["loss"].items() if v > 0})
+    check_resume(run_dir, resume)
+    mixed_precision = launched_mixed_precision(t["mixed_precision"])
+    t["mixed_precision"] = mixed_precision  # recipe.yaml and the adapter record what the run used
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=t["grad_accum"],
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    set_seed(t["seed"])
+    is_main = accelerator.is_main_process
+
+    # -------- model, trainable params only
+    name = cfg["adapter"]["name"]
+    adapt_core(sam, cfg, accelerator.device, mixed_precision)
+    params = [p for p in sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    bs = t["batch_size"]
+    sampler = EpochSampler(len(train_ds), t["seed"])
+    train_dl = DataLoader(IndexedDataset(train_ds), batch_size=bs, sampler=sampler, collate_fn=collate_with_index,
+                          num_workers=cfg["data"]["num_workers"], drop_last=len(train_ds) >= bs)
+    eval_dl = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], shuffle=False,
+                         collate_fn=collate_with_index, num_workers=cfg["data"]["num_workers"])
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / accelerator.num_processes / t["grad_accum"]))
+    total_steps = t["max_steps"] or steps_per_epoch * t["epochs"]
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    # the prepared scheduler steps once per process per optimizer step: count the schedule in those steps
+    ticks = accelerator.num_processes
+    scheduler = build_scheduler(optimizer, t["scheduler"], t["warmup_steps"] * ticks, total_steps * ticks)
+
+    # -------- prepare
+    model = TrainStep(sam)
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, eval_dl, scheduler)
+    adapter_only_checkpoints(accelerator, accelerator.unwrap_model(model).sam)  # save_state: adapter, not core
+
+    # -------- the run directory is locked from the resume on (rank 0 writes every file)
+    with run_lock(run_dir) if is_main else contextlib.nullcontext():
+        step, start_epoch, skip, best = 0, 0, 0, None
+        if resume:
+            ck = latest_checkpoint(run_dir)
+            pos = load_checkpoint(accelerator, ck)  # load_state: trained tensors, optimizer, scheduler, RNG
+            step, start_epoch, skip, best = pos["step"], pos["epoch"], pos["batch_in_epoch"], pos["best"]
+            log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
+        metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler,
+                           loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress, log,
+                           step, start_epoch, skip, best, total_steps, epochs)
+    return metrics_log
+
+
+def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler, loss_fn, params,
+         cfg, run_dir, name, fp32_fingerprint, resume, progress, log, step, start_epoch, skip, best, total_steps,
+         epochs) -> Dict[str, Any]:
+    """The epochs of `train`, run while the run directory is locked."""
+    from tqdm.auto import tqdm
+
+    t = cfg["train"]
+    is_main = accelerator.is_main_process
+    sam = accelerator.unwrap_model(model).sam  # what is saved and evaluated: the unwrapped core
+
+    def checkpoint(epoch_, batch_):  # every process: each saves its own RNG states
+        return save_checkpoint(accelerator, run_dir, step, epoch_, batch_, best, t["keep_checkpoints"])
+
+    if is_main:
+        clear_stale_temporaries(run_dir)  # a run killed mid-write leaves only temporary names behind
+        atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
+        accelerator.init_trackers("train")
+
+    p = cfg["prompts"]
+    sampler_prompts = PromptSampler(p["mode"], n_pos=p["n_pos"], n_neg=p["n_neg"], box_jitter=p["box_jitter"],
+                                    mixed_per="batch") if p["mode"] != "none" else None
+    no_prompts = {"point_coords": None, "point_labels": None, "boxes": None}
+    rounds = p["correction_rounds"]
+    metrics_log: Dict[str, Any] = {"baseline": {}, "adapted": {}, "history": []}
+    baseline_kept: Dict[str, np.ndarray] = {}
+    if cfg["eval"]["baseline"] and not t["full_core"] and not resume:
+        res, baseline_kept = evaluate(accelerator, sam, eval_dl, cfg, None)
+        adapters.activate(sam, name)
+        metrics_log["baseline"] = {"eval": res}
+        if is_main:
+            log("frozen core:  " + format_metrics(res))
+    elif resume and (run_dir / "metrics.json").exists():
+        metrics_log = json.loads((run_dir / "metrics.json").read_text())
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
+               desc="train")
+    last_good = latest_checkpoint(run_dir)
+    done = step >= total_steps
+    for epoch in range(start_epoch, epochs):
+        if done:
+            break
+        sampler.set_epoch(epoch)
+        train_ds.epoch = epoch
+        model.train()
+        # the prepared loader re-seeds its sampler with its own iteration count on every pass:
+        # pin it to the epoch so a resumed process sees the same order
+        train_dl.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batch_i = skip
+        skip = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                rng = np.random.default_rng([t["seed"], step, batch_i, accelerator.process_index])
+                prompts = no_prompts if sampler_prompts is None else sampler_prompts(
+                    batch["mask"], batch["input_size"], rng=rng)
+                outs = model(batch["image"], prompts["point_coords"], prompts["point_labels"], prompts["boxes"],
+                             gt=batch["mask"], rounds=rounds, multimask=p["multimask"],
+                             click_seed=hash((t["seed"], step, batch_i)) % (2**31))
+                loss = 0.0
+                for low, iou in outs:
+                    logits = F.interpolate(low.float(), size=batch["mask"].shape[-2:], mode="bilinear",
+                                           align_corners=False)
+                    if logits.shape[1] > 1:  # multimask: each sample trains its best candidate, as SAM does
+                        logits, iou = pick_multimask(logits, iou, batch["mask"], loss_fn)
+                    l, terms = loss_fn(logits, batch["mask"], iou.float().reshape(-1))
+                    loss = loss + l
+                loss = loss / len(outs)
+                if not torch.isfinite(loss):
+                    msg = f"loss became {loss.item()} at step {step}"
+                    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingError(f"{msg}; {kept}; lower train.lr or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(params, t["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batch_i += 1
+            if accelerator.sync_gradients:
+                step += 1
+                bar.update(1)
+                if step % t["log_every"] == 0 or step == 1:
+                    scalars = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                               **{f"loss/{k}": v.item() for k, v in terms.items()}}
+                    accelerator.log(scalars, step=step)
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total_steps:
+                    last_good = checkpoint(epoch, batch_i)
+                if step >= total_steps:
+                    done = True
+                    break
+        # -------- evaluation and export at the end of each epoch
+        last_epoch = done or epoch == epochs - 1
+        if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last_epoch:
+            res, kept = evaluate(accelerator, sam, eval_dl, cfg, None if t["full_core"] else name)
+            model.train()
+            if is_main:
+                log(f"epoch {epoch + 1}/{epochs} step {step}: " + format_metrics(res))
+                metrics_log["history"].append({"epoch": epoch + 1, "step": step, "eval": res})
+                accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=step)
+                sel = cfg["eval"]["select"]
+                if is_better(sel, res[sel], best):
+                    best = res[sel]
+                    metrics_log["adapted"] = {"eval": res, "epoch": epoch + 1, "step": step}
+                    export(run_dir, sam, cfg, fp32_fingerprint, res)
+                write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
+                atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+        accelerator.wait_for_everyone()
+        if not done:
+            last_good = checkpoint(epoch + 1, 0)
+    bar.close()
+    last_good = checkpoint(epochs, 0)
+    accelerator.end_training()
+    return metrics_log
