@@ -39,6 +39,26 @@ def user_errors() -> tuple:
             PermissionError)
 
 
+# The optional extras and the top-level modules each brings: a command that needs a missing one says so.
+EXTRAS = {
+    "train": ("accelerate", "albumentations", "albucore", "scipy", "tensorboard"),
+    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"),
+}
+
+
+def missing_extra(e: ModuleNotFoundError) -> Optional[str]:
+    """The extra whose package `e` failed to import, or None when it is not one of ours.
+
+    Example:
+        >>> missing_extra(ModuleNotFoundError("No module named 'fastapi'", name="fastapi"))
+        'serve'
+        >>> missing_extra(ModuleNotFoundError("No module named 'nope'", name="nope")) is None
+        True
+    """
+    top = (e.name or "").split(".")[0]
+    return next((extra for extra, mods in EXTRAS.items() if top in mods), None)
+
+
 def cmd_train(args) -> int:
     """`samadapt train`: run a recipe."""
     from .config import load_recipe
@@ -186,6 +206,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        print(f"error: samadapt {args.command} needs the {extra!r} extra ({e.name} is not installed); "
+              f"install it with: pip install \"samadapt[{extra}]\"", file=sys.stderr)
+        return 2
     except user_errors() as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and getattr(e, "filename", None):

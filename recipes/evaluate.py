@@ -171,7 +171,7 @@ def run_eval(args) -> int:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .train import IndexedDataset, build_datasets, collate_with_index
+    from .data.pipeline import IndexedDataset, build_datasets, collate_with_index
 
     cfg = load_recipe(args.recipe, args.set)
     sam = load_base(args.base, cfg["base"]["image_size"]) if args.base else build_core(cfg)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from samadapt import adapters
 from samadapt.adapters.io import atomic_file
@@ -34,6 +34,7 @@ from .checkpointing import (
     run_lock,
     save_checkpoint,
 )
+from .data.pipeline import IndexedDataset, build_datasets, collate_with_index
 from .data.prompts import PromptSampler
 from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
@@ -42,37 +43,6 @@ from .model import TrainStep, adapt_core, build_core
 
 
 # ---------------------------------------------------------------------------- data
-class AugmentedItems(Dataset):
-    """SAM-ready items of a raw dataset, augmented with a seed derived from (seed, epoch, index): the
-    same item of the same epoch is augmented the same way in every process and after a resume.
-
-    Args:
-        base: a dataset of `{"image", "mask", "name"}` items.
-        aug: an augmentation from `augment.build_augmentation` (None: none).
-        image_size: the core's input side.
-        seed: the run's seed.
-    """
-
-    def __init__(self, base, aug, image_size: int, seed: int) -> None:
-        from .data import sam_resize_pad
-
-        self.base, self.aug, self.image_size, self.seed, self.epoch = base, aug, image_size, seed, 0
-        self._resize = sam_resize_pad
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        item = self.base[i]
-        image, mask = item["image"], item["mask"]
-        if self.aug is not None:
-            self.aug.reseed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
-            image, mask = self.aug(image, mask)
-        out = dict(self._resize(image, mask, self.image_size))
-        out["name"] = item.get("name", str(i))
-        return out
-
-
 class EpochSampler(Sampler):
     """A permutation that depends only on (seed, epoch).
 
@@ -96,71 +66,6 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.n
-
-
-class IndexedDataset(Dataset):
-    """Adds each item's dataset index (`index`, a tensor) so gathered metrics and overlays know it."""
-
-    def __init__(self, ds) -> None:
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        item = dict(self.ds[i])
-        item["index"] = torch.tensor(i)
-        return item
-
-
-def collate_with_index(batch):
-    """`data.collate_batch` (the loaders' `collate_fn`; importing data lazily keeps startup light)."""
-    from .data import collate_batch
-
-    return collate_batch(batch)
-
-
-def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
-    """The (train, eval) datasets of SAM-ready items a recipe names: folders or a synthetic domain.
-
-    Args:
-        cfg: the validated recipe.
-        image_size: the core's input side.
-        data_root: the CLI's `--data` folder(s), overriding `data.root`.
-
-    Returns:
-        `(train, eval)`, both `AugmentedItems` (only train is augmented).
-
-    Raises:
-        RecipeError: no data is named.
-
-    Example:
-        >>> from samadapt.recipes.config import load_recipe
-        >>> cfg = load_recipe("demo", ["data.synthetic_train_size=2", "data.synthetic_eval_size=1"])
-        >>> [len(d) for d in build_datasets(cfg, 64)]
-        [2, 1]
-    """
-    from .data import FolderDataset, SyntheticDataset
-    from .data.augment import DOMAINS, build_augmentation
-
-    d = cfg["data"]
-    root = data_root or d["root"]
-    domain = cfg["augment"]["domain"] or cfg["domain"] or "generic"
-    seed = cfg["train"]["seed"]
-    if root:
-        common = dict(layout=d["layout"], strict=d["strict"], val_fraction=d["val_fraction"], seed=seed)
-        train_raw = FolderDataset(root, split=d["train_split"], **common)
-        eval_raw = FolderDataset(root, split=d["eval_split"], **common)
-    elif d["synthetic"]:
-        s = d["synthetic_image_size"]
-        train_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_train_size"], image_size=s, seed=seed)
-        eval_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_eval_size"], image_size=s, seed=seed + 10_000)
-    else:
-        raise RecipeError("no data: pass --data DIR, set data.root, or set data.synthetic to a synthetic domain")
-    aug = None
-    if cfg["augment"]["enabled"]:
-        aug = build_augmentation(domain if domain in DOMAINS else "generic", image_size, train=True)
-    return AugmentedItems(train_raw, aug, image_size, seed), AugmentedItems(eval_raw, None, image_size, seed)
 
 
 # ---------------------------------------------------------------------------- schedule and precision

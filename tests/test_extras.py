@@ -12,8 +12,10 @@ from PIL import Image
 BLOCKED = ("albumentations", "fastapi", "uvicorn", "starlette", "pydantic", "tensorboard", "multipart",
            "python_multipart")
 
+# As if not installed: importing raises ModuleNotFoundError, and availability probes
+# (`importlib.util.find_spec`, used by libraries to decide what to import) answer None.
 PRELUDE = textwrap.dedent(f"""
-    import importlib.abc, sys
+    import importlib.abc, importlib.util, sys
     BLOCKED = {BLOCKED!r}
 
     class Block(importlib.abc.MetaPathFinder):
@@ -22,6 +24,14 @@ PRELUDE = textwrap.dedent(f"""
                 raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
             return None
 
+    _find_spec = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return _find_spec(name, package)
+
+    importlib.util.find_spec = find_spec
     sys.meta_path.insert(0, Block())
 """)
 
