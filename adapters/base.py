@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from .parts import AdapterSlot, block_indices, module_tensors  # noqa: E402,F401  (re-exported for kinds)
 from .registry import (  # noqa: F401  (re-exported: kinds and users import these from base)
     KINDS,
     AdapterError,
@@ -49,39 +50,6 @@ def config_from_dict(d: Dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------- per-model state
-class AdapterSlot(nn.ModuleDict):
-    """Holds one kind's modules at one place in the model, keyed by adapter name. Canonical
-    tensor names drop the key, so a file loads under any name.
-
-    The slot also keeps the forward hooks its kind installed for it (`add_hooks`), so the kind can
-    take them out with the slot (`remove_hooks`) without storing anything on the host module.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> host, calls = nn.Linear(2, 2), []
-        >>> slot = AdapterSlot()
-        >>> slot.add_hooks(host.register_forward_hook(lambda m, a, out: calls.append(1)))
-        >>> _ = host(torch.zeros(1, 2)); slot.remove_hooks(); _ = host(torch.zeros(1, 2)); len(calls)
-        1
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # a leading underscore: adapter names start with a letter, so no key can shadow it
-        self._hooks: List[Any] = []
-
-    def add_hooks(self, *handles: Any) -> None:
-        """Keep hook handles (`register_forward_hook` / `register_forward_pre_hook` results)."""
-        self._hooks.extend(handles)
-
-    def remove_hooks(self) -> None:
-        """Remove every kept hook from the module it was registered on."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-
 @dataclass
 class AdapterInfo:
     """One attached adapter: its kinds' configs, decoder policy and what each part injected."""
@@ -132,11 +100,10 @@ def _check_sam(sam: nn.Module) -> None:
 
 
 def is_valid_name(name: object) -> bool:
-    """True if `name` can name an adapter: 1-64 letters, digits, `_` or `-`, starting with a letter.
+    r"""True if `name` can name an adapter: 1-64 letters, digits, `_` or `-`, starting with a letter.
 
     Example:
-        >>> from samadapt import adapters
-        >>> adapters.is_valid_name("cod-v2"), adapters.is_valid_name("2cod"), adapters.is_valid_name("a\\n")
+        >>> is_valid_name("cod-v2"), is_valid_name("2cod"), is_valid_name("a\n")
         (True, False, False)
     """
     return isinstance(name, str) and _NAME_RE.match(name) is not None
@@ -150,30 +117,6 @@ def _check_name(name: str) -> None:
     if hasattr(_PROBE, name):  # adapters are keyed by name in ModuleDicts (ours and peft's)
         raise AdapterError(f"adapter name {name!r} is not allowed: it clashes with a torch.nn.Module attribute; "
                            f"pick another")
-
-
-def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
-    """The encoder blocks a kind adapts (None: all), checked against the encoder's depth."""
-    idx = list(range(n_blocks)) if blocks is None else list(blocks)
-    bad = [i for i in idx if not 0 <= i < n_blocks]
-    if bad or not idx:
-        raise AdapterError(f"{kind} blocks {bad or idx} out of range; this encoder has blocks 0..{n_blocks - 1}")
-    return idx
-
-
-def module_tensors(prefix: str, module: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
-    """The index entries of a module that belongs to one adapter: every parameter and persistent
-    buffer under `prefix` + its path in `module` (the names its `state_dict` would give)."""
-    out: Dict[str, Tuple[nn.Module, str]] = {}
-    for path, mod in module.named_modules():
-        base = f"{prefix}{path}." if path else prefix
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                out[base + attr] = (mod, attr)
-        for attr, b in mod._buffers.items():
-            if b is not None and attr not in mod._non_persistent_buffers_set:
-                out[base + attr] = (mod, attr)
-    return out
 
 
 def adapter_tensors(sam: nn.Module, name: str) -> Dict[str, torch.Tensor]:

@@ -234,7 +234,8 @@ def test_every_config_opens_with_its_command():
 def test_recipe_choices_are_the_registries():
     """A recipe accepts exactly what the registries define: no copied lists to fall out of step."""
     from samadapt import adapters
-    from samadapt.recipes import augment, config, data, losses, metrics, prompts, synthetic
+    from samadapt.recipes import config, data, losses, metrics
+    from samadapt.recipes.data import augment, prompts, synthetic
     from samadapt.sam_core import ARCHS
 
     ch = config.CHOICES
