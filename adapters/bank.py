@@ -1,5 +1,6 @@
 """AdapterBank: one frozen core serving many domain adapters, loaded on first use, LRU-evicted,
-with a per-(image, adapter) embedding cache and batched calls that mix adapters."""
+with a per-(image, adapter) embedding cache and batched calls that mix adapters.
+"""
 import hashlib
 import os
 import threading
@@ -78,7 +79,8 @@ class AdapterBank:
     # ------------------------------------------------------------------ catalogue
     def available(self) -> Dict[str, Dict[str, Any]]:
         """Adapters this bank can serve: name -> metadata (files are re-listed on every call, so a
-        file dropped into the directory appears and a removed one disappears)."""
+        file dropped into the directory appears and a removed one disappears).
+        """
         out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(self._pinned)}
         if self.directory is not None:
             for p in sorted(self.directory.glob("*.safetensors")):
@@ -131,7 +133,8 @@ class AdapterBank:
 
     def resident(self) -> List[str]:
         """Names of the adapters on the core now: those attached by the caller, then the loaded ones
-        from least to most recently used."""
+        from least to most recently used.
+        """
         with self._lock:
             return sorted(self._pinned) + list(self._loaded)
 
@@ -194,7 +197,8 @@ class AdapterBank:
     def predict_batch(self, items: Sequence[Dict[str, Any]]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Many requests at once; items may name different adapters. Items are grouped by
         adapter, each group's missing embeddings are computed in one encoder batch, and results
-        come back in the order given."""
+        come back in the order given.
+        """
         results: List[Any] = [None] * len(items)
         groups: Dict[Optional[str], List[int]] = {}
         for i, it in enumerate(items):
@@ -206,7 +210,7 @@ class AdapterBank:
                 version = self._ensure(name)
                 keys = [items[i].get("image_id") or image_key(items[i]["image"]) for i in idx]
                 entries = self._embeddings([items[i]["image"] for i in idx], keys, name, version)
-                for j, (i, entry) in enumerate(zip(idx, entries)):
+                for i, entry in zip(idx, entries):
                     prompts = {k: v for k, v in items[i].items() if k not in ("image", "adapter", "image_id")}
                     results[i] = self._decode(name, entry, prompts)
         return results

@@ -84,7 +84,8 @@ class AdapterState:
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
     """The adapter state of `sam` (kept in the instance's `__dict__`: not a submodule or buffer, so
-    `state_dict` and `to()` never see it); None if it has none and `create` is False."""
+    `state_dict` and `to()` never see it); None if it has none and `create` is False.
+    """
     st = sam.__dict__.get("_adapter_state")
     if st is None and create:
         st = AdapterState()
@@ -136,7 +137,8 @@ def adapter_parameters(sam: nn.Module, name: str) -> List[nn.Parameter]:
 
 def _known_parameters(sam: nn.Module) -> List[nn.Parameter]:
     """The core's parameters and every attached adapter's: all the parameters a `Sam` holds,
-    found from the core's references and the adapters' indexes, without walking the model."""
+    found from the core's references and the adapters' indexes, without walking the model.
+    """
     params = list(sam.core_parameters())
     st = state_of(sam, create=False)
     if st is not None:
@@ -147,7 +149,8 @@ def _known_parameters(sam: nn.Module) -> List[nn.Parameter]:
 
 def load_adapter_tensors(sam: nn.Module, name: str, sd: Dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy `sd` (canonical names) into adapter `name`'s tensors. Strict: every tensor of the
-    adapter filled, nothing left over, shapes equal; otherwise nothing is written."""
+    adapter filled, nothing left over, shapes equal; otherwise nothing is written.
+    """
     index = info(sam, name).tensors
     missing = sorted(set(index) - set(sd))
     unexpected = sorted(set(sd) - set(index))
@@ -281,7 +284,8 @@ def attach(
 
 def set_trainable(sam: nn.Module, name: Optional[str]) -> None:
     """Make exactly adapter `name`'s parameters trainable (None: nothing trainable): the core and
-    every other adapter are frozen. Reads the adapters' indexes; does not walk the model."""
+    every other adapter are frozen. Reads the adapters' indexes; does not walk the model.
+    """
     for p in _known_parameters(sam):
         p.requires_grad_(False)
     if name is not None:

@@ -1,5 +1,6 @@
 """The adapter file: one `.safetensors` holding only the adapter's tensors (name-free, by their
-path in the `Sam` module) and string metadata (JSON where structured). Written atomically."""
+path in the `Sam` module) and string metadata (JSON where structured). Written atomically.
+"""
 import json
 import os
 import tempfile
@@ -134,7 +135,7 @@ def atomic_file(path: Union[str, os.PathLike], fsync: bool = True) -> Iterator[s
 
 
 def _share_mode(path: str) -> None:
-    """mkstemp makes owner-only files; adapter files are meant to be shared: use the umask's mode."""
+    """Mkstemp makes owner-only files; adapter files are meant to be shared: use the umask's mode."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
@@ -142,7 +143,8 @@ def _share_mode(path: str) -> None:
 
 def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """The file's metadata (checked: a samadapt adapter of a supported format) and, with
-    `tensors`, its tensors: the file is read once and parsed by safetensors."""
+    `tensors`, its tensors: the file is read once and parsed by safetensors.
+    """
     from safetensors import safe_open
     from safetensors.torch import load as load_bytes
 
@@ -255,7 +257,8 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 def _file_specs(parsed: Dict[str, Any]) -> Optional[List[Any]]:
     """The registered kinds a file names (its configs, then its decoder policy), which label its
-    tensors; None (every registered kind) when the metadata does not say."""
+    tensors; None (every registered kind) when the metadata does not say.
+    """
     try:
         names = [c["kind"] for c in parsed["config"]]
         policy = parsed["decoder"].get("policy", "frozen")

@@ -52,7 +52,8 @@ def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> 
 
 def module_tensors(prefix: str, module: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
     """The index entries of a module that belongs to one adapter: every parameter and persistent
-    buffer under `prefix` + its path in `module` (the names its `state_dict` would give)."""
+    buffer under `prefix` + its path in `module` (the names its `state_dict` would give).
+    """
     out: Dict[str, Tuple[nn.Module, str]] = {}
     for path, mod in module.named_modules():
         base = f"{prefix}{path}." if path else prefix

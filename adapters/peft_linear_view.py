@@ -18,7 +18,8 @@ __all__ = ["lora_linear_view", "register"]
 
 def _lora_linear_ok(m: nn.Module) -> bool:
     """A peft LoRA `Linear` whose output is `x W_eff^T + b` for a weight we can form: plain LoRA
-    (no DoRA or other variant, no LoRA bias, no active dropout) on an `nn.Linear`."""
+    (no DoRA or other variant, no LoRA bias, no active dropout) on an `nn.Linear`.
+    """
     try:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:  # peft is a dependency; a decoder without it has no LoRA layers anyway
@@ -43,7 +44,8 @@ def _lora_linear_ok(m: nn.Module) -> bool:
 
 def _linear_wb(m: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(weight, bias) with `m(x) == x @ weight.T + bias`: the base weight plus each active, unmerged
-    adapter's B A scaling (a fresh adapter's B is zero, so the weight is the base weight, bit for bit)."""
+    adapter's B A scaling (a fresh adapter's B is zero, so the weight is the base weight, bit for bit).
+    """
     base = m.get_base_layer()
     w = base.weight
     if not (m.merged or m.disable_adapters):

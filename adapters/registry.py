@@ -284,7 +284,8 @@ def decoder_config(spec: KindSpec, r: int) -> Any:
 
 def label_tensor(key: str, specs: Optional[Iterable[KindSpec]] = None) -> str:
     """The label of canonical tensor name `key`: the first of `specs` (default: every registered
-    kind) that owns it, or `other`."""
+    kind) that owns it, or `other`.
+    """
     if specs is None:
         specs = [s for reg in _BY_PART.values() for s in reg.values()]
     for spec in specs:

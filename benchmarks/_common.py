@@ -42,7 +42,9 @@ def machine() -> Dict[str, object]:
     return info
 
 
-def time_blocks(fns: Dict[str, Callable[[], object]], rounds: int, block: int, sync: Callable[[], None] = lambda: None):
+def time_blocks(
+    fns: Dict[str, Callable[[], object]], rounds: int, block: int, sync: Callable[[], None] = lambda: None
+):
     """Time several functions in the same process, interleaved in blocks.
 
     Each round runs every function `block + 1` times in a row and keeps the last `block` calls

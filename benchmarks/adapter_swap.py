@@ -184,20 +184,32 @@ def main(argv=None):
                           args.warmup_load, after={s: timed_unload(s) for s in sides_load})
         ours = {"activate": summary(act["ours"]), "load_activate": summary(lod["ours"]), "detach": summary(detach_ns),
                 **o_info}
-        peft_res = None if args.skip_peft else {"activate": summary(act["peft"]), "load_activate": summary(lod["peft"]),
-                                                 **p_info}
+        peft_res = (
+            None
+            if args.skip_peft
+            else {"activate": summary(act["peft"]), "load_activate": summary(lod["peft"]), **p_info}
+        )
         elapsed = time.time() - t0
 
     import peft
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-           "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "machine": platform.machine(), "loadavg_at_end": os.getloadavg(), "wall_s": round(elapsed, 1),
-           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "loadavg_at_end": os.getloadavg(),
+        "wall_s": round(elapsed, 1),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
 
     def row(label, r):
-        return f"  {label:<34} median {r['median_ms']:9.4f} ms   p10 {r['p10_ms']:9.4f}   p90 {r['p90_ms']:9.4f}   (n={r['n']})"
+        return (f"  {label:<34} median {r['median_ms']:9.4f} ms   p10 {r['p10_ms']:9.4f}   "
+                f"p90 {r['p90_ms']:9.4f}   (n={r['n']})")
 
     print("Adapter swap, vit_b dims, LoRA r=4 on 12 x qkv, CPU")
     print(row("ours  activate (resident)", ours["activate"]))

@@ -205,8 +205,15 @@ def attention_bench(shapes, device, steps, warmup, deadline, log):
                 row["error"] = _first_line(e)
             rows[name] = row
             fmt = (lambda r, key: f"{r[key]['median_s'] * 1e3:8.3f}" if key in r else "       -")
-            err = f"err out {row['out_rel_err']:.1e} grad {row.get('grad_rel_err', float('nan')):.1e}" if "out_rel_err" in row else ""
-            log(f"  [{label}] {name:42s} fwd {fmt(row, 'fwd')} ms  fwd+bwd {fmt(row, 'fwd_bwd')} ms  {err} {row.get('error', '')}")
+            err = (
+                f"err out {row['out_rel_err']:.1e} grad {row.get('grad_rel_err', float('nan')):.1e}"
+                if "out_rel_err" in row
+                else ""
+            )
+            log(
+                f"  [{label}] {name:42s} fwd {fmt(row, 'fwd')} ms  fwd+bwd {fmt(row, 'fwd_bwd')} ms  "
+                f"{err} {row.get('error', '')}"
+            )
         out[label] = {"shape": {"batch": B, "heads": nh, "grid": list(hw), "head_dim": d}, "routes": rows}
         del q, k, v, gout, qr, kr, vr, ref, ref_grads
         _reset_peak(device)
@@ -241,7 +248,11 @@ def route_settings(picks):
             return name, None, None
         pad = "v padded" in name
         backend = None
-        for tag, b in (("[cudnn]", "CUDNN_ATTENTION"), ("[flash]", "FLASH_ATTENTION"), ("[efficient]", "EFFICIENT_ATTENTION")):
+        for tag, b in (
+            ("[cudnn]", "CUDNN_ATTENTION"),
+            ("[flash]", "FLASH_ATTENTION"),
+            ("[efficient]", "EFFICIENT_ATTENTION"),
+        ):
             if tag in name:
                 backend = b
         return "sdpa", pad, backend
@@ -251,8 +262,11 @@ def route_settings(picks):
     # one pad_v and one backend order per model: the global blocks (most of the attention time) decide
     pad = gpad if gk == "sdpa" else wpad
     backend = gb if gk == "sdpa" else wb
-    order = [backend] + [b for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH") if b != backend] \
-        if backend else None
+    order = (
+        [backend] + [b for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH") if b != backend]
+        if backend
+        else None
+    )
     kw = {"kernel": gk, "window_kernel": wk, "pad_v": pad}
     return kw, order
 
@@ -332,7 +346,11 @@ def inferer(model, forward, x, device, autocast, backends=None):
     model.eval()
 
     def run():
-        with torch.inference_mode(), _backends(backends), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with (
+            torch.inference_mode(),
+            _backends(backends),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+        ):
             return forward(model, x)
 
     return run
@@ -392,7 +410,14 @@ def main() -> None:
     if args.tiny:
         arch, big, size, batch, steps, warmup = "tiny", "tiny", 256, args.batch or 2, args.steps or 2, args.warmup or 1
     else:
-        arch, big, size, batch, steps, warmup = "vit_b", "vit_h", 1024, args.batch or 4, args.steps or 10, args.warmup or 3
+        arch, big, size, batch, steps, warmup = (
+            "vit_b",
+            "vit_h",
+            1024,
+            args.batch or 4,
+            args.steps or 10,
+            args.warmup or 3,
+        )
     info = machine()
     import peft
     import timm
@@ -463,7 +488,9 @@ def main() -> None:
             if proj is None:
                 proj = torch.randn(o.shape, device=o.device, generator=torch.Generator(device=o.device).manual_seed(5))
             (o.float() * proj).mean().backward()
-            return o.detach().float(), torch.cat([p.grad.float().flatten() for n, p in m.named_parameters() if "lora_" in n])
+            return o.detach().float(), torch.cat(
+                [p.grad.float().flatten() for n, p in m.named_parameters() if "lora_" in n]
+            )
 
         ref_o, ref_g = run(copy.deepcopy(base).float(), xb)
         out = {}
@@ -486,8 +513,11 @@ def main() -> None:
         m = copy.deepcopy(base)
         o, g = run(m, xb.to(torch.bfloat16))
         out["timm attention (bf16)"] = {"out_rel_err": _rel(o, ref_o), "lora_grad_rel_err": _rel(g, ref_g)}
-        log(f"  whole encoder [timm attention, bf16 core] vs fp32 timm: output {out['timm attention (bf16)']['out_rel_err']:.2e}, "
-            f"LoRA gradients {out['timm attention (bf16)']['lora_grad_rel_err']:.2e}")
+        log(
+            "  whole encoder [timm attention, bf16 core] vs fp32 timm: "
+            f"output {out['timm attention (bf16)']['out_rel_err']:.2e}, "
+            f"LoRA gradients {out['timm attention (bf16)']['lora_grad_rel_err']:.2e}"
+        )
         return out
 
     model_routes = [n for n in ("sdpa factorised", "sdpa factorised [cudnn]", "sdpa factorised, v padded [flash]",
@@ -511,8 +541,11 @@ def main() -> None:
         row = {"name": name, "train": tr, "infer": inf}
         row.update(extra or {})
         res["rows"].append(row)
-        fmt = (lambda r: f"{batch / r['median_s']:.1f} img/s, {r['peak_gib']:.2f} GiB" if r and "median_s" in r and r["peak_gib"] is not None
-               else (f"{batch / r['median_s']:.1f} img/s" if r and "median_s" in r else str(r)))
+        fmt = lambda r: (
+            f"{batch / r['median_s']:.1f} img/s, {r['peak_gib']:.2f} GiB"
+            if r and "median_s" in r and r["peak_gib"] is not None
+            else (f"{batch / r['median_s']:.1f} img/s" if r and "median_s" in r else str(r))
+        )
         log(f"{name}: train {fmt(tr)} | infer {fmt(inf)}  [{time.perf_counter() - t_start:.0f} s]")
         save()
 
@@ -525,9 +558,21 @@ def main() -> None:
     # ---------------------------------------------------------------- 3. vit_b: anchor, ours eager, ours compiled
     def anchor_rows():
         model, impl = build_anchor(arch, size, device)
-        tr = guarded("anchor train", lambda: timed(trainer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device), device, log)
-        inf = guarded("anchor infer", lambda: timed(inferer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device), device, log)
-        add_row(f"anchor: transformers SamVisionModel ({impl}), fp32 weights, bf16 autocast", tr, inf, {"anchor": True})
+        tr = guarded(
+            "anchor train",
+            lambda: timed(trainer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device),
+            device,
+            log,
+        )
+        inf = guarded(
+            "anchor infer",
+            lambda: timed(inferer(model, anchor_fwd, x32, device, autocast=True), steps, warmup, device),
+            device,
+            log,
+        )
+        add_row(
+            f"anchor: transformers SamVisionModel ({impl}), fp32 weights, bf16 autocast", tr, inf, {"anchor": True}
+        )
 
     guarded("anchor", anchor_rows, device, log)
 
@@ -535,7 +580,12 @@ def main() -> None:
         fwd = _compiled if compile_ else (lambda m: ours_fwd)
         w = warmup + (2 if compile_ else 0)
         m = build_ours(arch, size, device, attn=kw_train)
-        tr = guarded(f"{label} train", lambda: timed(trainer(m, fwd(m), x16, device, False, order_train), steps, w, device), device, log)
+        tr = guarded(
+            f"{label} train",
+            lambda: timed(trainer(m, fwd(m), x16, device, False, order_train), steps, w, device),
+            device,
+            log,
+        )
         extra = {}
         if compile_ and "median_s" in tr:
             with _backends(order_train):  # the compiled graph against eager on the same weights and input
@@ -543,7 +593,12 @@ def main() -> None:
         del m
         _reset_peak(device)
         m = build_ours(arch, size, device, attn=kw_infer)
-        inf = guarded(f"{label} infer", lambda: timed(inferer(m, fwd(m), x16, device, False, order_infer), steps, w, device), device, log)
+        inf = guarded(
+            f"{label} infer",
+            lambda: timed(inferer(m, fwd(m), x16, device, False, order_infer), steps, w, device),
+            device,
+            log,
+        )
         del m
         extra.update({"ours": True, "compiled": compile_, "train_attention": describe(kw_train, order_train),
                       "infer_attention": describe(kw_infer, order_infer)})
@@ -584,8 +639,11 @@ def main() -> None:
             r.setdefault("name", label)
             big_rows.append(r)
             if "median_s" in r:
-                log(f"{r['name']}: {batch / r['median_s']:.1f} img/s, peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None
-                    else f"{r['name']}: {batch / r['median_s']:.1f} img/s")
+                log(
+                    f"{r['name']}: {batch / r['median_s']:.1f} img/s, peak {r['peak_gib']:.2f} GiB"
+                    if r["peak_gib"] is not None
+                    else f"{r['name']}: {batch / r['median_s']:.1f} img/s"
+                )
             save()
 
     # ---------------------------------------------------------------- 5. extras while time is left
@@ -594,7 +652,9 @@ def main() -> None:
     if not args.no_compile:
         extras.append(("ours: bf16 core, fast attention (picked), eager", None, None, False))
         if (train_kw, train_order) != (cudnn_kw, cudnn_order):
-            extras.append(("ours: bf16 core, factorised sdpa (cudnn first), torch.compile", cudnn_kw, cudnn_order, True))
+            extras.append(
+                ("ours: bf16 core, factorised sdpa (cudnn first), torch.compile", cudnn_kw, cudnn_order, True)
+            )
     extras.append(("ours: bf16 core, timm attention, eager", None, None, False))
     for label, kw, order, comp in extras:
         if late(label):
@@ -624,10 +684,28 @@ def main() -> None:
             ratio = f"x{r['train_x']:.2f} / x{r['infer_x']:.2f}"
             if r.get("ours") and (best is None or r["train_x"] + r["infer_x"] > best["train_x"] + best["infer_x"]):
                 best = r
-        rows.append([r["name"], f"{t:.1f}" if t else "fail", gib(r["train"]), f"{i:.1f}" if i else "fail", gib(r["infer"]), ratio])
+        rows.append(
+            [
+                r["name"],
+                f"{t:.1f}" if t else "fail",
+                gib(r["train"]),
+                f"{i:.1f}" if i else "fail",
+                gib(r["infer"]),
+                ratio,
+            ]
+        )
     for r in big_rows:
         t = ips(r)
-        rows.append([f"{r['name']} (batch {batch})", f"{t:.1f}" if t else ("OOM" if r.get("oom") else "fail"), gib(r), "", "", ""])
+        rows.append(
+            [
+                f"{r['name']} (batch {batch})",
+                f"{t:.1f}" if t else ("OOM" if r.get("oom") else "fail"),
+                gib(r),
+                "",
+                "",
+                "",
+            ]
+        )
     if best:
         res["best"] = {"name": best["name"], "train_x": best["train_x"], "infer_x": best["infer_x"],
                        "train_peak_ratio": (best["train"]["peak_gib"] / anchor["train"]["peak_gib"])

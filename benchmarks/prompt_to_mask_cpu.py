@@ -128,8 +128,17 @@ def main() -> None:
             print(f"  {k:13s} wall median {fmt_ms(st['wall']['median'])} (min {fmt_ms(st['wall']['min'])})"
                   f"   cpu median {fmt_ms(st['cpu']['median'])}")
         print(f"  ratio ours/anchor: wall {ratio_wall:.3f}   cpu {ratio_cpu:.3f}")
-        rows.append([name, fmt_ms(stats["anchor"]["wall"]["median"]).strip(), fmt_ms(stats["ours"]["wall"]["median"]).strip(),
-                     f"{ratio_wall:.3f}", f"{ratio_cpu:.3f}", f"{agree * 100:.4f} %", f"{dlogit:.1e}"])
+        rows.append(
+            [
+                name,
+                fmt_ms(stats["anchor"]["wall"]["median"]).strip(),
+                fmt_ms(stats["ours"]["wall"]["median"]).strip(),
+                f"{ratio_wall:.3f}",
+                f"{ratio_cpu:.3f}",
+                f"{agree * 100:.4f} %",
+                f"{dlogit:.1e}",
+            ]
+        )
     print(f"\nours, first prompt on a new image (channels-last copy + DecoderImageCache fill, single-mask): "
           f"{first_call_s * 1e3:.1f} ms, once per image")
     print(table(rows))

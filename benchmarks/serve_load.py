@@ -126,8 +126,12 @@ def main(argv=None) -> int:
                     except httpx.TransportError:
                         time.sleep(0.1)
                 sizes = [(96, 128), (128, 80)]
-                ids = [http.post("api/images", files={"file": ("x.png", image_png(h, w, k), "image/png")}).json()["image_id"]
-                       for k, (h, w) in enumerate(sizes)]
+                ids = [
+                    http.post("api/images", files={"file": ("x.png", image_png(h, w, k), "image/png")}).json()[
+                        "image_id"
+                    ]
+                    for k, (h, w) in enumerate(sizes)
+                ]
                 adapters_ = [None, *NAMES]
                 keys = [(a, i, p) for a in adapters_ for i in range(len(ids)) for p in range(len(PROMPTS))]
                 body = lambda k: dict(PROMPTS[k[2]], image_id=ids[k[1]], adapter=k[0])  # noqa: E731
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
                 # the prompt-to-mask round trip once the embedding is cached
                 rng = np.random.default_rng(0)
                 rt = []
-                for n in range(args.roundtrips):
+                for _ in range(args.roundtrips):
                     x, y = (float(v) for v in rng.uniform(1, 79, 2))
                     t1 = time.perf_counter()
                     r = http.post("api/segment", json={"image_id": ids[0], "adapter": "seg_b", "points": [[x, y, 1]]})
@@ -179,10 +183,14 @@ def main(argv=None) -> int:
                 # the first request on new images (embedding computed), per adapter
                 first = []
                 for k in range(3):
-                    iid = http.post("api/images", files={"file": ("y.png", image_png(96, 128, 100 + k), "image/png")}).json()["image_id"]
+                    iid = http.post(
+                        "api/images", files={"file": ("y.png", image_png(96, 128, 100 + k), "image/png")}
+                    ).json()["image_id"]
                     for a in adapters_:
                         t1 = time.perf_counter()
-                        http.post("api/segment", json={"image_id": iid, "adapter": a, "points": [[40, 40, 1]]}).raise_for_status()
+                        http.post(
+                            "api/segment", json={"image_id": iid, "adapter": a, "points": [[40, 40, 1]]}
+                        ).raise_for_status()
                         first.append(time.perf_counter() - t1)
         finally:
             proc.terminate()
@@ -193,15 +201,22 @@ def main(argv=None) -> int:
 
     n = args.clients * args.requests
     ok = n - len(errors)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = (
+        next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
     import torch
 
     figures = {
         "load": f"{ok}/{n} ok, {len(errors)} errors or mismatches against the lone baseline",
         "latency": f"p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms, p99 {pct(lat, 99):.1f} ms",
         "throughput": f"{n / wall:.1f} requests/s ({wall:.1f} s for {n})",
-        "roundtrip": f"median {1000 * statistics.median(rt):.1f} ms, p95 {pct(rt, 95):.1f} ms ({len(rt)} requests, one client)",
+        "roundtrip": f"median {1000 * statistics.median(rt):.1f} ms, p95 {pct(rt, 95):.1f} ms "
+                     f"({len(rt)} requests, one client)",
         "first": f"median {1000 * statistics.median(first):.1f} ms ({len(first)} requests: 3 new images x 4 adapters)",
     }
     print(f"core {core}, adapters {', '.join(NAMES)} + plain core; {args.clients} clients x {args.requests} requests")
@@ -210,7 +225,11 @@ def main(argv=None) -> int:
     if errors:
         print(f"FAILED: {errors[:5]}", file=sys.stderr)
     if args.record:
-        threads_txt = f"OMP_NUM_THREADS={args.torch_threads}" if args.torch_threads else f"torch default ({torch.get_num_threads()} threads)"
+        threads_txt = (
+            f"OMP_NUM_THREADS={args.torch_threads}"
+            if args.torch_threads
+            else f"torch default ({torch.get_num_threads()} threads)"
+        )
         cmd = "python benchmarks/serve_load.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
         section = f"""
 ## Serve load (tiny core, loopback)
@@ -222,11 +241,11 @@ def main(argv=None) -> int:
 
 | measure | result |
 |---|---|
-| {args.clients} clients x {args.requests} requests, 3 adapters + core | {figures['load']} |
-| latency under that load | {figures['latency']} |
-| throughput | {figures['throughput']} |
-| prompt-to-mask round trip, embedding cached | {figures['roundtrip']} |
-| first request on a new image (embedding computed) | {figures['first']} |
+| {args.clients} clients x {args.requests} requests, 3 adapters + core | {figures["load"]} |
+| latency under that load | {figures["latency"]} |
+| throughput | {figures["throughput"]} |
+| prompt-to-mask round trip, embedding cached | {figures["roundtrip"]} |
+| first request on a new image (embedding computed) | {figures["first"]} |
 """
         results = ROOT / "benchmarks" / "RESULTS.md"
         with open(results, "a", encoding="utf-8") as f:  # append only: other sections belong to others

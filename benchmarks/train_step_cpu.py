@@ -73,11 +73,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     hf, ours, same, attn_impl = build(args.image_size, args.seed)
-    print(f"built in {time.perf_counter() - t0:.1f} s; transformers attention: {attn_impl}; "
-          f"max |ours - transformers| on the neck output before LoRA: {same:.2e}; torch threads {torch.get_num_threads()}")
+    print(
+        f"built in {time.perf_counter() - t0:.1f} s; transformers attention: {attn_impl}; "
+        f"max |ours - transformers| on the neck output before LoRA: {same:.2e}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     fast = copy.deepcopy(ours)
     enable_fast_attention(fast)
-    n_train = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in (("anchor", hf), ("ours", ours))}
+    n_train = {
+        k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in (("anchor", hf), ("ours", ours))
+    }
     assert n_train["anchor"] == n_train["ours"] == 12 * 4 * (768 + 3 * 768), n_train
 
     torch.manual_seed(args.seed + 2)

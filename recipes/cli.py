@@ -31,7 +31,8 @@ def version() -> str:
 
 def user_errors() -> tuple:
     """The exceptions `main` turns into one `error: ...` line and exit 2: every `UserError`, adapter and
-    checkpoint errors, and OS path errors (missing, not a folder, a folder, no permission)."""
+    checkpoint errors, and OS path errors (missing, not a folder, a folder, no permission).
+    """
     from samadapt.adapters import AdapterError
     from samadapt.sam_core import CheckpointError
 
@@ -105,12 +106,19 @@ def cmd_inspect(args) -> int:
     rows.append(("tensors", f"{info['tensors']} tensors, {info['parameters']:,} parameters"))
     for k, v in sorted(info["parameters_by_kind"].items()):
         rows.append((f"  {k}", f"{v:,} parameters"))
-    rows.append(("size", f"{info['file_bytes']:,} bytes ({info['tensor_bytes']:,} tensor + {info['header_bytes']:,} header)"))
+    rows.append(
+        ("size", f"{info['file_bytes']:,} bytes ({info['tensor_bytes']:,} tensor + {info['header_bytes']:,} header)")
+    )
     metrics = info.get("metrics")
     if isinstance(metrics, dict):
         flat = metrics.get("eval", metrics)
         if isinstance(flat, dict):
-            rows.append(("metrics", "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items())))
+            rows.append(
+                (
+                    "metrics",
+                    "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items()),
+                )
+            )
     if info.get("recipe"):
         rows.append(("recipe", f"{len(info['recipe'].splitlines())} lines of resolved YAML (--json shows it)"))
     width = max(len(r[0]) for r in rows)
@@ -135,7 +143,9 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `samadapt` argument parser (no work at import time: each subcommand imports what it needs)."""
-    p = argparse.ArgumentParser(prog="samadapt", description="Parameter-efficient domain adaptation of Segment Anything")
+    p = argparse.ArgumentParser(
+        prog="samadapt", description="Parameter-efficient domain adaptation of Segment Anything"
+    )
     p.add_argument("--version", action="version", version=f"samadapt {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -151,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", nargs="+", help="dataset folder(s) (overrides data.root)")
     t.add_argument("--base", help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
     t.add_argument("--out", help="run directory (default: output.dir or runs/<name>)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-4")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-4"
+    )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

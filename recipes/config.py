@@ -28,74 +28,74 @@ SCHEMA: Dict[str, Any] = {
     "name": "run",
     "domain": "",
     "base": {
-        "checkpoint": None,      # SAM checkpoint path (Meta .pth, .safetensors, HF folder); None: see `arch`
-        "arch": "tiny",          # one of sam_core.ARCHS: vit_b | vit_l | vit_h | tiny
-        "image_size": None,      # encoder input side (None: the checkpoint's / arch's)
+        "checkpoint": None,  # SAM checkpoint path (Meta .pth, .safetensors, HF folder); None: see `arch`
+        "arch": "tiny",  # one of sam_core.ARCHS: vit_b | vit_l | vit_h | tiny
+        "image_size": None,  # encoder input side (None: the checkpoint's / arch's)
         "pretrained_tiny": True,  # tiny with no checkpoint: use the committed pretrained tiny core
     },
     "adapter": {
         "name": "adapter",
-        "kinds": ANY,            # list of {kind: ..., setting: value}
-        "decoder": "frozen",     # one of adapters.DECODER_POLICIES: frozen | full | lora
+        "kinds": ANY,  # list of {kind: ..., setting: value}
+        "decoder": "frozen",  # one of adapters.DECODER_POLICIES: frozen | full | lora
         "decoder_r": 4,
     },
     "data": {
-        "root": None,            # dataset folder(s): a path or a list (or --data)
-        "layout": "auto",        # auto or one of data.LAYOUTS (generic, cod10k, camo, istd, sbu, kvasir, ...)
+        "root": None,  # dataset folder(s): a path or a list (or --data)
+        "layout": "auto",  # auto or one of data.LAYOUTS (generic, cod10k, camo, istd, sbu, kvasir, ...)
         "train_split": "train",
         "eval_split": "test",
-        "val_fraction": 0.1,     # held-out share when a layout has no test split
-        "synthetic": None,       # one of synthetic.SYNTHETIC_DOMAINS: generated data instead of a folder
+        "val_fraction": 0.1,  # held-out share when a layout has no test split
+        "synthetic": None,  # one of synthetic.SYNTHETIC_DOMAINS: generated data instead of a folder
         "synthetic_train_size": 256,
         "synthetic_eval_size": 32,
         "synthetic_image_size": 256,
         "num_workers": 0,
-        "strict": True,          # images without masks are an error naming them (false: skip them with a warning)
+        "strict": True,  # images without masks are an error naming them (false: skip them with a warning)
     },
     "augment": {
-        "domain": None,          # augmentation pipeline, one of augment.DOMAINS (None: the recipe's domain)
+        "domain": None,  # augmentation pipeline, one of augment.DOMAINS (None: the recipe's domain)
         "enabled": True,
     },
     "prompts": {
-        "mode": "none",          # one of prompts.PROMPT_MODES: none | box | points | box+points | mixed
-        "box_jitter": 0.1,       # std of box-side noise, as a fraction of the box side
+        "mode": "none",  # one of prompts.PROMPT_MODES: none | box | points | box+points | mixed
+        "box_jitter": 0.1,  # std of box-side noise, as a fraction of the box side
         "n_pos": 1,
         "n_neg": 0,
         "correction_rounds": 0,  # iterative correction clicks sampled from the previous prediction's errors
-        "multimask": False,      # train on the best of 3 masks (ambiguous single-point prompts)
+        "multimask": False,  # train on the best of 3 masks (ambiguous single-point prompts)
     },
     "loss": {name: 0.0 for name in RECIPE_LOSSES},  # weights (losses.RECIPE_LOSSES); 0 disables a term
     "train": {
         "epochs": 10,
-        "max_steps": None,       # stop after this many optimizer steps (None: epochs decide)
+        "max_steps": None,  # stop after this many optimizer steps (None: epochs decide)
         "batch_size": 4,
         "grad_accum": 1,
         "lr": 2e-4,
         "weight_decay": 1e-4,
-        "scheduler": "cosine",   # cosine | constant
+        "scheduler": "cosine",  # cosine | constant
         "warmup_steps": 0,
         "mixed_precision": "no",  # no | bf16 | fp16
         "grad_checkpointing": False,
-        "attention": "auto",     # image-encoder attention: auto | timm | sdpa | triton (same function; see sam_core.fast)
-        "compile": False,        # torch.compile the image encoder (minutes to compile; pays on long GPU runs)
+        "attention": "auto",  # image-encoder attention: auto | timm | sdpa | triton (same function; see sam_core.fast)
+        "compile": False,  # torch.compile the image encoder (minutes to compile; pays on long GPU runs)
         "max_grad_norm": 1.0,
         "seed": 0,
         "log_every": 10,
         "checkpoint_every": 100,  # optimizer steps between checkpoints (and at each epoch end)
         "keep_checkpoints": 2,
-        "full_core": False,      # train the whole core instead of adapters (used to pretrain the tiny core)
+        "full_core": False,  # train the whole core instead of adapters (used to pretrain the tiny core)
     },
     "eval": {
         "metrics": ["s_measure", "e_measure_mean", "weighted_f", "mae"],
-        "select": "s_measure",   # metric that picks the best epoch
+        "select": "s_measure",  # metric that picks the best epoch
         "every_epochs": 1,
-        "baseline": True,        # also evaluate the frozen core
-        "samples": 4,            # overlays written per evaluation
+        "baseline": True,  # also evaluate the frozen core
+        "samples": 4,  # overlays written per evaluation
         "batch_size": 8,
     },
     "output": {
-        "dir": None,             # run directory (default runs/<name>)
-        "dtype": "fp32",         # adapter file dtype: fp32 | fp16 | bf16
+        "dir": None,  # run directory (default runs/<name>)
+        "dtype": "fp32",  # adapter file dtype: fp32 | fp16 | bf16
     },
 }
 
@@ -171,11 +171,18 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
                 v = float(v)
             elif expected is float and isinstance(v, str) and _is_float(v):
                 v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
-            elif expected is not None and not isinstance(v, expected) or isinstance(v, bool) and expected in (int, float):
+            elif (
+                expected is not None
+                and not isinstance(v, expected)
+                or isinstance(v, bool)
+                and expected in (int, float)
+            ):
                 name = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
                 errors.append(f"{dotted}={v!r} should be a {name}")
         if path in CHOICES and v not in CHOICES[path]:
-            errors.append(f"{dotted}={v!r} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}")
+            errors.append(
+                f"{dotted}={v!r} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}"
+            )
         out[k] = v
     for k, default in schema.items():
         if k not in out and not any(e.startswith(f"unknown key {'.'.join(prefix + (k,))!r}") for e in errors):
@@ -262,7 +269,9 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         if not cfg["train"]["full_core"] and not kinds and cfg["adapter"]["decoder"] == "frozen":
             errors.append("nothing to train: add adapter.kinds or set adapter.decoder to full or lora")
         if sum(cfg["loss"].values()) <= 0:
-            errors.append("every loss weight is 0; set at least one of " + ", ".join(f"loss.{k}" for k in SCHEMA["loss"]))
+            errors.append(
+                "every loss weight is 0; set at least one of " + ", ".join(f"loss.{k}" for k in SCHEMA["loss"])
+            )
         bad = [m for m in cfg["eval"]["metrics"] if m not in METRICS]
         if bad:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")

@@ -7,7 +7,8 @@ another recipe module) just to name an error.
 
 class UserError(Exception):
     """A problem with what the user asked for (bad path, bad value, unreadable file); the CLI
-    prints its first line as `error: ...` and exits 2."""
+    prints its first line as `error: ...` and exits 2.
+    """
 
 
 class RecipeError(UserError, ValueError):

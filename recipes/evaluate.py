@@ -118,7 +118,7 @@ def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray], ada
         img = item["image"][:, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
         gt = item["mask"][0, :h, :w].numpy() > 0.5
 
-        def over(m):
+        def over(m, img=img):
             o = img.copy()
             o[m] = (0.45 * o[m] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
             return o

@@ -249,7 +249,9 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0)
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def iou_mse(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+def iou_mse(
+    pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0
+) -> torch.Tensor:
     """MSE between the predicted IoU score and the IoU of the thresholded mask (SAM's IoU-head loss).
 
     The actual IoU (`mask_iou`) is a constant target: the gradient flows

@@ -47,7 +47,15 @@ from samadapt.adapters.io import atomic_file
 from .data import IMAGE_EXTENSIONS, list_images
 from .errors import PredictError, PromptError
 
-__all__ = ["PredictError", "PromptError", "run_predict", "parse_box", "parse_point", "load_prompts_file", "collect_images"]
+__all__ = [
+    "PredictError",
+    "PromptError",
+    "run_predict",
+    "parse_box",
+    "parse_point",
+    "load_prompts_file",
+    "collect_images",
+]
 
 # tint colours of the overlays (RGB), one per mask, cycled
 PALETTE = np.array([
@@ -82,7 +90,9 @@ def _check_box(vals: Sequence[float], where: str) -> np.ndarray:
     if box.size != 4 or not np.isfinite(box).all():
         raise PromptError(f"{where}: box {vals!r} is not 4 finite numbers x0, y0, x1, y1")
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise PromptError(f"{where}: box {list(vals)} has x1 <= x0 or y1 <= y0; give x0,y0,x1,y1 (top-left, bottom-right)")
+        raise PromptError(
+            f"{where}: box {list(vals)} has x1 <= x0 or y1 <= y0; give x0,y0,x1,y1 (top-left, bottom-right)"
+        )
     return box
 
 
@@ -208,7 +218,11 @@ def _load_coco(data: Dict[str, Any], path: str) -> Dict[str, List[PromptSet]]:
         if a["image_id"] not in names:
             raise PromptError(f"{where}: image_id {a['image_id']!r} is not in 'images'")
         b = a["bbox"]
-        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+        if not (
+            isinstance(b, list)
+            and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
+        ):
             raise PromptError(f"{where}: bbox {b!r} is not [x, y, w, h]")
         x, y, w, h = (float(v) for v in b)
         out[names[a["image_id"]]].append(_prompt_set(_check_box([x, y, x + w, y + h], where), []))
@@ -236,7 +250,8 @@ def collect_images(items: Sequence[str]) -> List[Path]:
 
     Example:
         >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "b.png").write_bytes(b""); _ = (d / "a.txt").write_bytes(b"")
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "b.png").write_bytes(b""); _ = (d / "a.txt").write_bytes(b"")
         >>> [p.name for p in collect_images([str(d)])]
         ['b.png']
     """
@@ -286,7 +301,9 @@ def _atomic_write_text(text: str, path: Path) -> None:
         fh.write(text)
 
 
-def _overlay(image: np.ndarray, masks: Sequence[np.ndarray], prompts: Sequence[Optional[PromptSet]] = ()) -> np.ndarray:
+def _overlay(
+    image: np.ndarray, masks: Sequence[np.ndarray], prompts: Sequence[Optional[PromptSet]] = ()
+) -> np.ndarray:
     """Masks tinted over the image (one palette colour each); boxes and points drawn on top."""
     from PIL import Image, ImageDraw
 
@@ -308,7 +325,11 @@ def _overlay(image: np.ndarray, masks: Sequence[np.ndarray], prompts: Sequence[O
             draw.rectangle([float(v) for v in ps["box"]], outline=c, width=max(1, r // 2))
         if ps["points"] is not None:
             for (x, y), lab in zip(ps["points"], ps["labels"]):
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0) if lab == 1 else (255, 0, 0), outline=(255, 255, 255))
+                draw.ellipse(
+                    [x - r, y - r, x + r, y + r],
+                    fill=(0, 255, 0) if lab == 1 else (255, 0, 0),
+                    outline=(255, 255, 255),
+                )
     return np.asarray(im)
 
 
@@ -359,7 +380,9 @@ class _Runner:
         self.failed: set = set()
         # disable=None: a bar when stderr is a terminal; none in logs/pipes, where its carriage
         # returns would glue themselves to the `error:` lines
-        self.bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+        self.bar = tqdm(
+            total=len(paths), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True, disable=None
+        )
         self.writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="samadapt-write")
         self.writes: deque = deque()  # (image index, future)
         self.max_pending = max(4, 2 * int(args.batch_size))
@@ -516,7 +539,9 @@ def _check_out(out: Path, inputs: Sequence[Path]) -> None:
     if out.exists():
         o = out.resolve()
         if any(p.resolve().parent == o for p in inputs):
-            raise PredictError(f"--out {out} holds input images; masks would mix with (or replace) them - choose another folder")
+            raise PredictError(
+                f"--out {out} holds input images; masks would mix with (or replace) them - choose another folder"
+            )
 
 
 def run_predict(args) -> int:
@@ -591,7 +616,9 @@ def run_predict(args) -> int:
         if mode == "none" and prompted:
             notes.append(f"{args.adapter} was trained promptless (prompt_mode none); using the given prompts anyway")
         elif mode != "none" and not prompted and not args.auto:
-            notes.append(f"{args.adapter} was trained with prompt_mode {mode!r}; running promptless as no prompt was given")
+            notes.append(
+                f"{args.adapter} was trained with prompt_mode {mode!r}; running promptless as no prompt was given"
+            )
     sam.eval()
     if torch.cuda.is_available():
         sam.to("cuda")

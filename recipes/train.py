@@ -318,8 +318,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                                            align_corners=False)
                     if logits.shape[1] > 1:  # multimask: each sample trains its best candidate, as SAM does
                         logits, iou = pick_multimask(logits, iou, batch["mask"], loss_fn)
-                    l, terms = loss_fn(logits, batch["mask"], iou.float().reshape(-1))
-                    loss = loss + l
+                    part, terms = loss_fn(logits, batch["mask"], iou.float().reshape(-1))
+                    loss = loss + part
                 loss = loss / len(outs)
                 if not torch.isfinite(loss):
                     msg = f"loss became {loss.item()} at step {step}"

@@ -1,5 +1,6 @@
 """The frozen SAM core: image encoder (timm's VisionTransformerSAM), prompt encoder, mask decoder,
-checkpoint loading, the predictor and the automatic mask generator. Knows nothing of adapters."""
+checkpoint loading, the predictor and the automatic mask generator. Knows nothing of adapters.
+"""
 from .build import ARCHS, SamArch, build_sam
 from .checkpoint import CheckpointError, load_sam, read_state_dict
 from .predictor import ImageEmbedding, SamPredictor

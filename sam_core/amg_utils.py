@@ -1,5 +1,6 @@
 """Helpers for automatic mask generation: point grids, crop boxes, mask scores, boxes, run-length
-encoding and small-region clean-up. Pure functions over tensors / arrays, no model inside."""
+encoding and small-region clean-up. Pure functions over tensors / arrays, no model inside.
+"""
 import math
 from itertools import product
 from typing import Any, Dict, List, Sequence, Tuple, Union
@@ -86,9 +87,12 @@ def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer:
     return [build_point_grid(int(n_per_side / (scale_per_layer ** i))) for i in range(n_layers + 1)]
 
 
-def generate_crop_boxes(im_size: Tuple[int, int], n_layers: int, overlap_ratio: float) -> Tuple[List[List[int]], List[int]]:
+def generate_crop_boxes(
+    im_size: Tuple[int, int], n_layers: int, overlap_ratio: float
+) -> Tuple[List[List[int]], List[int]]:
     """Crop boxes (x0, y0, x1, y1) and their layer: the whole image, then (2^i)^2 overlapping crops
-    for layer i = 1..n_layers. Overlap is `overlap_ratio` of the short side, halved per layer."""
+    for layer i = 1..n_layers. Overlap is `overlap_ratio` of the short side, halved per layer.
+    """
     im_h, im_w = im_size
     short_side = min(im_h, im_w)
     boxes, layers = [[0, 0, im_w, im_h]], [0]
@@ -124,7 +128,9 @@ def uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], orig_h: int, orig
     return torch.nn.functional.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
 
 
-def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0) -> torch.Tensor:
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0
+) -> torch.Tensor:
     """True for (crop-frame) boxes within `atol` px of a crop edge that is not also an image edge."""
     crop = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)[None]
     orig = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)[None]
@@ -220,7 +226,8 @@ def coco_encode_rle(rle: Rle) -> Rle:
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
     """Fill holes (`mode="holes"`) or drop islands (`mode="islands"`) smaller than `area_thresh`
     pixels (8-connectivity). Returns the mask and whether it changed. When every island is small,
-    the largest is kept. Needs opencv."""
+    the largest is kept. Needs opencv.
+    """
     import cv2
 
     if mode not in ("holes", "islands"):

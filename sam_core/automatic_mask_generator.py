@@ -108,7 +108,9 @@ class SamAutomaticMaskGenerator:
         if points_per_side is not None:
             if int(points_per_side) < 1:
                 raise ValueError(f"points_per_side={points_per_side!r}; use a positive number such as 32")
-            grids = build_all_layer_point_grids(int(points_per_side), int(crop_n_layers), crop_n_points_downscale_factor)
+            grids = build_all_layer_point_grids(
+                int(points_per_side), int(crop_n_layers), crop_n_points_downscale_factor
+            )
         else:
             grids = [np.asarray(g, dtype=float).reshape(-1, 2) for g in point_grids]
             if len(grids) < crop_n_layers + 1:
@@ -250,7 +252,9 @@ class SamAutomaticMaskGenerator:
         device = predictor.device
         coords = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), dtype=torch.float, device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-        low_res, iou_preds = model.decode(predictor.get_image_embedding(), coords[:, None, :], labels, None, None, True)
+        low_res, iou_preds = model.decode(
+            predictor.get_image_embedding(), coords[:, None, :], labels, None, None, True
+        )
         n_out = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1).float()
@@ -261,11 +265,15 @@ class SamAutomaticMaskGenerator:
             keep = iou_preds > self.pred_iou_thresh
         if not bool(keep.any()):
             return MaskRecords()
-        logits = model.postprocess_masks(low_res[keep][:, None].float(), predictor.input_size, predictor.original_size)[:, 0]
+        logits = model.postprocess_masks(
+            low_res[keep][:, None].float(), predictor.input_size, predictor.original_size
+        )[:, 0]
         records = MaskRecords(iou_preds=iou_preds[keep], points=point_rows[keep.cpu()])
         del low_res
 
-        records["stability_score"] = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+        records["stability_score"] = calculate_stability_score(
+            logits, model.mask_threshold, self.stability_score_offset
+        )
         if self.stability_score_thresh > 0.0:
             stable = records["stability_score"] >= self.stability_score_thresh
             records.filter(stable)

@@ -1,6 +1,7 @@
 """Loading SAM weights: Meta's `.pth`, the same keys in `.safetensors`, Hugging Face `SamModel`
 checkpoints (file or folder) and plain state dicts. Conversions are pure functions over state
-dicts, in the spirit of timm's `checkpoint_filter_fn`; loading is strict."""
+dicts, in the spirit of timm's `checkpoint_filter_fn`; loading is strict.
+"""
 import json
 import os
 import pickle
@@ -30,7 +31,9 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({e}); is it truncated or of another format?") from None
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({e}); is it truncated or of another format?"
+        ) from None
 
 
 def _torch_load_reason(e: Exception) -> str:
@@ -82,7 +85,8 @@ def _read_hf_folder(path: Path) -> StateDict:
         if (path / name).exists():
             return read_state_dict(path / name)
     raise CheckpointError(
-        f"{path}: folder holds no model.safetensors or pytorch_model.bin; point to a SamModel folder or a checkpoint file"
+        f"{path}: folder holds no model.safetensors or pytorch_model.bin; "
+        "point to a SamModel folder or a checkpoint file"
     )
 
 
@@ -177,8 +181,9 @@ _HF_RULES = [
 
 
 def hf_to_samadapt(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers `SamModel` names -> ours. The prompt encoder's copy of the shared positional
-    matrix must equal the top-level one (they are tied); it is checked, then dropped."""
+    """Transformers `SamModel` names -> ours. The prompt encoder's copy of the shared positional
+    matrix must equal the top-level one (they are tied); it is checked, then dropped.
+    """
     prefix = ""
     for k in sd:
         if k.endswith("vision_encoder.patch_embed.projection.weight"):
@@ -201,7 +206,10 @@ def hf_to_samadapt(sd: Mapping[str, torch.Tensor]) -> StateDict:
             if shared is None:
                 out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = v
             continue
-        m = re.match(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.(.*)$", k)
+        m = re.match(
+            r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.(.*)$",
+            k,
+        )
         if m:
             head, part, idx, rest = m.groups()
             n_mid = head_depth.get(head, 0)
@@ -299,7 +307,8 @@ def resize_for_image_size(
 ) -> StateDict:
     """Resample the absolute position table and the global blocks' relative-position tables of a
     checkpoint made at another input size (e.g. 1024 -> 512). Pass `global_attn_indexes` where the
-    checkpoint's grid may equal the window (then table lengths cannot tell the blocks apart)."""
+    checkpoint's grid may equal the window (then table lengths cannot tell the blocks apart).
+    """
     grid = image_size // PATCH_SIZE
     pos = sd["image_encoder.pos_embed"]
     if pos.shape[1] == grid and pos.shape[2] == grid:
@@ -350,7 +359,8 @@ def check_state_dict(
     """Raise `CheckpointError` naming every missing, unexpected or wrongly shaped key.
 
     `names` maps our key names to the checkpoint's own (so that messages name keys as the file
-    spells them); `fmt` is the detected format."""
+    spells them); `fmt` is the detected format.
+    """
     names = dict(names or {})
     expected = model.state_dict()
     missing = [_name_missing(k, names, fmt) for k in expected if k not in sd]

@@ -20,7 +20,10 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Accept H x W (gray), H x W x 1, H x W x 3 or H x W x 4 (alpha dropped) uint8 arrays."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise ValueError(f"image dtype is {image.dtype}; pass uint8 pixels 0..255 (e.g. np.asarray(PIL.Image.open(p).convert('RGB')))")
+        raise ValueError(
+            f"image dtype is {image.dtype}; pass uint8 pixels 0..255 "
+            "(e.g. np.asarray(PIL.Image.open(p).convert('RGB')))"
+        )
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     elif image.ndim == 3 and image.shape[2] == 1:
@@ -117,7 +120,8 @@ class SamPredictor:
         """The current image's `ImageEmbedding` (embedding, sizes and decoder cache), or None.
 
         A caller that keeps it can hand it back to `set_embedding` later and skip both the
-        encoder and the decoder's per-image work."""
+        encoder and the decoder's per-image work.
+        """
         return self._image
 
     def reset_image(self) -> None:
@@ -209,7 +213,9 @@ class SamPredictor:
         prepared = [self.prepare_image(im, image_format) for im in images]
         return self._encode_tensors([t for t, _ in prepared], [s for _, s in prepared])
 
-    def _encode_tensors(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Tuple[int, int]]) -> List[ImageEmbedding]:
+    def _encode_tensors(
+        self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Tuple[int, int]]
+    ) -> List[ImageEmbedding]:
         if not tensors:
             return []
         x = torch.cat([self.model.preprocess(t) for t in tensors], 0)
@@ -280,11 +286,13 @@ class SamPredictor:
         """Masks for prompts given in original-image pixels.
 
         Args:
-            point_coords: N x 2 (x, y); point_labels: N (1 foreground, 0 background).
+            point_coords: N x 2 (x, y).
+            point_labels: N (1 foreground, 0 background).
             box: 4 (x0, y0, x1, y1).
             mask_input: 1 x 4h x 4w low-res logits from a previous call.
             multimask_output: three candidate masks (best for one ambiguous click) or one.
             return_logits: return logits instead of boolean masks.
+
         Returns:
             masks C x H x W, scores C, low-res logits C x 4h x 4w (numpy).
         """
@@ -296,14 +304,20 @@ class SamPredictor:
             point_coords = np.asarray(point_coords, dtype=float).reshape(-1, 2)
             point_labels = np.asarray(point_labels).reshape(-1)
             if len(point_labels) != len(point_coords):
-                raise ValueError(f"{len(point_coords)} points but {len(point_labels)} labels; give one label per point")
-            coords = torch.as_tensor(self.transform.apply_coords(point_coords, self.original_size), dtype=torch.float, device=self.device)[None]
+                raise ValueError(
+                    f"{len(point_coords)} points but {len(point_labels)} labels; give one label per point"
+                )
+            coords = torch.as_tensor(
+                self.transform.apply_coords(point_coords, self.original_size), dtype=torch.float, device=self.device
+            )[None]
             labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
             box = np.asarray(box, dtype=float)
             if box.size != 4:
                 raise ValueError(f"box has {box.size} values; give x0, y0, x1, y1")
-            box_t = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device)
+            box_t = torch.as_tensor(
+                self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device
+            )
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)
             if mask_t.ndim == 2:
@@ -347,7 +361,9 @@ class SamPredictor:
                                           multimask_output, cache=img.decoder_cache)
             masks = postprocess_masks_fast(low_res.float(), self.model.image_size, self.input_size, self.original_size)
         else:
-            low_res, scores = self.model.decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)
+            low_res, scores = self.model.decode(
+                features, point_coords, point_labels, boxes, mask_input, multimask_output
+            )
             masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

@@ -125,10 +125,14 @@ class Sam(nn.Module):
     def core_version_key(self) -> tuple:
         """Cheap identity of the core's current weights (about 0.1 ms for vit_b): changes when a
         core tensor is replaced (new storage or dtype) or written in place through autograd-visible
-        tensors (its version counter moves: `copy_`, `load_state_dict`, optimiser steps)."""
+        tensors (its version counter moves: `copy_`, `load_state_dict`, optimiser steps).
+        """
         slots = self.__dict__.get("_core_slots")
         if slots is None:  # the dicts that hold each core tensor, looked up once
-            slots = [(mod._parameters if attr in mod._parameters else mod._buffers, attr) for _, mod, attr in self._core_refs]
+            slots = [
+                (mod._parameters if attr in mod._parameters else mod._buffers, attr)
+                for _, mod, attr in self._core_refs
+            ]
             self.__dict__["_core_slots"] = slots
         return tuple((t.data_ptr(), t._version, t.dtype) for t in (d[attr] for d, attr in slots))
 
@@ -239,7 +243,8 @@ class Sam(nn.Module):
     @property
     def active_mask_decoder(self) -> nn.Module:
         """The decoder `decode` runs: the core's, or the replacement put in use by `use_decoder`
-        (e.g. one trained per domain and held by an adapter)."""
+        (e.g. one trained per domain and held by an adapter).
+        """
         return self._decoder_in_use or self.mask_decoder
 
     def use_decoder(self, decoder: Optional[nn.Module]) -> None:
@@ -311,9 +316,12 @@ class Sam(nn.Module):
 
         Args:
             images: B x 3 x S x S float pixels (0..255), already resized and padded to `image_size`.
-            point_coords: B x N x 2 (x, y) in the input frame; point_labels B x N (1, 0, -1 pad).
+            point_coords: B x N x 2 (x, y) in the input frame.
+            point_labels: B x N (1, 0, -1 pad).
             boxes: B x 4 (x0, y0, x1, y1) in the input frame.
             mask_inputs: B x 1 x 4h x 4w low-res logits of a previous prediction.
+            multimask_output: three candidate masks per prompt set instead of one.
+
         Returns:
             low-res mask logits B x C x 4h x 4w and IoU predictions B x C.
         """
@@ -323,7 +331,8 @@ class Sam(nn.Module):
     @torch.no_grad()
     def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:
         """segment_anything's batched call: a list of dicts with 'image' (3 x H x W, resized),
-        'original_size' and optional 'point_coords', 'point_labels', 'boxes', 'mask_inputs'."""
+        'original_size' and optional 'point_coords', 'point_labels', 'boxes', 'mask_inputs'.
+        """
         images = torch.stack([self.preprocess(rec["image"]) for rec in batched_input], dim=0)
         embeddings = self.encode_image(images)
         outputs = []

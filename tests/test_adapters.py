@@ -419,15 +419,24 @@ def test_merge_unmerge(case, policy):
         only_lora = fresh()
         cfg = [c for c in configs_of(case) if c.kind == "lora"]
         adapters.attach(only_lora, cfg, name="m")
-        sd = {k: v for k, v in adapters.adapter_state_dict(sam, "m").items() if ".lora_" in k and k.startswith("image_")}
+        sd = {
+            k: v for k, v in adapters.adapter_state_dict(sam, "m").items() if ".lora_" in k and k.startswith("image_")
+        }
         adapters.base.load_adapter_tensors(only_lora, "m", sd)
         assert max_diff(outputs(only_lora, promptless=False), merged) > 1e-3
 
 
 # ----------------------------------------------------------------------------- 6. swap
-SWAP_PAIRS = [pytest.param(CASE_NAMES[i], POLICIES[i % len(POLICIES)], CASE_NAMES[(i + 1) % len(CASE_NAMES)],
-                           POLICIES[(i + 1) % len(POLICIES)], id=f"{CASE_NAMES[i]}-vs-{CASE_NAMES[(i + 1) % len(CASE_NAMES)]}")
-              for i in range(len(CASE_NAMES))]
+SWAP_PAIRS = [
+    pytest.param(
+        CASE_NAMES[i],
+        POLICIES[i % len(POLICIES)],
+        CASE_NAMES[(i + 1) % len(CASE_NAMES)],
+        POLICIES[(i + 1) % len(POLICIES)],
+        id=f"{CASE_NAMES[i]}-vs-{CASE_NAMES[(i + 1) % len(CASE_NAMES)]}",
+    )
+    for i in range(len(CASE_NAMES))
+]
 
 
 @pytest.mark.parametrize("case_a,policy_a,case_b,policy_b", SWAP_PAIRS)
@@ -613,8 +622,11 @@ def test_attach_errors():
         fields = adapters.KINDS[kind].config_cls.__dataclass_fields__
         if "blocks" in fields:
             with pytest.raises(AdapterError, match="out of range"):
-                adapters.attach(sam, [adapters.config(k) for k in KINDS if k != kind] + [adapters.config(kind, blocks=[99])],
-                                name="x")
+                adapters.attach(
+                    sam,
+                    [adapters.config(k) for k in KINDS if k != kind] + [adapters.config(kind, blocks=[99])],
+                    name="x",
+                )
             assert state_snapshot(sam) == before
     adapters.attach(sam, lora, name="x")
     with pytest.raises(AdapterError, match="already attached"):
@@ -639,8 +651,12 @@ BANK_IMAGES = [np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.
 BANK_PROMPTS = [
     dict(point_coords=np.array([[64.0, 40.0]]), point_labels=np.array([1])),
     dict(box=np.array([10.0, 12.0, 90.0, 80.0])),
-    dict(point_coords=np.array([[30.0, 30.0], [100.0, 70.0]]), point_labels=np.array([1, 0]), box=np.array([5.0, 5.0, 120.0, 90.0]),
-         multimask_output=False),
+    dict(
+        point_coords=np.array([[30.0, 30.0], [100.0, 70.0]]),
+        point_labels=np.array([1, 0]),
+        box=np.array([5.0, 5.0, 120.0, 90.0]),
+        multimask_output=False,
+    ),
 ]
 BANK_ADAPTERS = [None] + list(BANK_FILES)
 
@@ -756,7 +772,9 @@ def test_bank_capacity_and_listing(bank_dir, lone_results, tmp_path):
     # a file dropped in appears, a removed one disappears
     shutil.copy(d / "seg_lora.safetensors", d / "seg_new.safetensors")
     assert "seg_new" in bank.available()
-    assert_same_result(bank.predict(BANK_IMAGES[0], adapter="seg_new", **BANK_PROMPTS[0]), lone_results["seg_lora", 0, 0])
+    assert_same_result(
+        bank.predict(BANK_IMAGES[0], adapter="seg_new", **BANK_PROMPTS[0]), lone_results["seg_lora", 0, 0]
+    )
     (d / "seg_lora.safetensors").unlink()
     assert "seg_lora" not in bank.available()
     with pytest.raises(AdapterError, match="no adapter named 'seg_lora'"):
@@ -828,7 +846,10 @@ def test_bank_generate_matches_the_generator(bank_dir, adapter):
 # ----------------------------------------------------------------------------- peft as the reference
 PEFT_CASES = {
     "qkv-all-blocks": (dict(r=4, targets=["qkv"]), "frozen"),
-    "all-targets-some-blocks": (dict(r=3, alpha=6.0, targets=["qkv", "proj", "mlp.fc1", "mlp.fc2"], blocks=[0, 2]), "frozen"),
+    "all-targets-some-blocks": (
+        dict(r=3, alpha=6.0, targets=["qkv", "proj", "mlp.fc1", "mlp.fc2"], blocks=[0, 2]),
+        "frozen",
+    ),
     "dora": (dict(r=2, use_dora=True, targets=["qkv", "proj"]), "frozen"),
     "decoder-lora": (dict(r=4, targets=["proj"]), "lora"),
 }
@@ -853,14 +874,20 @@ def test_lora_matches_peft_inject_adapter_in_model(case):
     ref = fresh()
     cfg = adapters.config("lora", **kw)
     blocks = "|".join(map(str, cfg.blocks if cfg.blocks is not None else range(len(ref.image_encoder.blocks))))
-    regex = r"image_encoder\.blocks\.(%s)\.(%s)" % (blocks, "|".join(re.escape(t if t.startswith("mlp") else "attn." + t)
-                                                                  for t in cfg.targets))
+    regex = r"image_encoder\.blocks\.(%s)\.(%s)" % (
+        blocks,
+        "|".join(re.escape(t if t.startswith("mlp") else "attn." + t) for t in cfg.targets),
+    )
     enc_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=regex, use_dora=cfg.use_dora, bias="none")
     inject_adapter_in_model(enc_cfg, ref, adapter_name="dom")
     peft_cfgs = [("image_encoder.", enc_cfg)]
     if policy == "lora":
-        dec_cfg = LoraConfig(r=4, lora_alpha=4, target_modules=r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
-                             bias="none")
+        dec_cfg = LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+            bias="none",
+        )
         inject_adapter_in_model(dec_cfg, ref, adapter_name="dom_dec")
         peft_cfgs.append(("mask_decoder.", dec_cfg))
 
@@ -908,12 +935,17 @@ def test_adapter_index_is_every_adapter_tensor():
     for name in ("a", "b"):
         idx = adapters.base.adapter_tensors(sam, name)
         owned = {id(t) for t in idx.values()}
-        in_model = {id(v) for k, v in full.items() if f".{name}." in f".{k}." and (".lora_" in k or "samadapt_" in k
-                                                                                  or k.startswith("adapter_decoders."))}
+        in_model = {
+            id(v)
+            for k, v in full.items()
+            if f".{name}." in f".{k}." and (".lora_" in k or "samadapt_" in k or k.startswith("adapter_decoders."))
+        }
         assert owned == in_model, name
         assert {id(p) for p in adapters.adapter_parameters(sam, name)} == owned
     # nothing outside the core and the indexes holds parameters
-    known = {id(p) for p in sam.core_parameters()} | {id(p) for n in ("a", "b") for p in adapters.adapter_parameters(sam, n)}
+    known = {id(p) for p in sam.core_parameters()} | {
+        id(p) for n in ("a", "b") for p in adapters.adapter_parameters(sam, n)
+    }
     assert known == {id(p) for p in sam.parameters()}
 
 
@@ -947,7 +979,9 @@ def test_deepcopy_keeps_its_own_adapter_index(tmp_path):
     import copy
 
     sam = fresh()
-    adapters.attach(sam, [adapters.config("bottleneck", width=8), adapters.config("lora", r=2)], name="a", decoder="lora")
+    adapters.attach(
+        sam, [adapters.config("bottleneck", width=8), adapters.config("lora", r=2)], name="a", decoder="lora"
+    )
     perturb(sam, "a")
     ref = outputs(sam)
     twin = copy.deepcopy(sam)

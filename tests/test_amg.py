@@ -72,7 +72,9 @@ def _structured_pair(tmp_path, seed=2, mask_threshold=2.8):
     ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
     freq, phase = torch.randn(2, c, generator=g), torch.rand(c, generator=g) * 6.28
     xs = 1 - xs  # mirrored: puts blobs at the right image edge, so offset crops keep masks
-    enc.pos_embed.copy_(5.0 * torch.cos(2 * 3.1416 * (xs[..., None] * freq[0] + ys[..., None] * freq[1]) + phase)[None])
+    enc.pos_embed.copy_(
+        5.0 * torch.cos(2 * 3.1416 * (xs[..., None] * freq[0] + ys[..., None] * freq[1]) + phase)[None]
+    )
     path = tmp_path / "structured.pth"
     torch.save(ref.state_dict(), path)
     ours = load_sam(str(path))
@@ -110,7 +112,9 @@ def _assert_same_masks(ours, ref, min_count=4):
 
 def _both(pair, image, **kw):
     ours, ref = pair
-    return SamAutomaticMaskGenerator(ours, **kw).generate(image), sa.SamAutomaticMaskGenerator(ref, **kw).generate(image)
+    return SamAutomaticMaskGenerator(ours, **kw).generate(image), sa.SamAutomaticMaskGenerator(ref, **kw).generate(
+        image
+    )
 
 
 # 8 x 8 points -> 192 candidates. Predicted IoUs have a gap of 0.006 around 0.037 and stability

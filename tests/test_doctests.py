@@ -34,4 +34,6 @@ def test_docstring_examples_run(name):
     for t in tests:
         runner.run(t)
     result = runner.summarize(verbose=False)
-    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} docstring examples failed (output above)"
+    assert result.failed == 0, (
+        f"{name}: {result.failed} of {result.attempted} docstring examples failed (output above)"
+    )

@@ -379,7 +379,9 @@ def test_fast_decode_equals_decode(vit_b_decoder):
         assert _close(fast_decode(sam, emb, **kw), sam.decode(emb, **kw))
         embs = torch.randn(2, c, h, w)
         kw = _prompts(size, 2)["points"]
-        assert _close(fast_decode(sam, embs, multimask_output=True, **kw), sam.decode(embs, multimask_output=True, **kw))
+        assert _close(
+            fast_decode(sam, embs, multimask_output=True, **kw), sam.decode(embs, multimask_output=True, **kw)
+        )
         # no prompt at all
         assert _close(fast_decode(sam, emb), sam.decode(emb))
 

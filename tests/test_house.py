@@ -38,7 +38,9 @@ def test_long_modules_say_why():
         lines = p.read_text(encoding="utf-8").splitlines()
         if len(lines) > MAX_LINES and not any(line.startswith("# why") for line in lines[:15]):
             bad.append(f"{p.relative_to(ROOT)} ({len(lines)} lines)")
-    assert not bad, f"modules over {MAX_LINES} lines need a '# why ...' line at the top, or a split:\n" + "\n".join(bad)
+    assert not bad, f"modules over {MAX_LINES} lines need a '# why ...' line at the top, or a split:\n" + "\n".join(
+        bad
+    )
 
 
 def test_one_docstring_dialect():

@@ -1,8 +1,6 @@
 """Tests for recipes/metrics.py: every number must equal pysodmetrics' one."""
 
 import doctest
-import os
-import sys
 
 import numpy as np
 import pytest

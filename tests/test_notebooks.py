@@ -43,6 +43,8 @@ def test_notebook_runs_without_errors(name, tmp_path, monkeypatch):
     errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
               for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{name}: error outputs in cells {errors}"
-    unexecuted = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip() and c.execution_count is None]
+    unexecuted = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip() and c.execution_count is None
+    ]
     assert not unexecuted, f"{name}: cells {unexecuted} did not run"
     assert committed.read_bytes() == before, f"{committed} was modified by the test"

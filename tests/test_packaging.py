@@ -17,7 +17,9 @@ PYPI_ADAPTERS = "adapters==1.3.0"  # AdapterHub; it pins its own transformers, i
 
 def _run(cmd, **kw):
     p = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert p.returncode == 0, f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    )
     return p
 
 
@@ -58,18 +60,18 @@ def test_fresh_install_beside_pypi_adapters(wheel, tmp_path):
     pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-input"]
     _run(pip + ["--no-deps", str(wheel)])
     _run(pip + [PYPI_ADAPTERS])
-    probe = textwrap.dedent(f"""
+    probe = textwrap.dedent("""
         import importlib, importlib.util, json
-        found = {{n: importlib.util.find_spec(n) is not None for n in ("sam_core", "recipes")}}
+        found = {n: importlib.util.find_spec(n) is not None for n in ("sam_core", "recipes")}
         hub = importlib.import_module("adapters")  # PyPI's AdapterHub
         import samadapt.sam_core as core
         from samadapt import adapters as ours
         import samadapt.recipes.cli as cli
         sam = core.build_sam("tiny")
         ours.attach(sam, ours.config("lora", r=2, targets=["qkv"]), name="x")
-        print(json.dumps({{"found": found, "hub": hub.__file__, "hub_has_model": hasattr(hub, "AutoAdapterModel"),
+        print(json.dumps({"found": found, "hub": hub.__file__, "hub_has_model": hasattr(hub, "AutoAdapterModel"),
                           "ours": ours.__file__, "core": core.__file__, "attached": ours.attached(sam),
-                          "version": cli.version()}}))
+                          "version": cli.version()}))
     """)
     # -I: no current directory or PYTHONPATH on the path, as in a user's project
     out = json.loads(_run([str(py), "-I", "-c", probe], cwd=tmp_path).stdout.strip().splitlines()[-1])
@@ -77,5 +79,7 @@ def test_fresh_install_beside_pypi_adapters(wheel, tmp_path):
     assert out["hub"].startswith(str(site)) and out["hub_has_model"], out
     assert out["ours"].startswith(str(site / "samadapt")) and out["core"].startswith(str(site / "samadapt")), out
     assert out["attached"] == ["x"]
-    version = _run([str(env_dir / "bin" / "samadapt"), "--version"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    version = _run(
+        [str(env_dir / "bin" / "samadapt"), "--version"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert version.stdout.strip() == f"samadapt {out['version']}" and out["version"][0].isdigit(), version.stdout

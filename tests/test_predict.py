@@ -117,7 +117,17 @@ def test_bad_box_exits_2_and_writes_nothing(env, capsys, monkeypatch):
     """As `python -m samadapt.recipes.cli` (the CLI module runs as __main__, with its own UserError class),
     in-process to spare a second interpreter start."""
     out = env["dir"] / "out_badbox"
-    argv = ["samadapt", "predict", str(env["good"]["gray"]), "--base", env["core"], "--out", str(out), "--box", "1,2,3"]
+    argv = [
+        "samadapt",
+        "predict",
+        str(env["good"]["gray"]),
+        "--base",
+        env["core"],
+        "--out",
+        str(out),
+        "--box",
+        "1,2,3",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exc:
         runpy.run_module("samadapt.recipes.cli", run_name="__main__", alter_sys=True)
@@ -210,7 +220,9 @@ def test_prompts_json_mapping(env, capsys):
                     point_labels=np.array([p[2] for p in g["points"]]))
     assert np.array_equal(mask(out / "gray.png"), ref)
     for k, b in enumerate(spec["rgb"]["boxes"]):
-        assert np.array_equal(mask(out / f"rgb_{k}.png"), reference(env["core"], env["good"]["rgb"], box=np.array(b, float)))
+        assert np.array_equal(
+            mask(out / f"rgb_{k}.png"), reference(env["core"], env["good"]["rgb"], box=np.array(b, float))
+        )
 
 
 def test_prompts_coco(env):
@@ -230,16 +242,25 @@ def test_prompts_coco(env):
                  "--batch-size", "1", "--no-overlay"]) == 0
     assert sorted(os.listdir(out)) == ["gray.png", "rgb_0.png", "rgb_1.png"]
     xywh = lambda b: np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], float)  # noqa: E731
-    assert np.array_equal(mask(out / "rgb_0.png"), reference(env["core"], srcs[0], box=xywh(coco["annotations"][0]["bbox"])))
-    assert np.array_equal(mask(out / "rgb_1.png"), reference(env["core"], srcs[0], box=xywh(coco["annotations"][2]["bbox"])))
-    assert np.array_equal(mask(out / "gray.png"), reference(env["core"], srcs[1], box=xywh(coco["annotations"][1]["bbox"])))
+    assert np.array_equal(
+        mask(out / "rgb_0.png"), reference(env["core"], srcs[0], box=xywh(coco["annotations"][0]["bbox"]))
+    )
+    assert np.array_equal(
+        mask(out / "rgb_1.png"), reference(env["core"], srcs[0], box=xywh(coco["annotations"][2]["bbox"]))
+    )
+    assert np.array_equal(
+        mask(out / "gray.png"), reference(env["core"], srcs[1], box=xywh(coco["annotations"][1]["bbox"]))
+    )
 
 
 def test_bad_prompts_file_exits_2(env, capsys):
     pf = env["dir"] / "bad_prompts.json"
     pf.write_text(json.dumps({"gray.png": {"box": [1, 2, 3]}}))
     out = env["dir"] / "out_bad_prompts"
-    assert main(["predict", str(env["good"]["gray"]), "--base", env["core"], "--out", str(out), "--prompts", str(pf)]) == 2
+    assert (
+        main(["predict", str(env["good"]["gray"]), "--base", env["core"], "--out", str(out), "--prompts", str(pf)])
+        == 2
+    )
     assert "box" in capsys.readouterr().err
     assert not out.exists()
 

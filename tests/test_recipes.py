@@ -72,12 +72,17 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     from samadapt.sam_core import build_sam
     ck = tmp_path / "tiny.pth"
     torch.save(build_sam("tiny").state_dict(), ck)
-    cases.append(("other arch", ["train", "camouflage", "--base", str(ck), "--data", str(unpaired), "--out", str(out)]))
+    cases.append(
+        ("other arch", ["train", "camouflage", "--base", str(ck), "--data", str(unpaired), "--out", str(out)])
+    )
     cases.append(("bad adapter file", ["inspect", str(ck)]))
     for what, args in cases:
         r = run_cli(*args)
         assert r.returncode == 2, (what, r.returncode, r.stderr[-2000:])
-        lines = [l for l in r.stderr.strip().splitlines() if not l.startswith(("WARNING", "warn")) and "Warning" not in l]
+        lines = [
+            ln for ln in r.stderr.strip().splitlines()
+            if not ln.startswith(("WARNING", "warn")) and "Warning" not in ln
+        ]
         assert lines and lines[-1].startswith("error: "), (what, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, (what, r.stderr[-2000:])
         _no_output(out)
@@ -141,7 +146,10 @@ def test_encoder_attention_routes_and_compile(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert set_encoder_attention(sam, "auto", cpu) == "as built" and not fast_attention_enabled(sam)
     assert set_encoder_attention(sam, "triton", cpu) == "triton"
-    assert fast_attention_enabled(sam) and {b.attn._fast_kernel for b in sam.image_encoder.blocks} == {"triton", "sdpa"}
+    assert fast_attention_enabled(sam) and {b.attn._fast_kernel for b in sam.image_encoder.blocks} == {
+        "triton",
+        "sdpa",
+    }
     capability = {"cc": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
     assert set_encoder_attention(sam, "auto", torch.device("cuda", 0)) == "triton"
@@ -182,8 +190,13 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    p = subprocess.Popen([sys.executable, "-m", "samadapt.recipes.cli", "train", "demo", "--out", str(killed), *common],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "samadapt.recipes.cli", "train", "demo", "--out", str(killed), *common],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list((killed / "checkpoints").glob("step_00000004")):
         time.sleep(0.05)
@@ -203,9 +216,30 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_accelerate_launch_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "samadapt.recipes.cli", "train", "demo", "--out", str(out),
-           "--quiet", *sum([["--set", s] for s in SMALL], []), "--set", "train.epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "samadapt.recipes.cli",
+        "train",
+        "demo",
+        "--out",
+        str(out),
+        "--quiet",
+        *sum([["--set", s] for s in SMALL], []),
+        "--set",
+        "train.epochs=1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     files = list(out.glob("*.safetensors"))

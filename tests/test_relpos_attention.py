@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CHILD = textwrap.dedent(r'''
+CHILD = textwrap.dedent(r"""
     import copy, json, sys
     import torch
     from samadapt.sam_core.fast.relpos_triton import relpos_attention, triton_route_ok
@@ -106,16 +106,18 @@ CHILD = textwrap.dedent(r'''
     oc.square().mean().backward()
     out["compiled"] = {"out": (oc.double() - r).abs().max().item(), "x_grad": (xc.grad.double() - xr.grad).abs().max().item()}
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -140,7 +142,9 @@ def test_kernel_refuses_bad_shapes(interpreted):
 
 def test_encoder_through_the_kernel_equals_timm(interpreted):
     enc = interpreted["encoder"]
-    assert enc["out"] <= 1e-5 and enc["x_grad"] <= 1e-6 and enc["qkv_grad"] <= 1e-4 and enc["rel_pos_grad"] <= 1e-4, enc
+    assert enc["out"] <= 1e-5 and enc["x_grad"] <= 1e-6 and enc["qkv_grad"] <= 1e-4 and enc["rel_pos_grad"] <= 1e-4, (
+        enc
+    )
 
 
 def test_compile_keeps_the_kernel_in_one_graph(interpreted):

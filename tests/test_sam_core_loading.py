@@ -69,8 +69,13 @@ def _randomize_all_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _hf_config(layer_norm_eps=None):
     from transformers import SamConfig
 
-    decoder = dict(hidden_size=TINY.prompt_embed_dim, mlp_dim=TINY.decoder_mlp_dim, num_hidden_layers=TINY.decoder_depth,
-                   num_attention_heads=TINY.decoder_heads, iou_head_hidden_dim=TINY.iou_head_hidden_dim)
+    decoder = dict(
+        hidden_size=TINY.prompt_embed_dim,
+        mlp_dim=TINY.decoder_mlp_dim,
+        num_hidden_layers=TINY.decoder_depth,
+        num_attention_heads=TINY.decoder_heads,
+        iou_head_hidden_dim=TINY.iou_head_hidden_dim,
+    )
     if layer_norm_eps is not None:
         decoder["layer_norm_eps"] = layer_norm_eps
     return SamConfig(
@@ -108,7 +113,11 @@ PROMPTS = {  # (point coords N x 2 | None, labels N | None, box 4 | None) in the
     "point": (torch.tensor([[150.0, 90.0]]), torch.tensor([1]), None),
     "points": (torch.tensor([[150.0, 90.0], [40.0, 170.0], [190.0, 20.0]]), torch.tensor([1, 0, 1]), None),
     "box": (None, None, torch.tensor([30.0, 20.0, 180.0, 160.0])),
-    "box+points": (torch.tensor([[100.0, 80.0], [150.0, 150.0]]), torch.tensor([1, 0]), torch.tensor([30.0, 20.0, 180.0, 160.0])),
+    "box+points": (
+        torch.tensor([[100.0, 80.0], [150.0, 150.0]]),
+        torch.tensor([1, 0]),
+        torch.tensor([30.0, 20.0, 180.0, 160.0]),
+    ),
 }
 
 
@@ -120,8 +129,14 @@ def _ours_outputs(sam, x=None):
     out = {"embedding": emb}
     for name, (pts, labels, box) in PROMPTS.items():
         for mm in (True, False):
-            out[name, mm] = sam.decode(emb, None if pts is None else pts[None], None if labels is None else labels[None],
-                                       None if box is None else box[None], None, mm)
+            out[name, mm] = sam.decode(
+                emb,
+                None if pts is None else pts[None],
+                None if labels is None else labels[None],
+                None if box is None else box[None],
+                None,
+                mm,
+            )
     out["mask"] = sam.decode(emb, PROMPTS["point"][0][None], PROMPTS["point"][1][None], None,
                              out["point", False][0], True)
     return out
@@ -164,8 +179,14 @@ def test_hf_parity(hf_pair, capsys):
                           input_labels=None if labels is None else labels[None, None],
                           input_boxes=None if box is None else box[None, None],
                           multimask_output=mm)
-                low, iou = sam.decode(emb, None if pts is None else pts[None], None if labels is None else labels[None],
-                                      None if box is None else box[None], None, mm)
+                low, iou = sam.decode(
+                    emb,
+                    None if pts is None else pts[None],
+                    None if labels is None else labels[None],
+                    None if box is None else box[None],
+                    None,
+                    mm,
+                )
                 assert low.shape == (1, 3 if mm else 1, 64, 64)
                 assert low.abs().max() > 0.1
                 diffs[f"{name}/mm={mm} logits"] = _max_diff(o.pred_masks[:, 0], low)
@@ -175,12 +196,18 @@ def test_hf_parity(hf_pair, capsys):
         o = model(image_embeddings=emb, input_points=PROMPTS["point"][0][None, None],
                   input_labels=PROMPTS["point"][1][None, None], input_masks=prev, multimask_output=True)
         low, iou = sam.decode(emb, PROMPTS["point"][0][None], PROMPTS["point"][1][None], None, prev, True)
-        diffs["mask logits"], diffs["mask iou"] = _max_diff(o.pred_masks[:, 0], low), _max_diff(o.iou_scores[:, 0], iou)
+        diffs["mask logits"], diffs["mask iou"] = (
+            _max_diff(o.pred_masks[:, 0], low),
+            _max_diff(o.iou_scores[:, 0], iou),
+        )
         two = torch.tensor([[[60.0, 50.0]], [[170.0, 200.0]]])  # 2 prompts x 1 point
         o = model(image_embeddings=emb, input_points=two[None], input_labels=torch.ones(1, 2, 1, dtype=torch.long),
                   multimask_output=True)
         low, iou = sam.decode(emb, two, torch.ones(2, 1, dtype=torch.long), None, None, True)
-        diffs["2 prompts logits"], diffs["2 prompts iou"] = _max_diff(o.pred_masks[0], low), _max_diff(o.iou_scores[0], iou)
+        diffs["2 prompts logits"], diffs["2 prompts iou"] = (
+            _max_diff(o.pred_masks[0], low),
+            _max_diff(o.iou_scores[0], iou),
+        )
     worst = max(diffs.values())
     _print(capsys, f"HF parity (layer_norm_eps={eps or 'HF default 1e-6'}): max |diff| {worst:.2e}, "
                    f"embedding {diffs['embedding']:.2e}")
@@ -281,13 +308,19 @@ def test_hf_checkpoint_errors_name_hf_keys(tmp_path):
     _expect_error(tmp_path, "missing", gone)
     save_file(dict(sd, **{"mask_decoder.extra.weight": torch.ones(2)}), str(tmp_path / "model.safetensors"))
     _expect_error(tmp_path, "unexpected", "mask_decoder.extra.weight")
-    save_file(dict(sd, **{"vision_encoder.neck.conv2.weight": torch.zeros(64, 64, 1, 1)}), str(tmp_path / "model.safetensors"))
+    save_file(
+        dict(sd, **{"vision_encoder.neck.conv2.weight": torch.zeros(64, 64, 1, 1)}),
+        str(tmp_path / "model.safetensors"),
+    )
     _expect_error(tmp_path, "vision_encoder.neck.conv2.weight", "(64, 64, 1, 1)", "(64, 64, 3, 3)")
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.999])
 def test_truncated_files(ckpts, tmp_path, fraction):
-    for name, needle in (("meta.pth", "not a readable PyTorch checkpoint"), ("meta.safetensors", "not a readable .safetensors")):
+    for name, needle in (
+        ("meta.pth", "not a readable PyTorch checkpoint"),
+        ("meta.safetensors", "not a readable .safetensors"),
+    ):
         data = ckpts[name].read_bytes()
         cut = tmp_path / ckpts[name].name
         cut.write_bytes(data[: int(len(data) * fraction)])
@@ -497,7 +530,9 @@ def test_load_at_smaller_image_size(ckpts, meta_sd, tmp_path):
     pos = resample_abs_pos_embed_nhwc(meta_sd["image_encoder.pos_embed"], [8, 8])
     assert torch.allclose(sam.image_encoder.pos_embed, pos)
     rp = meta_sd["image_encoder.blocks.3.attn.rel_pos_h"]
-    assert torch.allclose(sam.image_encoder.blocks[3].attn.rel_pos_h, F.interpolate(rp.T[None], size=15, mode="linear")[0].T)
+    assert torch.allclose(
+        sam.image_encoder.blocks[3].attn.rel_pos_h, F.interpolate(rp.T[None], size=15, mode="linear")[0].T
+    )
 
     x = _image(128, 100)
     with torch.no_grad():

@@ -10,9 +10,15 @@ sa = pytest.importorskip("segment_anything")
 
 PROMPTS = {
     "point": dict(point_coords=np.array([[150.0, 90.0]]), point_labels=np.array([1])),
-    "points": dict(point_coords=np.array([[150.0, 90.0], [40.0, 170.0], [250.0, 30.0]]), point_labels=np.array([1, 0, 1])),
+    "points": dict(
+        point_coords=np.array([[150.0, 90.0], [40.0, 170.0], [250.0, 30.0]]), point_labels=np.array([1, 0, 1])
+    ),
     "box": dict(box=np.array([30.0, 20.0, 220.0, 160.0])),
-    "box+points": dict(box=np.array([30.0, 20.0, 220.0, 160.0]), point_coords=np.array([[100.0, 80.0], [200.0, 150.0]]), point_labels=np.array([1, 0])),
+    "box+points": dict(
+        box=np.array([30.0, 20.0, 220.0, 160.0]),
+        point_coords=np.array([[100.0, 80.0], [200.0, 150.0]]),
+        point_labels=np.array([1, 0]),
+    ),
 }
 
 
@@ -52,7 +58,7 @@ def test_predictor_parity_tiny(tmp_path, multimask):
     p2.set_image(image)
     emb = (p1.get_image_embedding() - p2.get_image_embedding()).abs().max().item()
     assert emb <= 1e-4
-    for name, kw in PROMPTS.items():
+    for kw in PROMPTS.values():
         _compare(p1.predict(multimask_output=multimask, **kw), p2.predict(multimask_output=multimask, **kw))
     # mask input: feed back the previous low-res logits
     _, _, low = p2.predict(**PROMPTS["point"], multimask_output=False)
@@ -71,10 +77,12 @@ def test_predictor_parity_vit_b(tmp_path):
     p2.set_image(image)
     scale = 800 / 280
     for multimask in (True, False):
-        for name, kw in PROMPTS.items():
+        for kw in PROMPTS.values():
             kw = {k: (v * scale if k in ("point_coords", "box") else v) for k, v in kw.items()}
             _compare(p1.predict(multimask_output=multimask, **kw), p2.predict(multimask_output=multimask, **kw))
-        _, _, low = p2.predict(point_coords=np.array([[400.0, 300.0]]), point_labels=np.array([1]), multimask_output=False)
+        _, _, low = p2.predict(
+            point_coords=np.array([[400.0, 300.0]]), point_labels=np.array([1]), multimask_output=False
+        )
         kw = dict(point_coords=np.array([[400.0, 300.0]]), point_labels=np.array([1]), mask_input=low)
         _compare(p1.predict(multimask_output=multimask, **kw), p2.predict(multimask_output=multimask, **kw))
 

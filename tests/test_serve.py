@@ -26,10 +26,7 @@ from PIL import Image
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from samadapt import (
-    adapters,  # noqa: E402
-    sam_core,  # noqa: E402
-)
+from samadapt import adapters, sam_core  # noqa: E402
 from samadapt.adapters import AdapterBank  # noqa: E402
 from samadapt.recipes.model import load_base  # noqa: E402
 from samadapt.recipes.serve import create_app  # noqa: E402
@@ -170,7 +167,9 @@ def test_health_and_listing(client):
     assert [a["name"] for a in listing["adapters"]] == list(NAMES)
     for i, a in enumerate(listing["adapters"]):
         assert a["compatible"] and a["error"] is None and a["source"] == "file"
-        assert a["kinds"] == ["lora"] and a["domain"] == f"test-{i}" and a["parameters"] > 0 and a["base_arch"] == "tiny"
+        assert (
+            a["kinds"] == ["lora"] and a["domain"] == f"test-{i}" and a["parameters"] > 0 and a["base_arch"] == "tiny"
+        )
 
 
 def test_openapi_documents_the_api(client):
@@ -180,7 +179,15 @@ def test_openapi_documents_the_api(client):
                         ("/api/segment", "post"), ("/api/auto", "post")}
     assert all(op.get("summary") for op in ops.values())
     schemas = spec["components"]["schemas"]
-    for name in ("SegmentRequest", "SegmentResponse", "AutoRequest", "AutoResponse", "AdapterList", "ImageInfo", "ErrorBody"):
+    for name in (
+        "SegmentRequest",
+        "SegmentResponse",
+        "AutoRequest",
+        "AutoResponse",
+        "AdapterList",
+        "ImageInfo",
+        "ErrorBody",
+    ):
         assert name in schemas, name
     props = schemas["SegmentRequest"]["properties"]
     assert {"image_id", "adapter", "points", "box", "multimask", "format"} <= set(props)
@@ -212,8 +219,21 @@ def _encode(img: np.ndarray, mode: str, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("1", "PNG"),
-                                      ("RGB", "JPEG"), ("CMYK", "TIFF"), ("I;16", "PNG"), ("RGB", "BMP"), ("RGB", "WEBP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("RGB", "PNG"),
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("I;16", "PNG"),
+        ("RGB", "BMP"),
+        ("RGB", "WEBP"),
+    ],
+)
 def test_upload_any_mode_is_rgb(client, mode, fmt):
     data = _encode(IMG, mode, fmt)
     r = upload(client, data, name=f"x.{fmt.lower()}")
@@ -270,7 +290,9 @@ def test_embeddings_are_computed_once_per_image_and_adapter(client, image_id):
 def test_second_image(client, ref_bank):
     iid = upload(client, png_bytes(IMG2)).json()["image_id"]
     body = {"image_id": iid, "adapter": "seg_c", "points": [[30, 50, 1]], "box": [5, 5, 80, 110]}
-    assert_matches(client.post("/api/segment", json=body).json(), ref_bank.predict(IMG2, adapter="seg_c", **bank_kwargs(body)))
+    assert_matches(
+        client.post("/api/segment", json=body).json(), ref_bank.predict(IMG2, adapter="seg_c", **bank_kwargs(body))
+    )
 
 
 # ----------------------------------------------------------------------------- 4. auto == generator
@@ -342,39 +364,124 @@ def _big_png() -> bytes:
 
 
 BAD = [  # (id, path, request kwargs or callable(image_id) -> kwargs, status, text in detail)
-    ("upload-too-big", "/api/images", {"files": {"file": ("x.png", b"\x89PNG" + b"0" * MAX_UPLOAD, "image/png")}}, 413, "limit"),
-    ("body-too-big", "/api/images", {"files": {"file": ("x.png", b"0" * (MAX_UPLOAD + 2**20 + 10), "image/png")}}, 413, "limit"),
+    (
+        "upload-too-big",
+        "/api/images",
+        {"files": {"file": ("x.png", b"\x89PNG" + b"0" * MAX_UPLOAD, "image/png")}},
+        413,
+        "limit",
+    ),
+    (
+        "body-too-big",
+        "/api/images",
+        {"files": {"file": ("x.png", b"0" * (MAX_UPLOAD + 2**20 + 10), "image/png")}},
+        413,
+        "limit",
+    ),
     ("too-many-pixels", "/api/images", {"files": {"file": ("x.png", _big_png(), "image/png")}}, 413, "360,000 pixels"),
-    ("not-an-image", "/api/images", {"files": {"file": ("x.txt", b"hello, world", "text/plain")}}, 415, "not an image"),
+    (
+        "not-an-image",
+        "/api/images",
+        {"files": {"file": ("x.txt", b"hello, world", "text/plain")}},
+        415,
+        "not an image",
+    ),
     ("empty-file", "/api/images", {"files": {"file": ("x.png", b"", "image/png")}}, 400, "empty"),
     ("truncated", "/api/images", {"files": {"file": ("x.png", png_bytes(IMG)[:300], "image/png")}}, 400, "truncated"),
     ("no-file-field", "/api/images", {"data": {"other": "1"}}, 422, "file"),
-    ("unknown-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "nope"}}, 404, "no adapter named 'nope'"),
+    (
+        "unknown-adapter",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "adapter": "nope"}},
+        404,
+        "no adapter named 'nope'",
+    ),
     ("dotdot-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "../seg_a"}}, 400, "not valid"),
-    ("path-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "seg_a/../../etc"}}, 400, "not valid"),
-    ("suffix-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "seg_a.safetensors"}}, 400, "not valid"),
+    (
+        "path-adapter",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "adapter": "seg_a/../../etc"}},
+        400,
+        "not valid",
+    ),
+    (
+        "suffix-adapter",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "adapter": "seg_a.safetensors"}},
+        400,
+        "not valid",
+    ),
     ("empty-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": ""}}, 400, "not valid"),
     ("long-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "a" * 65}}, 400, "not valid"),
-    ("very-long-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "b" * 5000}}, 400, "not valid"),
-    ("control-char-adapter", "/api/segment", lambda i: {"json": {"image_id": i, "adapter": "seg_a\n"}}, 400, "not valid"),
-    ("point-outside", "/api/segment", lambda i: {"json": {"image_id": i, "points": [[10, 10, 1], [1000, 5, 1]]}}, 422, "points[1] = [1000, 5]"),
+    (
+        "very-long-adapter",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "adapter": "b" * 5000}},
+        400,
+        "not valid",
+    ),
+    (
+        "control-char-adapter",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "adapter": "seg_a\n"}},
+        400,
+        "not valid",
+    ),
+    (
+        "point-outside",
+        "/api/segment",
+        lambda i: {"json": {"image_id": i, "points": [[10, 10, 1], [1000, 5, 1]]}},
+        422,
+        "points[1] = [1000, 5]",
+    ),
     ("point-negative", "/api/segment", lambda i: {"json": {"image_id": i, "points": [[-3, 10, 0]]}}, 422, "-3"),
     ("box-outside", "/api/segment", lambda i: {"json": {"image_id": i, "box": [0, 0, 50, 97]}}, 422, "[50, 97]"),
     ("box-empty", "/api/segment", lambda i: {"json": {"image_id": i, "box": [50, 10, 20, 40]}}, 422, "empty"),
     ("bad-label", "/api/segment", lambda i: {"json": {"image_id": i, "points": [[1, 1, 2]]}}, 422, "0 or 1"),
     ("short-point", "/api/segment", lambda i: {"json": {"image_id": i, "points": [[1, 1]]}}, 422, "points"),
     ("many-points", "/api/segment", lambda i: {"json": {"image_id": i, "points": [[1, 1, 1]] * 65}}, 422, "points"),
-    ("nan", "/api/segment", lambda i: {"content": '{"image_id": "%s", "points": [[NaN, 1, 1]]}' % i,
-                                       "headers": {"content-type": "application/json"}}, 422, "finite"),
+    (
+        "nan",
+        "/api/segment",
+        lambda i: {
+            "content": '{"image_id": "%s", "points": [[NaN, 1, 1]]}' % i,
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "finite",
+    ),
     ("bad-format", "/api/segment", lambda i: {"json": {"image_id": i, "format": "jpeg"}}, 422, "format"),
     ("extra-field", "/api/segment", lambda i: {"json": {"image_id": i, "pointz": []}}, 422, "pointz"),
     ("unknown-image", "/api/segment", lambda i: {"json": {"image_id": "0" * 32}}, 404, "unknown image id"),
     ("no-image-id", "/api/segment", lambda i: {"json": {"points": []}}, 422, "image_id"),
-    ("malformed-json", "/api/segment", lambda i: {"content": b'{"image_id": ', "headers": {"content-type": "application/json"}}, 422, "JSON"),
-    ("chunked-too-big", "/api/segment", lambda i: {"content": (b" " * 65536 for _ in range(20)),
-                                                   "headers": {"content-type": "application/json"}}, 413, "limit"),
-    ("huge-json", "/api/segment", lambda i: {"content": b" " * (2**20 + 1), "headers": {"content-type": "application/json"}}, 413, "limit"),
-    ("auto-too-dense", "/api/auto", lambda i: {"json": {"image_id": i, "points_per_side": 65}}, 422, "points_per_side"),
+    (
+        "malformed-json",
+        "/api/segment",
+        lambda i: {"content": b'{"image_id": ', "headers": {"content-type": "application/json"}},
+        422,
+        "JSON",
+    ),
+    (
+        "chunked-too-big",
+        "/api/segment",
+        lambda i: {"content": (b" " * 65536 for _ in range(20)), "headers": {"content-type": "application/json"}},
+        413,
+        "limit",
+    ),
+    (
+        "huge-json",
+        "/api/segment",
+        lambda i: {"content": b" " * (2**20 + 1), "headers": {"content-type": "application/json"}},
+        413,
+        "limit",
+    ),
+    (
+        "auto-too-dense",
+        "/api/auto",
+        lambda i: {"json": {"image_id": i, "points_per_side": 65}},
+        422,
+        "points_per_side",
+    ),
     ("auto-zero", "/api/auto", lambda i: {"json": {"image_id": i, "points_per_side": 0}}, 422, "points_per_side"),
     ("auto-unknown-adapter", "/api/auto", lambda i: {"json": {"image_id": i, "adapter": "nope"}}, 404, "nope"),
     ("auto-unknown-image", "/api/auto", lambda i: {"json": {"image_id": "x"}}, 404, "unknown image id"),

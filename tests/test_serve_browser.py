@@ -86,8 +86,11 @@ def test_page_in_browser(tmp_path):
 
             def shown(adapter):
                 page.wait_for_function(
-                    "a => document.body.dataset.state === 'ready' && document.querySelector('#canvas').dataset.maskHash"
-                    " && document.querySelector('#canvas').dataset.adapter === a", arg=adapter or "")
+                    "a => document.body.dataset.state === 'ready'"
+                    " && document.querySelector('#canvas').dataset.maskHash"
+                    " && document.querySelector('#canvas').dataset.adapter === a",
+                    arg=adapter or "",
+                )
                 status = page.inner_text("#status")
                 assert re.search(r"^mask \d/\d score -?\d+\.\d\d", status), status
                 assert (adapter or "plain core") in status
@@ -136,7 +139,9 @@ def test_page_in_browser(tmp_path):
 
             # segment everything: a status line with the number of masks
             page.click("#auto")
-            page.wait_for_function("() => /masks \\(everything\\)/.test(document.querySelector('#status').textContent)")
+            page.wait_for_function(
+                "() => /masks \\(everything\\)/.test(document.querySelector('#status').textContent)"
+            )
 
             # another candidate mask from the chips, then clear
             page.click("#canvas", position=at(96, 108))

@@ -40,7 +40,9 @@ def test_concurrent_clients_get_lone_results(tmp_path):
     ckpt, folder = make_core_and_adapters(tmp_path)
     app = create_app(load_base(str(ckpt)), folder)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the bank runs one model call at a time; one thread leaves a core for HTTP on a 2-core VM
+    torch.set_num_threads(
+        1
+    )  # the bank runs one model call at a time; one thread leaves a core for HTTP on a 2-core VM
     try:
         with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
             ids = []
@@ -77,7 +79,12 @@ def test_concurrent_clients_get_lone_results(tmp_path):
                             r = c.post("api/segment", json=body(key))
                             dt = time.perf_counter() - t0
                             ok = r.status_code == 200 and _stable(r.json()) == baseline[key]
-                            problem = None if ok else f"{r.status_code} {'differs from the lone result' if r.status_code == 200 else r.text[:200]}"
+                            problem = (
+                                None
+                                if ok
+                                else f"{r.status_code} "
+                                f"{'differs from the lone result' if r.status_code == 200 else r.text[:200]}"
+                            )
                         except Exception as e:  # noqa: BLE001 -- counted as an error below
                             dt, problem = time.perf_counter() - t0, repr(e)
                         with lock:

@@ -1,5 +1,6 @@
 """Bottleneck adapters (AdaptFormer / Medical-SAM-Adapter style): down -> GELU -> up, placed
-sequentially after each block's attention (residual) and/or parallel to its MLP (scaled)."""
+sequentially after each block's attention (residual) and/or parallel to its MLP (scaled).
+"""
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 

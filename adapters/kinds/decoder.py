@@ -68,7 +68,8 @@ class DecoderLoraConfig:
 # ---------------------------------------------------------------------------- full
 def plain_copy(decoder: nn.Module) -> nn.Module:
     """A copy of the frozen decoder without peft wrappers (other adapters' decoder LoRA, or the
-    empty wrappers left after detaching it): the copy holds the core decoder's layers only."""
+    empty wrappers left after detaching it): the copy holds the core decoder's layers only.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     dec = copy.deepcopy(decoder)

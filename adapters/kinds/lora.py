@@ -70,7 +70,8 @@ def peft_config(r: int, alpha: float, dropout: float = 0.0, use_dora: bool = Fal
                 init: bool = True):
     """The `peft.LoraConfig` our layers are built with (`target_modules` matters only to peft's own
     `inject_adapter_in_model`, which the tests use as the reference; `init=False` skips peft's
-    A-random / B-zero initialisation when a file's tensors are written next)."""
+    A-random / B-zero initialisation when a file's tensors are written next).
+    """
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora, bias="none",
@@ -125,7 +126,8 @@ def add_lora(sam: nn.Module, paths: List[str], name: str, peft_cfg) -> Injected:
 
 def remove_lora(sam: nn.Module, name: str, handle: LoraHandle) -> None:
     """Delete LoRA `name` from its layers; a layer left without any LoRA is unwrapped, so the model
-    holds the plain linear layer again, as before the first attach."""
+    holds the plain linear layer again, as before the first attach.
+    """
     for path, layer in handle.layers:
         layer.delete_adapter(name)
         if not layer.lora_A:

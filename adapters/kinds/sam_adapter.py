@@ -1,7 +1,8 @@
 """SAM-Adapter: explicit visual prompting (EVP). Two task-specific features -- the image's
 high-frequency component (FFT with the low frequencies masked out) and the frozen patch
 embedding -- are mapped to a narrow width, summed, passed through a per-block MLP and a shared
-up-projection, and the result is added to the tokens entering each encoder block."""
+up-projection, and the result is added to the tokens entering each encoder block.
+"""
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
@@ -67,7 +68,8 @@ def high_frequency(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 class PromptGenerator(nn.Module):
     """One adapter's prompt generator: feature maps, a small MLP per prompted block, a shared
-    zero-initialised up-projection."""
+    zero-initialised up-projection.
+    """
 
     def __init__(self, dim: int, width: int, patch: int, n_blocks: int, cfg: SamAdapterConfig) -> None:
         super().__init__()

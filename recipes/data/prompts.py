@@ -125,7 +125,7 @@ def box_from_mask(
 
 
 def _pick(coords: np.ndarray, n: int, g: np.random.Generator) -> np.ndarray:
-    """n rows of `coords` (K x 2, (y, x)), without replacement when K >= n."""
+    """N rows of `coords` (K x 2, (y, x)), without replacement when K >= n."""
     if n <= 0:
         return np.zeros((0, 2), np.int64)
     idx = g.choice(len(coords), size=n, replace=len(coords) < n)

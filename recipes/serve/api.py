@@ -83,7 +83,9 @@ class SegmentRequest(BaseModel):
         description="[x, y, label] in image pixels; label 1 foreground, 0 background")
     box: Optional[Tuple[float, float, float, float]] = Field(None, description="[x0, y0, x1, y1] in image pixels")
     multimask: bool = Field(True, description="three candidate masks (best for one ambiguous click) or one")
-    format: Literal["png", "rle"] = Field("png", description="png: base64 1-bit PNG per mask; rle: uncompressed COCO RLE")
+    format: Literal["png", "rle"] = Field(
+        "png", description="png: base64 1-bit PNG per mask; rle: uncompressed COCO RLE"
+    )
 
 
 class Rle(BaseModel):
@@ -193,8 +195,11 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            code, msg = (413, f"request body of {int(length):,} bytes is over the limit of {limit:,}") if length.isdigit() \
+            code, msg = (
+                (413, f"request body of {int(length):,} bytes is over the limit of {limit:,}")
+                if length.isdigit()
                 else (400, "Content-Length is not a number")
+            )
             return await _send_json(send, code, msg)
         seen = 0
         started = False
@@ -261,7 +266,9 @@ def decode_image(data: bytes, max_pixels: int) -> Tuple[np.ndarray, str, Optiona
         except Image.DecompressionBombError as e:
             raise ApiError(413, f"image is too large to decode ({e})") from None
         except UnidentifiedImageError:
-            raise ApiError(415, "the file is not an image this server can read (PNG, JPEG, WebP, BMP, TIFF, GIF ...)") from None
+            raise ApiError(
+                415, "the file is not an image this server can read (PNG, JPEG, WebP, BMP, TIFF, GIF ...)"
+            ) from None
         except Exception as e:  # noqa: BLE001 -- any reader failure is the file's fault
             raise ApiError(400, f"could not read the image header ({type(e).__name__}: {e})") from None
         w, h = im.size

@@ -101,14 +101,20 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
                   description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
                               "files. Upload an image, then ask for masks from points and boxes under any adapter.")
     app.state.bank, app.state.images = bank, images
-    app.add_middleware(BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes)
+    app.add_middleware(
+        BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
-        return JSONResponse(status_code=422, content=jsonable_encoder({"detail": "invalid request: " + "; ".join(parts),
-                                                                       "errors": errors}))
+        return JSONResponse(
+            status_code=422,
+            content=jsonable_encoder({"detail": "invalid request: " + "; ".join(parts), "errors": errors}),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -124,7 +130,9 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
                                 f"letter); use a name from GET /api/adapters or null for the plain core")
         if not (bank.directory / f"{name}.safetensors").is_file() and name not in bank.available():
             names = sorted(bank.available())
-            raise ApiError(404, f"no adapter named {name!r}; available: {names[:20]}{' ...' if len(names) > 20 else ''}")
+            raise ApiError(
+                404, f"no adapter named {name!r}; available: {names[:20]}{' ...' if len(names) > 20 else ''}"
+            )
         return name
 
     def run_bank(name: Optional[str], fn: Callable[[], Any]) -> Any:

@@ -65,7 +65,8 @@ def _compiling() -> bool:
 
 def _memo(cache: Dict, key: Tuple, build, max_size: Optional[int] = None):
     """`cache[key]`, made by `build()` on a miss and stored under the lock (past `max_size`
-    entries the oldest is dropped)."""
+    entries the oldest is dropped).
+    """
     val = cache.get(key)
     if val is None:
         with torch.inference_mode(False):  # a plain tensor: usable by later autograd calls too
@@ -78,7 +79,7 @@ def _memo(cache: Dict, key: Tuple, build, max_size: Optional[int] = None):
 
 
 def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
-    """timm's `get_rel_pos` index (q_size x k_size, long) on `device`, cached."""
+    """Timm's `get_rel_pos` index (q_size x k_size, long) on `device`, cached."""
     def build():
         q_coords = torch.arange(q_size, dtype=torch.float32, device=device)[:, None] * max(k_size / q_size, 1.0)
         k_coords = torch.arange(k_size, dtype=torch.float32, device=device)[None, :] * max(q_size / k_size, 1.0)
@@ -102,7 +103,8 @@ def _decomposed_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch
                       rows_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAM's per-query bias terms in q's dtype: rel_h (B x heads x N x h; with `rows_first`,
     B x heads x h x N: the key row first) and rel_w (B x heads x N x w). Every route calls it
-    first: it also checks that q's N tokens are the h x w grid."""
+    first: it also checks that q's N tokens are the h x w grid.
+    """
     h, w = hw
     B, nh, N, d = q.shape
     if N != h * w:

@@ -259,7 +259,6 @@ def fast_decoder_applies(sam: nn.Module) -> bool:
         >>> fast_decoder_applies(build_sam("tiny"))
         True
     """
-
     md = getattr(sam, "active_mask_decoder", None)
     tr = getattr(md, "transformer", None)
     if type(md) is not MaskDecoder or type(tr) is not TwoWayTransformer:
@@ -393,7 +392,7 @@ def _conv_t_matrix(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor
 
 def _upscale_masks(md: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, hw: Tuple[int, int],
                    chunk: int = 512) -> torch.Tensor:
-    """masks = hyper @ output_upscaling(keys as b x C x h x w), without leaving the token layout.
+    """Masks = hyper @ output_upscaling(keys as b x C x h x w), without leaving the token layout.
 
     Each 2x2 stride-2 transposed conv is one matmul per token (C_in -> 2*2*C_out); the
     LayerNorm2d and GELUs act per output pixel, so the pixels stay in (token, sub-pixel) order

@@ -65,7 +65,8 @@ def _composed_axis(n_low: int, image_size: int, n_input: int, n_orig: int, index
 
 class _BandedMap:
     """A (n_out, n_in) matrix stored as row blocks of `block` rows, each with the narrow column
-    window holding its non-zeros; applying it equals the dense product. Dense when the band is wide."""
+    window holding its non-zeros; applying it equals the dense product. Dense when the band is wide.
+    """
 
     def __init__(self, a: torch.Tensor, device: torch.device, dtype: torch.dtype, block: int = 32) -> None:
         n_out, n_in = a.shape
@@ -105,7 +106,7 @@ class _BandedMap:
         return y.reshape(*lead, self.nblocks * self.block, m)[..., : self.n_out, :]
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ A^T over the last axis: (..., m, n_in) -> (..., m, n_out)."""
+        """X @ A^T over the last axis: (..., m, n_in) -> (..., m, n_out)."""
         if not self.banded:
             return torch.matmul(x, self.dense.t())
         lead, m = x.shape[:-2], x.shape[-2]

@@ -71,7 +71,7 @@ if HAS_TRITON:
     @triton.autotune(configs=_configs(True), key=["N", "COLS", "D", "BLOCK_W", "BLOCK_D"])
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, RH, RW, O, LSE,
+        Q, K, V, RH, RW, O, LSE,  # noqa: E741  (the kernel names its blocks as the FA2 paper does)
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         sob, soh, son, sod,
         H, N, ROWS, COLS, D, scale,
@@ -299,8 +299,13 @@ if HAS_TRITON:
     def _(do, q, k, v, rel_h_t, rel_w, o, lse, cols, scale):
         B, H, N, D = q.shape
         e = q.new_empty(B, H, N, D)
-        return (e, torch.empty_like(e), torch.empty_like(e), torch.empty_like(rel_h_t, memory_format=torch.contiguous_format),
-                torch.empty_like(rel_w, memory_format=torch.contiguous_format))
+        return (
+            e,
+            torch.empty_like(e),
+            torch.empty_like(e),
+            torch.empty_like(rel_h_t, memory_format=torch.contiguous_format),
+            torch.empty_like(rel_w, memory_format=torch.contiguous_format),
+        )
 
     def _setup_context(ctx, inputs, output):
         q, k, v, rel_h_t, rel_w, cols, scale = inputs
