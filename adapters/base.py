@@ -25,6 +25,7 @@ from .registry import (  # noqa: F401  (re-exported: kinds and users import thes
     register_kind,
 )
 
+STATE_KEY = "samadapt.adapters"  # where the adapter state lives in `Sam.extensions`
 _PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
 
@@ -83,13 +84,19 @@ class AdapterState:
 
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:
-    """The adapter state of `sam` (kept in the instance's `__dict__`: not a submodule or buffer, so
-    `state_dict` and `to()` never see it); None if it has none and `create` is False.
+    """The adapter state of `sam` (kept in `sam.extensions`, the core's public place for extensions:
+    not a submodule or buffer, so `state_dict` and `to()` never see it); None if it has none and
+    `create` is False.
     """
-    st = sam.__dict__.get("_adapter_state")
+    ext = getattr(sam, "extensions", None)
+    if ext is None:
+        if create:
+            _check_sam(sam)
+        return None
+    st = ext.get(STATE_KEY)
     if st is None and create:
         st = AdapterState()
-        sam.__dict__["_adapter_state"] = st
+        ext[STATE_KEY] = st
     return st
 
 

@@ -279,12 +279,11 @@ def core_fingerprint(sam: nn.Module) -> str:
     `load_state_dict`, optimiser steps). Writes through `.data` are not seen.
     """
     key = sam.core_version_key()
-    cached = sam.__dict__.get("_samadapt_fingerprint")
+    cached = sam.extensions.get("samadapt.adapters.fingerprint")
     if cached is not None and cached[0] == key:
         return cached[1]
     fp = sam.fingerprint
-    # an adapters-owned cache kept in the instance's __dict__ (no sam_core field is written)
-    sam.__dict__["_samadapt_fingerprint"] = (key, fp)
+    sam.extensions["samadapt.adapters.fingerprint"] = (key, fp)
     return fp
 
 

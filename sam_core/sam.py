@@ -78,6 +78,9 @@ class Sam(nn.Module):
         # (an adapter activated, merged, ...): caches of embeddings compare it.
         self.generation = 0
         self.__dict__["_decoder_in_use"] = None
+        # What libraries that extend the model keep with it, each under its own key (samadapt.adapters
+        # keeps its adapter state here): copied with the model (`copy.deepcopy`), never in `state_dict`.
+        self.extensions: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ properties
     @property

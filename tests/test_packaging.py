@@ -2,6 +2,7 @@
 import path, so PyPI's `adapters` (AdapterHub) installed beside it imports, and so do ours."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +27,11 @@ def _run(cmd, **kw):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)])
+    # built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)])
     wheels = list(out.glob("samadapt-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
