@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
-from samadapt.adapters import DECODER_POLICIES, KINDS
+from samadapt.adapters import DECODER_KINDS, KINDS
 from samadapt.sam_core import ARCHS
 
 from .data import LAYOUTS
@@ -36,7 +36,7 @@ SCHEMA: Dict[str, Any] = {
     "adapter": {
         "name": "adapter",
         "kinds": ANY,  # list of {kind: ..., setting: value}
-        "decoder": "frozen",  # one of adapters.DECODER_POLICIES: frozen | full | lora
+        "decoder": "frozen",  # frozen | a decoder kind (adapters.DECODER_KINDS: full | lora)
         "decoder_r": 4,
     },
     "data": {
@@ -107,7 +107,7 @@ NULLABLE_TYPES = {
 # domain, prompt mode, adapter kind or metric is a valid recipe value without touching this file.
 CHOICES = {
     ("base", "arch"): list(ARCHS),
-    ("adapter", "decoder"): list(DECODER_POLICIES),
+    ("adapter", "decoder"): ["frozen", *DECODER_KINDS],  # frozen: no decoder part; the rest are decoder kinds
     ("data", "layout"): ["auto", *LAYOUTS],
     ("data", "synthetic"): [None, *SYNTHETIC_DOMAINS],
     ("augment", "domain"): [None, *DOMAINS],
