@@ -782,6 +782,29 @@ def test_bank_capacity_and_listing(bank_dir, lone_results, tmp_path):
     assert sorted(bank.available()) == ["seg_bottle", "seg_evp", "seg_new"]
 
 
+def test_bank_capacity_and_cache_size_are_exact(bank_dir):
+    """`capacity` below 1 is refused and 1 is allowed; `cache_size=n` keeps exactly the n newest embeddings;
+    evicting an adapter drops its embeddings with it (a reload encodes again)."""
+    with pytest.raises(AdapterError, match="capacity=0"):
+        AdapterBank(fresh(), bank_dir, capacity=0)
+    bank = AdapterBank(fresh(), bank_dir, capacity=1, cache_size=2)
+    prompt = BANK_PROMPTS[0]
+    for image in BANK_IMAGES[:2]:
+        bank.predict(image, adapter="seg_lora", **prompt)
+    hits, misses = bank.stats["cache_hits"], bank.stats["cache_misses"]
+    for image in BANK_IMAGES[:2]:  # both still cached: the cache holds `cache_size` embeddings, not fewer
+        bank.predict(image, adapter="seg_lora", **prompt)
+    assert (bank.stats["cache_hits"], bank.stats["cache_misses"]) == (hits + 2, misses)
+    bank.predict(BANK_IMAGES[2], adapter="seg_lora", **prompt)  # a third: the oldest goes, not more
+    bank.predict(BANK_IMAGES[1], adapter="seg_lora", **prompt)
+    assert (bank.stats["cache_hits"], bank.stats["cache_misses"]) == (hits + 3, misses + 1)
+    bank.predict(BANK_IMAGES[1], adapter="seg_evp", **prompt)  # capacity 1: seg_lora is evicted ...
+    assert bank.resident() == ["seg_evp"] and bank.stats["evictions"] == 1
+    misses = bank.stats["cache_misses"]
+    bank.predict(BANK_IMAGES[1], adapter="seg_lora", **prompt)  # ... and its embeddings went with it
+    assert bank.stats["cache_misses"] == misses + 1
+
+
 def test_bank_reloads_a_file_rewritten_on_disk(tmp_path):
     """A file rewritten in place with other weights (same name, same size) is served with the new
     weights on the next request, as a direct load of the new file gives them."""

@@ -472,6 +472,26 @@ def test_one_longest_side_rule(hw, size):
     assert aug_img.shape[:2] == want and aug_mask.shape == want
 
 
+@pytest.mark.parametrize("hw", [(33, 77), (120, 41)])
+def test_longest_side_points_and_boxes_as_sam_maps_them(hw):
+    # The prompt transforms, numpy and torch, against segment_anything's own ResizeLongestSide: points scale
+    # per axis into the resized frame (not shift), boxes come back N x 4.
+    from segment_anything.utils.transforms import ResizeLongestSide as MetaResize
+
+    ours, meta = ResizeLongestSide(64), MetaResize(64)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, min(hw), (5, 2))
+    boxes = np.sort(rng.uniform(0, min(hw), (3, 2, 2)), axis=1).reshape(3, 4)  # three boxes: 12 numbers
+    want_p, want_b = meta.apply_coords(points, hw), meta.apply_boxes(boxes, hw)
+    np.testing.assert_allclose(ours.apply_coords(points, hw), want_p, rtol=1e-12)
+    np.testing.assert_allclose(ours.apply_boxes(boxes, hw), want_b, rtol=1e-12)
+    got_p = ours.apply_coords_torch(torch.from_numpy(points), hw)
+    got_b = ours.apply_boxes_torch(torch.from_numpy(boxes), hw)
+    assert got_p.dtype == got_b.dtype == torch.float32 and got_b.shape == (3, 4)
+    np.testing.assert_allclose(got_p.numpy(), want_p, rtol=1e-6)
+    np.testing.assert_allclose(got_b.numpy(), want_b, rtol=1e-6)
+
+
 def test_folder_dataset_image_size_uses_sam_rule(tmp_path):
     _pair_files(tmp_path / "images", tmp_path / "masks", ["a"], size=(33, 77))
     item = FolderDataset(tmp_path, split="all", image_size=64)[0]

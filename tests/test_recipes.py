@@ -318,13 +318,14 @@ def _logged(run_dir, tag):
     return values
 
 
+@pytest.mark.parametrize("warm", [3, 0])  # 0: the main schedule alone, without the SequentialLR around it
 @pytest.mark.parametrize("kind", ["cosine", "constant"])
-def test_learning_rate_follows_the_schedule(tmp_path, kind):
+def test_learning_rate_follows_the_schedule(tmp_path, kind, warm):
     """The LR logged after each optimizer step is the schedule's: linear warmup `(k + 1) / warmup`, then
     cosine to 0 at the last step (or constant). A scheduler that is never stepped logs one LR throughout."""
     import math
 
-    lr, warm = 1e-3, 3
+    lr = 1e-3
     cfg = load_recipe("demo", SMALL + ["train.epochs=2", f"train.lr={lr}", f"train.warmup_steps={warm}",
                                        f"train.scheduler={kind}", "train.log_every=1", "train.checkpoint_every=0"])
     _quiet_train(cfg, tmp_path / "run")
