@@ -31,6 +31,7 @@ from .base import (  # noqa: E402
 )
 from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .kinds import DECODER_POLICIES  # noqa: E402
+from .parts import remove_from_slot  # noqa: E402
 from .registry import (
     DECODER_KINDS,
     ENTRY_POINT_GROUP,
@@ -50,7 +51,7 @@ __all__ = [
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",
     "DECODER_POLICIES", "DECODER_KINDS", "FORMAT", "ENTRY_POINT_GROUP", "load_plugins", "unregister_kind",
     # what a third-party kind builds on
-    "Injected", "AdapterSlot", "block_indices", "module_tensors",
+    "Injected", "AdapterSlot", "block_indices", "module_tensors", "remove_from_slot",
 ]
 
 from .peft_linear_view import register as _register_linear_view  # noqa: E402

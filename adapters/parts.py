@@ -41,6 +41,25 @@ class AdapterSlot(nn.ModuleDict):
         self._hooks = []
 
 
+def remove_from_slot(host: nn.Module, attr: str, name: str) -> None:
+    """Take adapter `name` out of the `AdapterSlot` at `host.<attr>`; the last one out removes the
+    slot and its hooks with it (a kind's `remove` for modules kept in a slot).
+
+    Example:
+        >>> from torch import nn
+        >>> host = nn.Module(); host.add_module("samadapt_x", AdapterSlot())
+        >>> host.samadapt_x["a"] = nn.Linear(1, 1)
+        >>> remove_from_slot(host, "samadapt_x", "a"); "samadapt_x" in host._modules
+        False
+    """
+    slot = host._modules.get(attr)
+    if slot is not None and name in slot:
+        del slot[name]
+        if len(slot) == 0:
+            slot.remove_hooks()
+            delattr(host, attr)
+
+
 def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
     """The encoder blocks a kind adapts (None: all), checked against the encoder's depth."""
     idx = list(range(n_blocks)) if blocks is None else list(blocks)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..parts import remove_from_slot
 
 POSITIONS = ("attn", "mlp")
 
@@ -125,13 +126,7 @@ def inject(sam: nn.Module, cfg: BottleneckConfig, name: str, state, init: bool =
 def remove(sam: nn.Module, name: str, state, handle) -> None:
     """Undo `inject`; a block left without bottlenecks loses its slot and hooks."""
     for i in handle:
-        blk = sam.image_encoder.blocks[i]
-        slot = blk._modules.get("samadapt_bottleneck")
-        if slot is not None and name in slot:
-            del slot[name]
-            if len(slot) == 0:
-                slot.remove_hooks()
-                del blk.samadapt_bottleneck
+        remove_from_slot(sam.image_encoder.blocks[i], "samadapt_bottleneck", name)
 
 
 register_kind(KindSpec("bottleneck", BottleneckConfig, inject, remove))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..parts import remove_from_slot
 
 
 @dataclass
@@ -154,13 +155,7 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
 
 def remove(sam: nn.Module, name: str, state, handle=None) -> None:
     """Undo `inject`; the last generator out takes the slot and its hooks with it."""
-    enc = sam.image_encoder
-    slot = enc._modules.get("samadapt_sam_adapter")
-    if slot is not None and name in slot:
-        del slot[name]
-        if len(slot) == 0:
-            slot.remove_hooks()
-            del enc.samadapt_sam_adapter
+    remove_from_slot(sam.image_encoder, "samadapt_sam_adapter", name)
 
 
 register_kind(KindSpec("sam_adapter", SamAdapterConfig, inject, remove))

@@ -62,13 +62,7 @@ def inject(sam, cfg, name, state, init=True):
 
 def remove(sam, name, state, handle):
     for i in handle:
-        blk = sam.image_encoder.blocks[i]
-        slot = blk._modules.get("samadapt_scale")
-        if slot is not None and name in slot:
-            del slot[name]
-            if len(slot) == 0:
-                slot.remove_hooks()
-                del blk.samadapt_scale
+        adapters.remove_from_slot(sam.image_encoder.blocks[i], "samadapt_scale", name)
 
 
 SPEC = adapters.register_kind(adapters.KindSpec("scale", ScaleConfig, inject, remove))
