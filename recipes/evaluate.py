@@ -171,7 +171,8 @@ def run_eval(args) -> int:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .data.pipeline import IndexedDataset, build_datasets, collate_with_index
+    from .data import collate_batch
+    from .data.pipeline import IndexedDataset, build_datasets
 
     cfg = load_recipe(args.recipe, args.set)
     sam = load_base(args.base, cfg["base"]["image_size"]) if args.base else build_core(cfg)
@@ -182,7 +183,7 @@ def run_eval(args) -> int:
         # evaluate with the prompts the adapter was trained with
         cfg["prompts"]["mode"] = meta.get("prompt_mode", cfg["prompts"]["mode"]) or "none"
     _, eval_ds = build_datasets(cfg, sam.image_size, args.data)
-    loader = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], collate_fn=collate_with_index)
+    loader = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], collate_fn=collate_batch)
     accelerator = Accelerator()
     loader = accelerator.prepare(loader)
     out: Dict[str, Any] = {"images": len(eval_ds)}

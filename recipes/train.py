@@ -34,7 +34,8 @@ from .checkpointing import (
     run_lock,
     save_checkpoint,
 )
-from .data.pipeline import IndexedDataset, build_datasets, collate_with_index
+from .data import collate_batch
+from .data.pipeline import IndexedDataset, build_datasets
 from .data.prompts import PromptSampler
 from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
@@ -221,10 +222,10 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
     bs = t["batch_size"]
     sampler = EpochSampler(len(train_ds), t["seed"])
-    train_dl = DataLoader(IndexedDataset(train_ds), batch_size=bs, sampler=sampler, collate_fn=collate_with_index,
+    train_dl = DataLoader(IndexedDataset(train_ds), batch_size=bs, sampler=sampler, collate_fn=collate_batch,
                           num_workers=cfg["data"]["num_workers"], drop_last=len(train_ds) >= bs)
     eval_dl = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], shuffle=False,
-                         collate_fn=collate_with_index, num_workers=cfg["data"]["num_workers"])
+                         collate_fn=collate_batch, num_workers=cfg["data"]["num_workers"])
     steps_per_epoch = max(1, math.ceil(len(train_dl) / accelerator.num_processes / t["grad_accum"]))
     total_steps = t["max_steps"] or steps_per_epoch * t["epochs"]
     epochs = math.ceil(total_steps / steps_per_epoch)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RecipeError
+from .datasets import sam_resize_pad
 
 
 class AugmentedItems(Dataset):
@@ -22,10 +23,7 @@ class AugmentedItems(Dataset):
     """
 
     def __init__(self, base, aug, image_size: int, seed: int) -> None:
-        from . import sam_resize_pad
-
         self.base, self.aug, self.image_size, self.seed, self.epoch = base, aug, image_size, seed, 0
-        self._resize = sam_resize_pad
 
     def __len__(self):
         return len(self.base)
@@ -36,7 +34,7 @@ class AugmentedItems(Dataset):
         if self.aug is not None:
             self.aug.reseed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
             image, mask = self.aug(image, mask)
-        out = dict(self._resize(image, mask, self.image_size))
+        out = dict(sam_resize_pad(image, mask, self.image_size))
         out["name"] = item.get("name", str(i))
         return out
 
@@ -54,13 +52,6 @@ class IndexedDataset(Dataset):
         item = dict(self.ds[i])
         item["index"] = torch.tensor(i)
         return item
-
-
-def collate_with_index(batch):
-    """`data.collate_batch` (the loaders' `collate_fn`; importing data lazily keeps startup light)."""
-    from . import collate_batch
-
-    return collate_batch(batch)
 
 
 def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
