@@ -22,10 +22,7 @@ def tiny_sam_shared():
 @pytest.fixture(scope="session")
 def pretrained_tiny_path():
     """The committed pretrained tiny core (the CLI's default `--base`)."""
-    from pathlib import Path
+    from samadapt.recipes.model import TINY_CORE
 
-    import samadapt.recipes
-
-    path = Path(samadapt.recipes.__path__[0]) / "weights" / "tiny_generic.safetensors"
-    assert path.is_file(), f"the pretrained tiny core is missing: {path}"
-    return path
+    assert TINY_CORE.is_file(), f"the pretrained tiny core is missing: {TINY_CORE}"
+    return TINY_CORE
