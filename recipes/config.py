@@ -63,6 +63,12 @@ SCHEMA: Dict[str, Any] = {
         "n_neg": 0,
         "correction_rounds": 0,  # iterative correction clicks sampled from the previous prediction's errors
         "multimask": False,  # train on the best of 3 masks (ambiguous single-point prompts)
+        # mode none only: this share of batches trains with a box or a click on one object instead, so
+        # prompts keep working under a promptless adapter; the batches come from keep_prompts_data:
+        # "self" (one connected component of the recipe's own masks), a synthetic domain (e.g. objects:
+        # generic scenes, the mask one object) or a folder of generic images with one-object masks
+        "keep_prompts": 0.0,
+        "keep_prompts_data": "self",
     },
     "loss": {name: 0.0 for name in RECIPE_LOSSES},  # weights (losses.RECIPE_LOSSES); 0 disables a term
     "train": {
@@ -277,6 +283,12 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
         if cfg["eval"]["select"] not in METRICS:
             errors.append(f"eval.select={cfg['eval']['select']!r} unknown; choose from {sorted(METRICS)}")
+        kp = cfg["prompts"]["keep_prompts"]
+        if not 0.0 <= kp <= 1.0:
+            errors.append(f"prompts.keep_prompts={kp} must be a share in [0, 1], e.g. 0.5")
+        elif kp > 0 and cfg["prompts"]["mode"] != "none":
+            errors.append("prompts.keep_prompts is for promptless recipes (prompts.mode none); "
+                          "a prompted recipe keeps its prompts already: set it to 0")
         if cfg["train"]["batch_size"] < 1 or cfg["train"]["grad_accum"] < 1:
             errors.append("train.batch_size and train.grad_accum must be >= 1")
     if errors:

@@ -109,9 +109,15 @@ def evaluate(accelerator, sam, loader, cfg: Dict[str, Any],
     return results, kept
 
 
-def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray], adapted: Dict[str, np.ndarray]) -> None:
-    """One PNG per kept sample: image | ground truth | frozen core | adapted, masks in red over the image."""
+def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray],
+                   adapted: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """One PNG per kept sample: image | ground truth | frozen core | adapted, masks in red over the image.
+
+    Returns:
+        Sample name -> the H x W x 3 uint8 row written (TensorBoard logs the same rows).
+    """
     sample_dir.mkdir(parents=True, exist_ok=True)
+    rows: Dict[str, np.ndarray] = {}
     for key, pa in adapted.items():
         item = dataset[int(key)]
         h, w = pa.shape
@@ -129,6 +135,8 @@ def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray], ada
         tiles.append(over(pa > 0.5))
         row = np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
         atomic_write_bytes(sample_dir / f"{item['name']}.png", png_bytes(row))
+        rows[item["name"]] = row
+    return rows
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

@@ -35,8 +35,8 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .data import collate_batch
-from .data.pipeline import IndexedDataset, build_datasets
-from .data.prompts import PromptSampler
+from .data.pipeline import IndexedDataset, build_datasets, build_keep_prompts_data
+from .data.prompts import PromptSampler, one_component
 from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
 from .losses import CombinedLoss, pick_multimask
@@ -166,6 +166,39 @@ def export(run_dir: Path, sam, cfg: Dict[str, Any], fingerprint: str, res: Dict[
                          prompt_mode=cfg["prompts"]["mode"], metrics={"eval": res}, recipe=recipe_config.dump(cfg))
 
 
+def hparams(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The recipe as flat `section/key` hyperparameters for TensorBoard (lists and None as text).
+
+    Example:
+        >>> from samadapt.recipes.config import load_recipe
+        >>> h = hparams(load_recipe("demo"))
+        >>> h["train/lr"], h["adapter/decoder"], h["adapter/kinds"][:22]
+        (0.003, 'full', "[{'kind': 'sam_adapter'")
+    """
+    out: Dict[str, Any] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + "/")
+            elif isinstance(v, (bool, int, float, str)):
+                out[key] = v
+            else:
+                out[key] = str(v)
+
+    walk(cfg, "")
+    return out
+
+
+def log_overlays(accelerator, rows: Dict[str, np.ndarray], step: int) -> None:
+    """The evaluation's overlay rows (image | ground truth | frozen | adapted) as TensorBoard images."""
+    tracker = accelerator.get_tracker("tensorboard", unwrap=False)
+    if hasattr(tracker, "log_images"):
+        tracker.log_images({f"samples/{name}": row[None] for name, row in rows.items()}, step=step,
+                           dataformats="NHWC")
+
+
 # ---------------------------------------------------------------------------- the run
 def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, base: Optional[str] = None,
           resume: bool = False, progress: bool = True, log=print) -> Dict[str, Any]:
@@ -201,6 +234,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     sam = build_core(cfg, base)
     fp32_fingerprint = sam.fingerprint
     train_ds, eval_ds = build_datasets(cfg, sam.image_size, data_root)
+    keep_data = build_keep_prompts_data(cfg, sam.image_size) if cfg["prompts"]["keep_prompts"] > 0 else None
     loss_fn = CombinedLoss({k: v for k, v in cfg["loss"].items() if v > 0})
     check_resume(run_dir, resume)
     mixed_precision = launched_mixed_precision(t["mixed_precision"])
@@ -249,13 +283,13 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
             log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
         metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler,
                            loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress, log,
-                           step, start_epoch, skip, best, total_steps, epochs)
+                           step, start_epoch, skip, best, total_steps, epochs, keep_data)
     return metrics_log
 
 
 def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler, loss_fn, params,
          cfg, run_dir, name, fp32_fingerprint, resume, progress, log, step, start_epoch, skip, best, total_steps,
-         epochs) -> Dict[str, Any]:
+         epochs, keep_data=None) -> Dict[str, Any]:
     """The epochs of `train`, run while the run directory is locked."""
     from tqdm.auto import tqdm
 
@@ -269,12 +303,14 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     if is_main:
         clear_stale_temporaries(run_dir)  # a run killed mid-write leaves only temporary names behind
         atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
-        accelerator.init_trackers("train")
+        accelerator.init_trackers("train", config=hparams(cfg))
 
     p = cfg["prompts"]
     sampler_prompts = PromptSampler(p["mode"], n_pos=p["n_pos"], n_neg=p["n_neg"], box_jitter=p["box_jitter"],
                                     mixed_per="batch") if p["mode"] != "none" else None
     no_prompts = {"point_coords": None, "point_labels": None, "boxes": None}
+    keep_sampler = PromptSampler("mixed", n_pos=1, n_neg=0, box_jitter=p["box_jitter"],
+                                 mixed_per="batch") if p["keep_prompts"] > 0 else None
     rounds = p["correction_rounds"]
     metrics_log: Dict[str, Any] = {"baseline": {}, "adapted": {}, "history": []}
     baseline_kept: Dict[str, np.ndarray] = {}
@@ -308,18 +344,30 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
         for batch in loader:
             with accelerator.accumulate(model):
                 rng = np.random.default_rng([t["seed"], step, batch_i, accelerator.process_index])
-                prompts = no_prompts if sampler_prompts is None else sampler_prompts(
-                    batch["mask"], batch["input_size"], rng=rng)
+                target = batch["mask"]
+                if sampler_prompts is not None:
+                    prompts = sampler_prompts(target, batch["input_size"], rng=rng)
+                elif keep_sampler is not None and rng.random() < p["keep_prompts"]:
+                    if keep_data is not None:  # a prompted batch of the keep_prompts data instead
+                        pick = rng.integers(0, len(keep_data), size=batch["image"].shape[0])
+                        other = collate_batch([keep_data[int(j)] for j in pick])
+                        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in other.items()}
+                        target = batch["mask"]
+                    else:  # one object of this batch's own masks
+                        target = one_component(target, rng)
+                    prompts = keep_sampler(target, batch["input_size"], rng=rng)
+                else:
+                    prompts = no_prompts
                 outs = model(batch["image"], prompts["point_coords"], prompts["point_labels"], prompts["boxes"],
-                             gt=batch["mask"], rounds=rounds, multimask=p["multimask"],
+                             gt=target, rounds=rounds, multimask=p["multimask"],
                              click_seed=hash((t["seed"], step, batch_i)) % (2**31))
                 loss = 0.0
                 for low, iou in outs:
-                    logits = F.interpolate(low.float(), size=batch["mask"].shape[-2:], mode="bilinear",
+                    logits = F.interpolate(low.float(), size=target.shape[-2:], mode="bilinear",
                                            align_corners=False)
                     if logits.shape[1] > 1:  # multimask: each sample trains its best candidate, as SAM does
-                        logits, iou = pick_multimask(logits, iou, batch["mask"], loss_fn)
-                    part, terms = loss_fn(logits, batch["mask"], iou.float().reshape(-1))
+                        logits, iou = pick_multimask(logits, iou, target, loss_fn)
+                    part, terms = loss_fn(logits, target, iou.float().reshape(-1))
                     loss = loss + part
                 loss = loss / len(outs)
                 if not torch.isfinite(loss):
@@ -360,7 +408,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                     best = res[sel]
                     metrics_log["adapted"] = {"eval": res, "epoch": epoch + 1, "step": step}
                     export(run_dir, sam, cfg, fp32_fingerprint, res)
-                write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
+                rows = write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
+                log_overlays(accelerator, rows, step)
                 atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
         accelerator.wait_for_everyone()
         if not done:

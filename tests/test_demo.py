@@ -1,38 +1,103 @@
-"""The embedded default: a camouflage adapter on the frozen pretrained tiny core must beat the frozen
-core on held-out synthetic camouflage images by a wide margin. A wrong loss sign, a frozen adapter
-or an adapter that is never activated would fail this."""
-import json
-
+"""`samadapt demo`'s claims on the committed tiny core: on held-out synthetic camouflage images (1-3
+objects of several sizes, anywhere) the adapted core beats the frozen core, the fixed prior (the mean
+training mask) and the decoder fine-tuned alone, and its masks follow the objects. A wrong loss sign,
+a frozen adapter, an adapter never activated, or one that learnt where objects tend to be instead of
+how to find them fails these bounds."""
+import numpy as np
 import pytest
 
 from samadapt.recipes.config import load_recipe
 from samadapt.recipes.model import TINY_CORE
-from samadapt.recipes.train import train
 
 pytestmark = pytest.mark.skipif(not TINY_CORE.is_file(), reason=f"{TINY_CORE} missing")
 
-# recipes/configs/demo.yaml as it is, on 24 held-out images
-SHORT = ["data.synthetic_eval_size=24", "eval.samples=2"]
+PRIOR_MARGIN = 0.15  # adapted S - fixed prior S
+MIN_IOU = 0.6  # adapted mean IoU
+FOLLOW = 0.15  # |adapted pairwise IoU - ground truth pairwise IoU|
 
 
-def test_adapter_beats_frozen_core_on_camouflage(tmp_path):
-    cfg = load_recipe("demo", SHORT)
-    res = train(cfg, out_dir=str(tmp_path / "run"), progress=False, log=lambda *a: None)
-    frozen = res["baseline"]["eval"]
-    adapted = res["adapted"]["eval"]
-    print("frozen", frozen)
-    print("adapted", adapted)
-    # measured on this machine: S +0.12, E-mean +0.21, weighted F +0.21 (120 steps); an adapter
-    # that never trains scores exactly the frozen core (+0.00), and a flipped loss sign drives it below
-    assert adapted["s_measure"] - frozen["s_measure"] >= 0.08, (frozen, adapted)
-    assert adapted["e_measure_mean"] - frozen["e_measure_mean"] >= 0.15, (frozen, adapted)
-    assert adapted["weighted_f"] - frozen["weighted_f"] >= 0.15, (frozen, adapted)
-    # the exported file carries the same metrics and the resolved recipe
+def demo(tmp_path, overrides=()):
+    from samadapt.recipes.demo import demo_rows, follow_limit
+
+    cfg = load_recipe("demo", list(overrides))
+    rows = demo_rows(cfg, tmp_path / "run")
+    summary = {k: dict(r["metrics"], follow=r["follow"]) for k, r in rows.items()}
+    print(overrides, {k: {m: round(v, 3) for m, v in r.items()} for k, r in summary.items()},
+          "gt follow", round(follow_limit(rows), 3))
+    return cfg, rows, summary
+
+
+def check_bounds(rows, summary):
+    from samadapt.recipes.demo import follow_limit
+
+    a, prior = summary["adapted"], summary["prior"]
+    assert a["s_measure"] - prior["s_measure"] >= PRIOR_MARGIN, summary
+    assert a["iou"] >= MIN_IOU, summary
+    assert abs(a["follow"] - follow_limit(rows)) <= FOLLOW, (summary, follow_limit(rows))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    return demo(tmp_path_factory.mktemp("demo"))
+
+
+def test_demo_bounds(demo_run, tmp_path):
+    """The demo's printed bounds, on the recipe as it ships (the README quotes a run of it)."""
+    cfg, rows, summary = demo_run
+    check_bounds(rows, summary)
+    # the baselines are what they claim: the frozen core finds nothing promptless, the prior is one
+    # map for every image, and the decoder alone does not get there
+    assert summary["frozen"]["iou"] < 0.1 and summary["prior"]["follow"] == 1.0
+    assert summary["adapted"]["s_measure"] > summary["decoder-only"]["s_measure"] + 0.1, summary
+    assert rows["adapted"]["params"] > rows["decoder-only"]["params"] > 0
+
+
+def test_demo_exports_what_it_scored(demo_run):
+    """The adapter file carries the run's own metrics and recipe, and loading it on a fresh core
+    gives back the probability maps the demo scored."""
     from samadapt import adapters
-    info = adapters.inspect(tmp_path / "run" / "adapter.safetensors")
-    assert info["metrics"]["eval"]["s_measure"] == pytest.approx(adapted["s_measure"])
-    assert "camouflage" in info["recipe"]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"]["eval"] == frozen
+    from samadapt.recipes.compare import predict_eval
+    from samadapt.recipes.data.pipeline import build_datasets
+    from samadapt.sam_core import load_sam
+
+    cfg, rows, summary = demo_run
+    path = rows["adapted"]["file"]
+    info = adapters.inspect(path)
+    assert "camouflage" in info["recipe"] and info["metrics"]["eval"]["iou"] == pytest.approx(
+        summary["adapted"]["iou"], abs=0.02)
+    sam = load_sam(TINY_CORE)
+    name = adapters.load(sam, path)
+    _, eval_ds = build_datasets(cfg, sam.image_size)
+    again = predict_eval(sam, eval_ds, cfg, name)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(again, rows["adapted"]["probs"])) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_demo_bounds_hold_for_other_seeds(tmp_path, seed):
+    """Not on a knife edge: other seeds (other training and held-out images, other initialisation of
+    the adapter) meet the same bounds."""
+    _, rows, summary = demo(tmp_path, [f"train.seed={seed}"])
+    check_bounds(rows, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_demo_beats_the_prior_at_half_and_double_the_learning_rate(tmp_path, factor):
+    lr = load_recipe("demo")["train"]["lr"] * factor
+    _, rows, summary = demo(tmp_path, [f"train.lr={lr}"])
+    assert summary["adapted"]["s_measure"] > summary["prior"]["s_measure"] + 0.05, summary
+    assert summary["adapted"]["iou"] > summary["prior"]["iou"] + 0.2, summary
+
+
+@pytest.mark.slow
+def test_demo_is_reproducible(demo_run, tmp_path):
+    """A second run on the same machine gives the same numbers as the module's first."""
+    _, _, first = demo_run
+    _, _, second = demo(tmp_path)
+    for row in first:
+        for m, v in first[row].items():
+            assert second[row][m] == pytest.approx(v, abs=1e-6), (row, m)
 
 
 def test_pretrained_tiny_core_follows_prompts():
@@ -49,7 +114,7 @@ def test_pretrained_tiny_core_follows_prompts():
     torch.manual_seed(0)
     pred = SamPredictor(load_sam(TINY_CORE))
     box_iou, click_iou, click_mm_iou, taken = [], [], [], []
-    for i in range(24):
+    for i in range(48):
         img, m = make_sample("objects", np.random.default_rng([4242, i]), 256)
         _, union = _generic(np.random.default_rng([4242, i]), 256)  # the same scene's objects, all of them
         others = union & ~m
@@ -72,8 +137,8 @@ def test_pretrained_tiny_core_follows_prompts():
         f"box IoU {np.mean(box_iou):.3f}, click IoU {np.mean(click_iou):.3f} (best-scored of 3: "
         f"{np.mean(click_mm_iou):.3f}), share of the other objects a click takes {np.mean(taken):.3f} (n={len(taken)})"
     )
-    # measured with the committed core: box 0.825, click 0.756 (best of 3: 0.764), others taken 0.118; the
-    # previous core, trained on union masks, fails this (on 60 other scenes a click took 0.92-0.97 of the
-    # other objects, and its best of 3 scored 0.14)
-    assert np.mean(box_iou) >= 0.7 and np.mean(click_iou) >= 0.6 and np.mean(click_mm_iou) >= 0.6
-    assert np.mean(taken) <= 0.3
+    # measured with the committed core (48 scenes): box {BOX}, click {CLICK} (best of 3: {MM}), others taken
+    # {TAKEN}; a core trained on union masks fails this (a click took 0.92-0.97 of the other objects, and
+    # its best of 3 scored 0.14)
+    assert np.mean(box_iou) >= 0.78 and np.mean(click_iou) >= 0.75 and np.mean(click_mm_iou) >= 0.75
+    assert np.mean(taken) <= 0.1

@@ -231,3 +231,38 @@ def test_sampler_errors():
         PromptSampler("mixed", box_prob=2)
     with pytest.raises(ValueError, match="B x H x W"):
         PromptSampler("box")(torch.zeros(32, 32))
+
+
+def test_one_component_picks_one_object_of_a_union_mask():
+    import torch
+
+    from samadapt.recipes.data.prompts import one_component
+
+    m = torch.zeros(3, 1, 32, 32)
+    m[0, 0, 2:10, 2:10] = 1  # two objects
+    m[0, 0, 20:30, 18:28] = 1
+    m[1, 0, 5:7, 5:7] = 1  # one object smaller than min_pixels: kept (the largest there is)
+    seen = set()
+    for seed in range(12):
+        out = one_component(m, rng=seed)
+        assert out.shape == m.shape and out.dtype == m.dtype
+        assert bool((out <= m).all())  # never outside the mask
+        assert int(out[0].sum()) in (64, 100)  # exactly one whole object
+        seen.add(int(out[0].sum()))
+        assert int(out[1].sum()) == 4 and int(out[2].sum()) == 0  # empty stays empty
+    assert seen == {64, 100}  # either object can be chosen
+
+
+def test_keep_prompts_recipe_checks():
+    from samadapt.recipes.config import load_recipe
+    from samadapt.recipes.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"keep_prompts=1.5 must be a share in \[0, 1\]"):
+        load_recipe("demo", ["prompts.keep_prompts=1.5"])
+    with pytest.raises(RecipeError, match="for promptless recipes"):
+        load_recipe("demo", ["prompts.keep_prompts=0.5", "prompts.mode=box"])
+    cfg = load_recipe("demo", ["prompts.keep_prompts=0.5", "prompts.keep_prompts_data=/no/such/folder"])
+    from samadapt.recipes.data.pipeline import build_keep_prompts_data
+
+    with pytest.raises(RecipeError, match="neither 'self', a synthetic domain"):
+        build_keep_prompts_data(cfg, 64)

@@ -412,3 +412,58 @@ def test_version_prints_the_installed_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == f"samadapt {version('samadapt')}\n"
+
+
+def test_tensorboard_gets_overlays_and_hparams(tmp_path):
+    """Next to the scalars, TensorBoard shows each evaluation's overlays (image | ground truth | frozen |
+    adapted, the same rows as samples/*.png) and the recipe as hyperparameters."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_recipe("demo", SMALL + ["train.epochs=1", "eval.samples=2"])
+    _quiet_train(cfg, tmp_path / "run")
+    images, hparams = {}, {}
+    for events in sorted(Path(tmp_path / "run", "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("images", []):
+            images[tag] = acc.Images(tag)
+        try:
+            hparams.update(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this events file holds no hyperparameters
+            pass
+    pngs = sorted((tmp_path / "run" / "samples").rglob("*.png"))
+    assert len(pngs) == 2 and len(images) == 2, (pngs, list(images))
+    for png in pngs:
+        ev = images[f"samples/{png.stem}"][-1]
+        assert (ev.width, ev.height) == Image.open(png).size  # the same overlay row
+    assert "_hparams_/session_start_info" in hparams, hparams
+    logged = (tmp_path / "run" / "logs").rglob("hparams.yml")
+    import yaml
+
+    values = yaml.safe_load(next(iter(logged)).read_text())
+    assert values["train/lr"] == cfg["train"]["lr"] and values["adapter/decoder"] == cfg["adapter"]["decoder"]
+
+
+@pytest.mark.parametrize("source", ["self", "objects"])
+def test_keep_prompts_mixes_prompted_batches_into_promptless_training(tmp_path, monkeypatch, source):
+    """`prompts.keep_prompts` turns that share of a promptless recipe's batches into prompted ones: a box
+    or a click on one object, of the recipe's own masks (`self`) or of another dataset (`objects`)."""
+    from samadapt.recipes import model as model_mod
+
+    seen = []
+    orig = model_mod.TrainStep.forward
+
+    def spy(self, images, point_coords=None, point_labels=None, boxes=None, gt=None, **kw):
+        seen.append((point_coords is not None or boxes is not None, float(images.float().std())))
+        return orig(self, images, point_coords, point_labels, boxes, gt=gt, **kw)
+
+    monkeypatch.setattr(model_mod.TrainStep, "forward", spy)
+    cfg = load_recipe("demo", SMALL + ["train.epochs=4", "prompts.keep_prompts=0.5",
+                                       f"prompts.keep_prompts_data={source}"])
+    _quiet_train(cfg, tmp_path / "run")
+    prompted = [s for p, s in seen if p]
+    plain = [s for p, s in seen if not p]
+    assert len(seen) == 16 and 0 < len(prompted) < len(seen), seen
+    if source == "objects":  # the high-contrast generic scenes, not the camouflage images
+        assert min(prompted) > max(plain), seen

@@ -87,7 +87,9 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
         eval_raw = FolderDataset(root, split=d["eval_split"], **common)
     elif d["synthetic"]:
         s = d["synthetic_image_size"]
-        train_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_train_size"], image_size=s, seed=seed)
+        # the training images are read again every epoch: keep up to 512 MB of them
+        train_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_train_size"], image_size=s, seed=seed,
+                                     cache_mb=512)
         eval_raw = SyntheticDataset(d["synthetic"], size=d["synthetic_eval_size"], image_size=s, seed=seed + 10_000)
     else:
         raise RecipeError("no data: pass --data DIR, set data.root, or set data.synthetic to a synthetic domain")
@@ -95,3 +97,34 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
     if cfg["augment"]["enabled"]:
         aug = build_augmentation(domain if domain in DOMAINS else "generic", image_size, train=True)
     return AugmentedItems(train_raw, aug, image_size, seed), AugmentedItems(eval_raw, None, image_size, seed)
+
+
+def build_keep_prompts_data(cfg: Dict[str, Any], image_size: int):
+    """The SAM-ready items of `prompts.keep_prompts_data` (None for `"self"`): a synthetic domain
+    (as many images as the training set, their own seed) or a folder (every image in it).
+
+    Example:
+        >>> from samadapt.recipes.config import load_recipe
+        >>> cfg = load_recipe("demo", ["prompts.keep_prompts=0.5", "prompts.keep_prompts_data=objects",
+        ...                            "data.synthetic_train_size=3"])
+        >>> len(build_keep_prompts_data(cfg, 64))
+        3
+    """
+    from . import FolderDataset, SyntheticDataset
+    from .synthetic import SYNTHETIC_DOMAINS
+
+    src = cfg["prompts"]["keep_prompts_data"]
+    d, seed = cfg["data"], cfg["train"]["seed"]
+    if src == "self":
+        return None
+    if src in SYNTHETIC_DOMAINS:
+        raw = SyntheticDataset(src, size=d["synthetic_train_size"], image_size=d["synthetic_image_size"],
+                               seed=seed + 20_000, cache_mb=256)
+    else:
+        from pathlib import Path
+
+        if not Path(src).is_dir():
+            raise RecipeError(f"prompts.keep_prompts_data={src!r} is neither 'self', a synthetic domain "
+                              f"{list(SYNTHETIC_DOMAINS)} nor a folder; pass a folder of images/ and masks/")
+        raw = FolderDataset(src, split="all", layout="auto", strict=d["strict"], seed=seed)
+    return AugmentedItems(raw, None, image_size, seed)

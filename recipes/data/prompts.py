@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "PROMPT_MODES",
+    "one_component",
     "box_from_mask",
     "sample_points",
     "correction_click",
@@ -382,6 +383,43 @@ def _check_count(spec: Any, name: str) -> None:
         ok = isinstance(spec, (int, np.integer)) and not isinstance(spec, bool) and spec >= 0
     if not ok:
         raise ValueError(f"{name}={spec!r} must be a non-negative int or an inclusive range (lo, hi) with lo <= hi")
+
+
+def one_component(masks: torch.Tensor, rng: RngLike = None, min_pixels: int = 16) -> torch.Tensor:
+    """Each item's mask cut down to one of its connected components, chosen at random among those
+    of at least `min_pixels` pixels (the largest when none is that big; an empty mask stays empty).
+
+    A union mask of several objects has no single object a box or click could point at; one
+    component is one object, so prompted batches can be cut from promptless data.
+
+    Args:
+        masks: (B, 1, H, W) binary tensor.
+        rng: numpy Generator or seed.
+        min_pixels: the smallest component that may be chosen.
+
+    Returns:
+        A (B, 1, H, W) tensor of the same dtype and device.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 12, 12); m[0, 0, 1:5, 1:5] = 1; m[0, 0, 7:11, 7:11] = 1
+        >>> one = one_component(m, rng=0)
+        >>> int(one.sum()), bool((one <= m).all())
+        (16, True)
+    """
+    import cv2
+
+    g = _as_rng(rng)
+    out = torch.zeros_like(masks)
+    for i in range(masks.shape[0]):
+        m = (masks[i, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        if n <= 1:
+            continue
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        big = np.flatnonzero(areas >= min_pixels)
+        k = int(g.choice(big)) if len(big) else int(areas.argmax())
+        out[i, 0] = torch.from_numpy(labels == k + 1).to(masks.device, masks.dtype)
+    return out
 
 
 class PromptSampler:

@@ -11,20 +11,26 @@ Domains (each returns an RGB uint8 image and a non-empty bool mask):
   the parts that objects drawn later cover are not in it, and an object mostly covered gives way
   to the top one): a box or a click on it must select that object and not its neighbours, as
   SAM's prompts do. The tiny core is pretrained on it.
-* `camouflage` -- one blob whose texture comes from the *same* process as
-  the background (a noise-warped sinusoidal grating mixed with fractal noise,
-  coloured by one two-colour palette).  The only cues are a rotated grating
-  (30-60 deg), a changed grating frequency (x0.7-0.85 or x1.2-1.4) and a hue
-  offset of 3-8 deg; mean colours inside and outside the object are nearly
-  equal, so colour/contrast cues learnt on `generic` do not help.
-* `shadow` -- a textured ground with an occluder, a cast shadow (darkened by
-  35-60 %, red reduced more than blue, soft Gaussian edge) and sometimes a dark
-  but un-shadowed patch with hard edges and no blue shift as a distractor.
-  The mask is the shadow (soft alpha > 0.5).
-* `polyp` -- pinkish-red tissue with illumination falloff, vignetting and
-  thin vessels, and a rounded bulging blob (dome shading, slightly different
-  tint, darker base rim) with specular highlights; highlights also appear on
-  the tissue so they are not a shortcut.  The mask is the blob.
+
+The three adaptation domains place their objects with `_layout`: 1 to 3 per image, radii spread
+over a range of sizes, centres uniform over the whole image (objects touch or cross the border as
+often as anywhere else), so the mean mask is nearly flat and a location prior cannot solve them.
+
+* `camouflage` -- 1 to 3 blobs whose texture comes from the *same* process as the
+  background (a noise-warped sinusoidal grating mixed with fractal noise, coloured by one
+  two-colour palette). The only cues are a rotated grating (45-90 deg), a changed grating
+  frequency (x0.65-0.8 or x1.25-1.5) and a hue offset of 3-8 deg; mean colours inside and outside
+  the objects are nearly equal, so colour/contrast cues learnt on `generic` do not help. The mask
+  is the union of the objects (promptless, as the camouflage benchmarks score).
+* `shadow` -- a textured ground with 1 to 3 occluders, each casting a shadow away from one light
+  (darkened by 35-60 %, red reduced more than blue, soft Gaussian edge), and 0 to 2 dark but
+  un-shadowed patches with hard edges and no blue shift as distractors. The mask is the union of
+  the shadows (soft alpha > 0.5) less the occluders; shadow detection scores it with BER.
+* `polyp` -- pinkish-red tissue with illumination falloff, vignetting and thin vessels, and 1 to
+  3 rounded bulging polyps (dome shading, slightly different tint, a fine granular texture the
+  tissue lacks, a darker base rim) with specular highlights; highlights also appear on the tissue
+  so they are not a shortcut. The mask is **one** polyp (less what polyps drawn later cover), the
+  one a box or point prompt points at.
 
 Item `i` of `SyntheticDataset` depends only on `(seed, i)` (via
 `np.random.default_rng([seed, i])`).
@@ -34,7 +40,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -230,6 +236,29 @@ def _camo_texture(rng: np.random.Generator, s: int, freq: float, theta: float,
     return np.clip(0.5 + 0.3 * g + 0.12 * n, 0.0, 1.0)
 
 
+@lru_cache(maxsize=8)
+def _vignette(s: int) -> np.ndarray:
+    """Circular endoscope field of view (1 inside, 0 in the corners), cached per size."""
+    x, y = _coords(s, s)
+    v = np.clip((0.62 * s - np.sqrt((x - s / 2) ** 2 + (y - s / 2) ** 2)) / (0.08 * s), 0, 1)[..., None]
+    v.setflags(write=False)
+    return v
+
+
+def _layout(rng: np.random.Generator, s: int, r_lo: float, r_hi: float) -> List[Tuple[float, float, float]]:
+    """Where a scene's objects go: 1 object (half of the scenes), 2 (30 %) or 3 (20 %), each a
+    `(cx, cy, r)` with the radius log-uniform in `[r_lo, r_hi] * s` (several sizes) and the centre
+    uniform over the whole image less 0.4 r, so that objects touch or cross the border as often as
+    anywhere else: no place and no size is typical, and a location prior cannot solve the domain."""
+    n = 1 + int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+    out = []
+    for _ in range(n):
+        r = s * math.exp(rng.uniform(math.log(r_lo), math.log(r_hi)))
+        m = min(0.4 * r, s / 2 - 1)
+        out.append((float(rng.uniform(m, s - m)), float(rng.uniform(m, s - m)), r))
+    return out
+
+
 def _camouflage(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
     hue = rng.uniform(15, 130)  # earthy to foliage tones
     sat = rng.uniform(0.3, 0.6)
@@ -241,20 +270,20 @@ def _camouflage(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarra
         return _hsv(h, sat, dark_v), _hsv(h + 10.0, sat * 0.8, light_v)
 
     img = _lerp(*palette(hue), _camo_texture(rng, s, freq, theta))
-
-    dtheta = rng.uniform(np.pi / 6, np.pi / 3) * rng.choice([-1.0, 1.0])
-    fscale = rng.uniform(1.2, 1.4) if rng.random() < 0.5 else rng.uniform(0.7, 0.85)
-    dhue = rng.uniform(3.0, 8.0) * rng.choice([-1.0, 1.0])
-    r = s * rng.uniform(0.15, 0.28)
-    cx, cy = rng.uniform(r * 1.1, s - r * 1.1), rng.uniform(r * 1.1, s - r * 1.1)
-    mask = _ensure_nonempty(
-        _blob(rng, s, s, cx, cy, r, irregular=0.5, aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi)), s, s
-    )
-    sy, sx = _bbox(mask, 3)
-    obj = _lerp(*palette(hue + dhue), _camo_texture(rng, s, freq * fscale, theta + dtheta, sy, sx))
-    a = _soft(mask[sy, sx], 0.8)[..., None]
-    img[sy, sx] = img[sy, sx] * (1 - a) + obj * a
-    return _finish(img, rng, 2.5), mask
+    mask = np.zeros((s, s), bool)
+    for cx, cy, r in _layout(rng, s, 0.08, 0.24):
+        dtheta = rng.uniform(np.pi / 4, np.pi / 2) * rng.choice([-1.0, 1.0])
+        fscale = rng.uniform(1.25, 1.5) if rng.random() < 0.5 else rng.uniform(0.65, 0.8)
+        dhue = rng.uniform(3.0, 8.0) * rng.choice([-1.0, 1.0])
+        shape = _blob(rng, s, s, cx, cy, r, irregular=0.5, aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi))
+        if not shape.any():
+            continue
+        sy, sx = _bbox(shape, 3)
+        obj = _lerp(*palette(hue + dhue), _camo_texture(rng, s, freq * fscale, theta + dtheta, sy, sx))
+        a = _soft(shape[sy, sx], 0.8)[..., None]
+        img[sy, sx] = img[sy, sx] * (1 - a) + obj * a
+        mask |= shape
+    return _finish(img, rng, 2.5), _ensure_nonempty(mask, s, s)
 
 
 def _shadow(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -264,53 +293,44 @@ def _shadow(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
     t = np.clip(0.5 + 0.22 * _fbm(rng, s, s, s / rng.uniform(4, 12), octaves=4), 0, 1)
     img = _lerp(c0, c1, t)
 
-    # dark but lit distractor: hard edge, no blue shift
-    if rng.random() < 0.5:
-        r = s * rng.uniform(0.08, 0.16)
-        d = _polygon(rng, s, s, rng.uniform(r, s - r), rng.uniform(r, s - r), r)
+    # dark but lit distractors: hard edges, no blue shift (0 to 2 of them)
+    for _ in range(int(rng.choice(3, p=[0.4, 0.4, 0.2]))):
+        r = s * rng.uniform(0.06, 0.16)
+        d = _polygon(rng, s, s, rng.uniform(0, s), rng.uniform(0, s), r)
         if d.any():
             dcol = _hsv(rng.uniform(0, 50), rng.uniform(0.2, 0.5), rng.uniform(0.2, 0.35))
             dy, dx = _bbox(d, 0)
             region = img[dy, dx]
             region[d[dy, dx]] = (dcol * (0.9 + 0.1 * t[dy, dx])[..., None])[d[dy, dx]]
 
-    # occluder + its cast shadow, elongated away from it
+    # occluders and their cast shadows, all cast away from one light
     ang = rng.uniform(0, 2 * np.pi)
-    length = s * rng.uniform(0.25, 0.45)
-    width = s * rng.uniform(0.08, 0.16)
-    ox, oy = rng.uniform(0.25 * s, 0.75 * s), rng.uniform(0.25 * s, 0.75 * s)
-    sx_, sy_ = ox + 0.5 * length * math.cos(ang), oy + 0.5 * length * math.sin(ang)
-    shadow = _blob(rng, s, s, sx_, sy_, width, irregular=0.35, aspect=length / (2 * width), angle=ang)
-    if rng.random() < 0.35:  # a second, separate shadow (e.g. of an object outside the frame)
-        r2 = s * rng.uniform(0.08, 0.15)
-        shadow = shadow | _blob(rng, s, s, rng.uniform(r2, s - r2), rng.uniform(r2, s - r2), r2, irregular=0.5)
-    shadow = _ensure_nonempty(shadow, s, s)
+    dark = rng.uniform(0.4, 0.65)
+    tint = np.array([dark * 0.85, dark * 0.93, min(1.0, dark * 1.1)], np.float32)
     sigma = rng.uniform(1.0, 3.0) * s / 256.0 + 0.5
+    shadow = np.zeros((s, s), bool)
+    occluders = []
+    for ox, oy, r in _layout(rng, s, 0.05, 0.18):
+        length, width = r * rng.uniform(2.0, 3.0), r * rng.uniform(0.6, 1.0)
+        a = ang + rng.uniform(-0.15, 0.15)
+        cx, cy = ox + 0.5 * length * math.cos(a), oy + 0.5 * length * math.sin(a)
+        shadow |= _blob(rng, s, s, cx, cy, width, irregular=0.35, aspect=length / (2 * width), angle=a)
+        occluders.append((ox, oy, r * rng.uniform(0.35, 0.6)))
+    shadow = _ensure_nonempty(shadow, s, s)
     by, bx = _bbox(shadow, int(3 * sigma) + 2)
     alpha = _soft(shadow[by, bx], sigma)
     sub = alpha > 0.5
     alpha = np.where(sub, np.maximum(alpha, 0.5), np.minimum(alpha, 0.5))
-    dark = rng.uniform(0.4, 0.65)
-    tint = np.array([dark * 0.85, dark * 0.93, min(1.0, dark * 1.1)], np.float32)
     img[by, bx] = img[by, bx] * (1 - alpha[..., None] * (1 - tint))
     mask = np.zeros((s, s), bool)
     mask[by, bx] = sub
 
-    # occluder drawn last (it is lit and sits on top of its shadow's start)
-    occ = _ellipse(rng, s, s, ox, oy, s * rng.uniform(0.05, 0.1))
-    ocol = _hsv(rng.uniform(0, 360), rng.uniform(0.4, 0.9), rng.uniform(0.6, 0.95))
-    img[occ] = ocol
-    mask &= ~occ
+    # occluders drawn last (lit, on top of where their shadows start)
+    for ox, oy, r in occluders:
+        occ = _ellipse(rng, s, s, ox, oy, r)
+        img[occ] = _hsv(rng.uniform(0, 360), rng.uniform(0.4, 0.9), rng.uniform(0.6, 0.95))
+        mask &= ~occ
     return _finish(img, rng, 2.0), _ensure_nonempty(mask, s, s)
-
-
-@lru_cache(maxsize=8)
-def _vignette(s: int) -> np.ndarray:
-    """Circular endoscope field of view (1 inside, 0 in the corners), cached per size."""
-    x, y = _coords(s, s)
-    v = np.clip((0.62 * s - np.sqrt((x - s / 2) ** 2 + (y - s / 2) ** 2)) / (0.08 * s), 0, 1)[..., None]
-    v.setflags(write=False)
-    return v
 
 
 def _polyp(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -332,43 +352,51 @@ def _polyp(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
     img = tissue * light[..., None]
     img *= 1 - 0.35 * vs[..., None] * np.array([0.4, 1.0, 0.9], np.float32)
 
-    r = s * rng.uniform(0.12, 0.28)
-    cx, cy = rng.uniform(r * 1.1, s - r * 1.1), rng.uniform(r * 1.1, s - r * 1.1)
-    mask = _ensure_nonempty(
-        _blob(rng, s, s, cx, cy, r, irregular=0.3, aspect=rng.uniform(0.75, 1.3), angle=rng.uniform(0, np.pi)), s, s
-    )
     sig_rim = 1.5 * s / 256.0 + 0.5
-    by, bx = _bbox(mask, int(3 * sig_rim) + 3)
-    m = mask[by, bx]
-    dist = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 3)
-    dome = np.sqrt(dist / max(float(dist.max()), 1e-6))
-    pcol = _hsv(hue + rng.uniform(-6, 6), rng.uniform(0.35, 0.7), rng.uniform(0.7, 0.95))
-    ldir = rng.uniform(0, 2 * np.pi)
-    grad = ((x[by, bx] - cx) * math.cos(ldir) + (y[by, bx] - cy) * math.sin(ldir)) / max(r, 1.0)
-    polyp = pcol * ((0.7 + 0.4 * dome - 0.12 * grad) * light[by, bx])[..., None]
-    rim = _soft(m, sig_rim)
-    rim = np.clip(4 * rim * (1 - rim), 0, 1)[..., None]  # peaks at the boundary
-    a = _soft(m, 0.8)[..., None]
-    img[by, bx] = (img[by, bx] * (1 - a) + polyp * a) * (1 - 0.25 * rim)
-
-    # specular highlights: on the dome top and a few on the tissue
     spec = np.zeros((s, s), np.uint8)
-    ys, xs = np.nonzero(dome > 0.6)
-    for _ in range(int(rng.integers(1, 4))):
-        if len(xs) == 0:
-            break
-        j = int(rng.integers(0, len(xs)))
-        axes = (max(1, int(s * rng.uniform(0.005, 0.02))), max(1, int(s * rng.uniform(0.004, 0.012))))
-        centre = (int(xs[j]) + bx.start, int(ys[j]) + by.start)
-        cv2.ellipse(spec, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    for _ in range(int(rng.integers(1, 6))):
+    shapes = []
+    for cx, cy, r in _layout(rng, s, 0.07, 0.22):
+        shape = _blob(rng, s, s, cx, cy, r, irregular=0.3, aspect=rng.uniform(0.75, 1.3), angle=rng.uniform(0, np.pi))
+        if not shape.any():
+            continue
+        by, bx = _bbox(shape, int(3 * sig_rim) + 3)
+        m = shape[by, bx]
+        dist = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 3)
+        dome = np.sqrt(dist / max(float(dist.max()), 1e-6))
+        pcol = _hsv(hue + rng.uniform(-6, 6), rng.uniform(0.35, 0.7), rng.uniform(0.7, 0.95))
+        ldir = rng.uniform(0, 2 * np.pi)
+        grad = ((x[by, bx] - cx) * math.cos(ldir) + (y[by, bx] - cy) * math.sin(ldir)) / max(r, 1.0)
+        h, w = m.shape
+        pits = _fbm(rng, h, w, max(2.0, s / 80.0), octaves=2)  # the mucosa's fine granular texture
+        polyp = pcol * ((0.7 + 0.4 * dome - 0.12 * grad + 0.04 * pits) * light[by, bx])[..., None]
+        rim = _soft(m, sig_rim)
+        rim = np.clip(4 * rim * (1 - rim), 0, 1)[..., None]  # peaks at the boundary
+        a = _soft(m, 0.8)[..., None]
+        img[by, bx] = (img[by, bx] * (1 - a) + polyp * a) * (1 - 0.25 * rim)
+        ys, xs = np.nonzero(dome > 0.6)  # specular highlights on the dome's top
+        for _ in range(int(rng.integers(1, 3))):
+            if len(xs) == 0:
+                break
+            j = int(rng.integers(0, len(xs)))
+            axes = (max(1, int(s * rng.uniform(0.005, 0.02))), max(1, int(s * rng.uniform(0.004, 0.012))))
+            cv2.ellipse(spec, (int(xs[j]) + bx.start, int(ys[j]) + by.start), axes, float(rng.uniform(0, 180)),
+                        0, 360, 1, -1)
+        shapes.append(shape)
+    for _ in range(int(rng.integers(1, 6))):  # ... and on the tissue, so they are no shortcut
         axes = (max(1, int(s * rng.uniform(0.004, 0.015))), max(1, int(s * rng.uniform(0.003, 0.01))))
         centre = (int(rng.uniform(0, s)), int(rng.uniform(0, s)))
         cv2.ellipse(spec, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
     sp = cv2.GaussianBlur(spec.astype(np.float32), (0, 0), 0.8)[..., None]
     img += sp * (np.float32(250.0) - img)
     img *= _vignette(s)
-    return _finish(img, rng, 2.0), mask
+    mask = np.zeros((s, s), bool)
+    if shapes:  # one polyp (the prompt's), less what polyps drawn after it cover
+        k = int(rng.integers(0, len(shapes)))
+        one = shapes[k].copy()
+        for later in shapes[k + 1:]:
+            one &= ~later
+        mask = one if one.sum() >= 0.25 * shapes[k].sum() else shapes[-1]
+    return _finish(img, rng, 2.0), _ensure_nonempty(mask, s, s)
 
 
 _MAKERS: Dict[str, Callable[[np.random.Generator, int], Tuple[np.ndarray, np.ndarray]]] = {
@@ -429,6 +457,8 @@ class SyntheticDataset(Dataset):
         image_size: side of the square samples.
         seed: non-negative int.
         transform: optional `(image, mask) -> (image, mask)`.
+        cache_mb: keep generated samples in memory up to this many MB (0: none), so that later
+            epochs read them back instead of generating them again.
 
     Example:
         >>> ds = SyntheticDataset("camouflage", size=4, image_size=64, seed=1)
@@ -443,6 +473,7 @@ class SyntheticDataset(Dataset):
         image_size: int = 256,
         seed: int = 0,
         transform: Optional[Callable[[np.ndarray, np.ndarray], Tuple[Any, Any]]] = None,
+        cache_mb: float = 0,
     ) -> None:
         self.domain = _check_domain(domain)
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
@@ -455,6 +486,8 @@ class SyntheticDataset(Dataset):
         self.image_size = _check_size(image_size)
         self.seed = int(seed)
         self.transform = transform
+        self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self._cache_left = int(max(0.0, float(cache_mb)) * 2**20)
 
     def __len__(self) -> int:
         return self.size
@@ -471,7 +504,14 @@ class SyntheticDataset(Dataset):
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of {self.size} items")
         index = index % self.size
-        return _MAKERS[self.domain](np.random.default_rng([self.seed, index]), self.image_size)
+        hit = self._cache.get(index)
+        if hit is not None:
+            return hit[0].copy(), hit[1].copy()
+        image, mask = _MAKERS[self.domain](np.random.default_rng([self.seed, index]), self.image_size)
+        if self._cache_left >= image.nbytes + mask.nbytes:
+            self._cache[index] = (image.copy(), mask.copy())
+            self._cache_left -= image.nbytes + mask.nbytes
+        return image, mask
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         image, mask = self.sample(index)
