@@ -76,6 +76,7 @@ def test_method_recipes_validate_and_change_only_their_keys():
                 compare.method_recipe(cfg, method)
             continue
         m = compare.method_recipe(cfg, method)
-        assert m["data"] == cfg["data"] and m["train"]["lr"] == cfg["train"]["lr"]
+        assert m["data"] == cfg["data"] and m["loss"] == cfg["loss"]
+        assert (m["train"]["lr"] == cfg["train"]["lr"]) == (method != "full fine-tune")
         assert m["train"]["full_core"] == (method == "full fine-tune")
     assert compare.method_recipe(cfg, "dora")["adapter"]["kinds"][0]["use_dora"] is True

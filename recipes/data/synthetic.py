@@ -18,8 +18,8 @@ often as anywhere else), so the mean mask is nearly flat and a location prior ca
 
 * `camouflage` -- 1 to 3 blobs whose texture comes from the *same* process as the
   background (a noise-warped sinusoidal grating mixed with fractal noise, coloured by one
-  two-colour palette). The only cues are a rotated grating (45-90 deg), a changed grating
-  frequency (x0.65-0.8 or x1.25-1.5) and a hue offset of 3-8 deg; mean colours inside and outside
+  two-colour palette). The only cues are a rotated grating (60-90 deg), a changed grating
+  frequency (x0.55-0.7 or x1.4-1.7) and a hue offset of 5-10 deg; mean colours inside and outside
   the objects are nearly equal, so colour/contrast cues learnt on `generic` do not help. The mask
   is the union of the objects (promptless, as the camouflage benchmarks score).
 * `shadow` -- a textured ground with 1 to 3 occluders, each casting a shadow away from one light
@@ -272,9 +272,9 @@ def _camouflage(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarra
     img = _lerp(*palette(hue), _camo_texture(rng, s, freq, theta))
     mask = np.zeros((s, s), bool)
     for cx, cy, r in _layout(rng, s, 0.08, 0.24):
-        dtheta = rng.uniform(np.pi / 4, np.pi / 2) * rng.choice([-1.0, 1.0])
-        fscale = rng.uniform(1.25, 1.5) if rng.random() < 0.5 else rng.uniform(0.65, 0.8)
-        dhue = rng.uniform(3.0, 8.0) * rng.choice([-1.0, 1.0])
+        dtheta = rng.uniform(np.pi / 3, np.pi / 2) * rng.choice([-1.0, 1.0])
+        fscale = rng.uniform(1.4, 1.7) if rng.random() < 0.5 else rng.uniform(0.55, 0.7)
+        dhue = rng.uniform(5.0, 10.0) * rng.choice([-1.0, 1.0])
         shape = _blob(rng, s, s, cx, cy, r, irregular=0.5, aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi))
         if not shape.any():
             continue
