@@ -43,7 +43,7 @@ DOMAINS: Dict[str, List[str]] = {
               "prompts.n_pos=1", "loss.iou=0", "loss.dice=1", "eval.select=dice"],
 }
 EXAMPLES = 2  # held-out images per domain in the figure (seed 0)
-PROMPTED = {"polyp"}  # trained with prompts already: "keep prompts" does not apply
+KEEP_PROMPTS = {"camouflage"}  # the "keep prompts" row: the demo's domain (promptless; polyps train prompted)
 
 
 def recipe(domain: str, seed: int, extra: List[str]):
@@ -105,7 +105,6 @@ def figure(rows: List[Dict[str, Any]], domains: List[str], methods: List[str], p
     from samadapt.recipes.data.pipeline import build_datasets
 
     tile, pad = 128, 2
-    cols = 2 + len(methods)
     label_h = 16
     blocks = []
     for d in domains:
@@ -179,13 +178,13 @@ def main() -> int:
     info = machine()
     tasks = [(d, s, m, args.work, 1 if args.jobs > 1 else 2, args.set)
              for d in args.domains for s in args.seeds for m in args.methods
-             if not (m == "combined + keep prompts" and d in PROMPTED)]
+             if m != "combined + keep prompts" or d in KEEP_PROMPTS]
     # the longest first, so two jobs finish together
     tasks.sort(key=lambda t: (METHODS[t[2]] is None, t[2] not in ("full fine-tune", "dora", "combined",
                                                                   "combined + keep prompts")))
     t0 = time.time()
     if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
             rows = pool.map(one, tasks, chunksize=1)
     else:
         rows = [one(t) for t in tasks]

@@ -83,7 +83,7 @@ def fixed_prior(train_raw, image_size: int) -> np.ndarray:
     Example:
         >>> from samadapt.recipes.data import SyntheticDataset
         >>> p = fixed_prior(SyntheticDataset("camouflage", 4, 64), 64)
-        >>> p.shape, 0 <= p.min() <= p.max() <= 1
+        >>> p.shape, bool(0 <= p.min() <= p.max() <= 1)
         ((64, 64), True)
     """
     acc = np.zeros((image_size, image_size), np.float64)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .compare import fixed_prior, pairwise_iou, prior_maps, run_method, score
+from .compare import fixed_prior, pairwise_iou, run_method
 from .config import load_recipe
 
 ROWS = (("frozen", "frozen core"), ("prior", "fixed prior"), ("decoder-only", "decoder only"),
@@ -136,5 +136,3 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overrides: Optiona
     print_table(rows, cfg["data"]["synthetic_eval_size"], time.time() - t0, out)
     return 0
 
-
-__all__ = ["demo_rows", "run_demo", "score", "prior_maps"]

@@ -172,7 +172,7 @@ def hparams(cfg: Dict[str, Any]) -> Dict[str, Any]:
     Example:
         >>> from samadapt.recipes.config import load_recipe
         >>> h = hparams(load_recipe("demo"))
-        >>> h["train/lr"], h["adapter/decoder"], h["adapter/kinds"][:22]
+        >>> h["train/lr"], h["adapter/decoder"], h["adapter/kinds"][:23]
         (0.003, 'full', "[{'kind': 'sam_adapter'")
     """
     out: Dict[str, Any] = {}

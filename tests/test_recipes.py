@@ -449,21 +449,35 @@ def test_tensorboard_gets_overlays_and_hparams(tmp_path):
 def test_keep_prompts_mixes_prompted_batches_into_promptless_training(tmp_path, monkeypatch, source):
     """`prompts.keep_prompts` turns that share of a promptless recipe's batches into prompted ones: a box
     or a click on one object, of the recipe's own masks (`self`) or of another dataset (`objects`)."""
+    import torch
+
     from samadapt.recipes import model as model_mod
+    from samadapt.recipes.data.pipeline import build_keep_prompts_data
 
     seen = []
     orig = model_mod.TrainStep.forward
 
     def spy(self, images, point_coords=None, point_labels=None, boxes=None, gt=None, **kw):
-        seen.append((point_coords is not None or boxes is not None, float(images.float().std())))
+        seen.append((point_coords is not None or boxes is not None, images.detach().clone(), gt.detach().clone()))
         return orig(self, images, point_coords, point_labels, boxes, gt=gt, **kw)
 
     monkeypatch.setattr(model_mod.TrainStep, "forward", spy)
     cfg = load_recipe("demo", SMALL + ["train.epochs=4", "prompts.keep_prompts=0.5",
                                        f"prompts.keep_prompts_data={source}"])
     _quiet_train(cfg, tmp_path / "run")
-    prompted = [s for p, s in seen if p]
-    plain = [s for p, s in seen if not p]
-    assert len(seen) == 16 and 0 < len(prompted) < len(seen), seen
-    if source == "objects":  # the high-contrast generic scenes, not the camouflage images
-        assert min(prompted) > max(plain), seen
+    assert len(seen) == 16 and 0 < sum(p for p, _, _ in seen) < 16, [p for p, _, _ in seen]
+    if source == "objects":  # prompted batches are scenes of the keep_prompts data, the others are not
+        keep = build_keep_prompts_data(cfg, 128)
+        pool = [keep[j]["image"].float() for j in range(len(keep))]
+        for prompted, images, _ in seen:
+            hits = [any(torch.equal(img.float(), q) for q in pool) for img in images]
+            assert all(hits) if prompted else not any(hits)
+    else:  # one object of the batch's own masks: a prompted target is one connected component
+        import cv2
+        import numpy as np
+
+        def parts(m):
+            return cv2.connectedComponents((m[0] > 0.5).numpy().astype(np.uint8), connectivity=8)[0] - 1
+
+        assert all(parts(m) <= 1 for p, _, g in seen if p for m in g)
+        assert any(parts(m) > 1 for p, _, g in seen if not p for m in g)  # the recipe's own masks have several

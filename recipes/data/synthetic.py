@@ -249,7 +249,8 @@ def _layout(rng: np.random.Generator, s: int, r_lo: float, r_hi: float) -> List[
     """Where a scene's objects go: 1 object (half of the scenes), 2 (30 %) or 3 (20 %), each a
     `(cx, cy, r)` with the radius log-uniform in `[r_lo, r_hi] * s` (several sizes) and the centre
     uniform over the whole image less 0.4 r, so that objects touch or cross the border as often as
-    anywhere else: no place and no size is typical, and a location prior cannot solve the domain."""
+    anywhere else: no place and no size is typical, and a location prior cannot solve the domain.
+    """
     n = 1 + int(rng.choice(3, p=[0.5, 0.3, 0.2]))
     out = []
     for _ in range(n):
