@@ -61,7 +61,7 @@ def one(task) -> Dict[str, Any]:
     from samadapt.recipes.compare import pairwise_iou, run_method
 
     cfg = recipe(domain, seed, extra)
-    row = run_method(cfg, method, Path(out_root) / f"{domain}_s{seed}", check_prompts=True)
+    row = run_method(cfg, method, Path(out_root) / f"{domain}_s{seed}", check_prompts=True, reuse=True)
     keep = {"domain": domain, "seed": seed, "method": method, "metrics": row["metrics"], "params": row["params"],
             "file_bytes": row["file_bytes"], "train_s": round(row["seconds"], 1),
             "follow": pairwise_iou([p > 0.5 for p in row["probs"]]), "gt_follow": pairwise_iou(row["gts"]),
@@ -94,7 +94,8 @@ def table(rows: List[Dict[str, Any]], domain: str, methods: List[str]) -> str:
         cells.append(f"{rs[0]['params']:,}" if rs[0]["params"] else "-")
         cells.append(f"{rs[0]['file_bytes'] / 1e6:.2f} MB" if rs[0]["file_bytes"] else "-")
         cells.append(f"{np.mean([r['train_s'] for r in rs]):.0f}" if rs[0]["params"] else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        label = m if len(rs) == 3 else f"{m} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -174,18 +175,27 @@ def main() -> int:
     ap.add_argument("--work", default="runs/adaptation_benchmark", help="run directories")
     ap.add_argument("--json", help="write every row (and the machine) here")
     ap.add_argument("--figure", help="write the figure (PNG) here")
+    ap.add_argument("--rows", help="print the tables (and write --figure) from a run's .rows.jsonl; runs nothing")
     args = ap.parse_args()
     info = machine()
     tasks = [(d, s, m, args.work, 1 if args.jobs > 1 else 2, args.set)
              for d in args.domains for s in args.seeds for m in args.methods
              if m != "combined + keep prompts" or d in KEEP_PROMPTS]
-    # the longest first, so two jobs finish together
-    tasks.sort(key=lambda t: (METHODS[t[2]] is None, t[2] not in ("full fine-tune", "dora", "combined",
-                                                                  "combined + keep prompts")))
+    # seed by seed (a run stopped early still has whole seeds), the longest first within one
+    tasks.sort(key=lambda t: (t[1], METHODS[t[2]] is None, t[2] not in ("full fine-tune", "dora", "combined",
+                                                                        "combined + keep prompts")))
     t0 = time.time()
-    if args.jobs > 1:
+    rows: List[Dict[str, Any]] = []
+    partial = Path(args.json + ".rows.jsonl") if args.json else None
+    if args.rows:  # tables and figure from the rows a run wrote, without running anything
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
+    elif args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            rows = pool.map(one, tasks, chunksize=1)
+            for row in pool.imap_unordered(one, tasks, chunksize=1):
+                rows.append(row)
+                if partial:
+                    with partial.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
     else:
         rows = [one(t) for t in tasks]
     wall = time.time() - t0

@@ -5,6 +5,7 @@ mean training mask), the decoder fine-tuned alone, each adapter kind, and the wh
 and seeds. Every row is scored by the same code from probability maps, so the rows compare.
 """
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -188,7 +189,7 @@ def file_tensors(path: Path) -> int:
 
 
 def run_method(cfg: Dict[str, Any], method: str, out_dir: Path, prior: Optional[np.ndarray] = None,
-               log=None, check_prompts: bool = False) -> Dict[str, Any]:
+               log=None, check_prompts: bool = False, reuse: bool = False) -> Dict[str, Any]:
     """Train (if the method trains) and score one row on `cfg`'s held-out images.
 
     Args:
@@ -198,6 +199,8 @@ def run_method(cfg: Dict[str, Any], method: str, out_dir: Path, prior: Optional[
         prior: the fixed prior (computed here from the training masks when None and needed).
         log: where the training's progress lines go (None: nowhere).
         check_prompts: also measure `prompt_following` under the row's model (`row["prompts"]`).
+        reuse: score a finished run already in the method's run directory (its `metrics.json` has
+            the final evaluation) instead of training again; `seconds` is then the one recorded there.
 
     Returns:
         `{"method", "metrics", "probs", "gts", "params", "file_bytes", "seconds", "file"}`; `params`,
@@ -223,13 +226,18 @@ def run_method(cfg: Dict[str, Any], method: str, out_dir: Path, prior: Optional[
         mcfg = copy.deepcopy(cfg) if method == "adapted" else method_recipe(cfg, method)
         mcfg["eval"]["baseline"] = False
         run_dir = Path(out_dir) if method == "adapted" else Path(out_dir) / method.replace(" ", "_")
-        if method != "adapted" and (run_dir / "checkpoints").exists():
-            import shutil
+        done = run_dir / "compare.json"
+        if reuse and done.is_file():
+            row["seconds"] = json.loads(done.read_text())["seconds"]
+        else:
+            if method != "adapted" and (run_dir / "checkpoints").exists():
+                import shutil
 
-            shutil.rmtree(run_dir)  # a fresh run: a comparison never resumes an older one
-        t0 = time.perf_counter()
-        train(mcfg, out_dir=str(run_dir), progress=False, log=log or (lambda *a: None))
-        row["seconds"] = time.perf_counter() - t0
+                shutil.rmtree(run_dir)  # a fresh run: a comparison never resumes an older one
+            t0 = time.perf_counter()
+            train(mcfg, out_dir=str(run_dir), progress=False, log=log or (lambda *a: None))
+            row["seconds"] = time.perf_counter() - t0
+            done.write_text(json.dumps({"seconds": row["seconds"]}))
         if mcfg["train"]["full_core"]:
             from samadapt.sam_core import load_sam
 

@@ -191,6 +191,16 @@ def hparams(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def evaluate_aside(accelerator, sam, eval_dl, cfg: Dict[str, Any], adapter_name: Optional[str]):
+    """`evaluate`, with the random state put back afterwards: iterating a loader draws from torch's
+    generator, so without this the evaluation schedule (`eval.every_epochs`, `eval.baseline`) would
+    change the training's dropout and augmentation draws, and a run stopped at an epoch it evaluated
+    would resume differently from one that ran through."""
+    devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return evaluate(accelerator, sam, eval_dl, cfg, adapter_name)
+
+
 def log_overlays(accelerator, rows: Dict[str, np.ndarray], step: int) -> None:
     """The evaluation's overlay rows (image | ground truth | frozen | adapted) as TensorBoard images."""
     tracker = accelerator.get_tracker("tensorboard", unwrap=False)
@@ -315,7 +325,7 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     metrics_log: Dict[str, Any] = {"baseline": {}, "adapted": {}, "history": []}
     baseline_kept: Dict[str, np.ndarray] = {}
     if cfg["eval"]["baseline"] and not t["full_core"] and not resume:
-        res, baseline_kept = evaluate(accelerator, sam, eval_dl, cfg, None)
+        res, baseline_kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None)
         adapters.activate(sam, name)
         metrics_log["baseline"] = {"eval": res}
         if is_main:
@@ -397,7 +407,7 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
         # -------- evaluation and export at the end of each epoch
         last_epoch = done or epoch == epochs - 1
         if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last_epoch:
-            res, kept = evaluate(accelerator, sam, eval_dl, cfg, None if t["full_core"] else name)
+            res, kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None if t["full_core"] else name)
             model.train()
             if is_main:
                 log(f"epoch {epoch + 1}/{epochs} step {step}: " + format_metrics(res))
