@@ -195,7 +195,8 @@ def evaluate_aside(accelerator, sam, eval_dl, cfg: Dict[str, Any], adapter_name:
     """`evaluate`, with the random state put back afterwards: iterating a loader draws from torch's
     generator, so without this the evaluation schedule (`eval.every_epochs`, `eval.baseline`) would
     change the training's dropout and augmentation draws, and a run stopped at an epoch it evaluated
-    would resume differently from one that ran through."""
+    would resume differently from one that ran through.
+    """
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         return evaluate(accelerator, sam, eval_dl, cfg, adapter_name)
