@@ -44,6 +44,7 @@ def demo_rows(cfg: Dict[str, Any], out: Path, log=None) -> Dict[str, Dict[str, A
     sam = build_core(cfg)
     train_ds, _ = build_datasets(cfg, sam.image_size)
     prior = fixed_prior(train_ds.base, sam.image_size)  # training masks only
+    del train_ds, sam  # their cached images are not needed again (the demo stays under 2 GiB)
     rows: Dict[str, Dict[str, Any]] = {}
     for key, _ in ROWS:
         if key == "adapted":

@@ -194,8 +194,8 @@ def hparams(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def evaluate_aside(accelerator, sam, eval_dl, cfg: Dict[str, Any], adapter_name: Optional[str]):
     """`evaluate`, with the random state put back afterwards: iterating a loader draws from torch's
     generator, so without this the evaluation schedule (`eval.every_epochs`, `eval.baseline`) would
-    change the training's dropout and augmentation draws, and a run stopped at an epoch it evaluated
-    would resume differently from one that ran through.
+    change the training's later draws (dropout), and a run that stopped at an epoch it evaluated would
+    continue differently from one that ran through it without evaluating.
     """
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
