@@ -104,6 +104,7 @@ def figure(rows: List[Dict[str, Any]], domains: List[str], methods: List[str], p
     from PIL import Image, ImageDraw
 
     from samadapt.recipes.data.pipeline import build_datasets
+    from samadapt.recipes.evaluate import overlay, tile_row
 
     tile, pad = 128, 2
     label_h = 16
@@ -117,17 +118,11 @@ def figure(rows: List[Dict[str, Any]], domains: List[str], methods: List[str], p
             img = item["image"][:, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)[::2, ::2]
             gt = item["mask"][0, :h, :w].numpy()[::2, ::2] > 0.5
 
-            def over(m, img=img):
-                o = img.copy()
-                o[m] = (0.45 * o[m] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
-                return o
-
-            tiles = [img, over(gt)]
+            tiles = [img, overlay(img, gt)]
             for m in methods:
                 r = next((r for r in rows if r["domain"] == d and r["seed"] == 0 and r["method"] == m), None)
-                tiles.append(over(np.array(r["examples"][i], bool)) if r else np.full_like(img, 255))
-            blocks.append(np.concatenate([np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
-                                          for t in tiles], 1))
+                tiles.append(overlay(img, np.array(r["examples"][i], bool)) if r else np.full_like(img, 255))
+            blocks.append(tile_row(tiles, pad))
     grid = np.concatenate(blocks, 0)
     # IoU bars: one group per domain, one bar per method, whiskers = std over seeds
     bar_h = 150

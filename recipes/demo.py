@@ -85,7 +85,7 @@ def print_table(rows: Dict[str, Dict[str, Any]], n_images: int, seconds: float, 
 def write_picture(rows: Dict[str, Dict[str, Any]], eval_ds, path: Path, n: int = 6) -> None:
     """One row per held-out image: image | ground truth | each demo row's mask, in red over the image."""
     from .checkpointing import atomic_write_bytes
-    from .evaluate import png_bytes
+    from .evaluate import overlay, png_bytes, tile_row
 
     lines = []
     for i in range(min(n, len(eval_ds))):
@@ -93,14 +93,8 @@ def write_picture(rows: Dict[str, Dict[str, Any]], eval_ds, path: Path, n: int =
         gt = rows["frozen"]["gts"][i]
         h, w = gt.shape
         img = item["image"][:, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
-
-        def over(m, img=img):
-            o = img.copy()
-            o[m] = (0.45 * o[m] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
-            return o
-
-        tiles = [img, over(gt)] + [over(rows[k]["probs"][i] > 0.5) for k, _ in ROWS]
-        lines.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
+        tiles = [img, overlay(img, gt)] + [overlay(img, rows[k]["probs"][i] > 0.5) for k, _ in ROWS]
+        lines.append(tile_row(tiles))
     atomic_write_bytes(path, png_bytes(np.concatenate(lines, 0)))
 
 

@@ -123,20 +123,32 @@ def write_overlays(sample_dir: Path, dataset, frozen: Dict[str, np.ndarray],
         h, w = pa.shape
         img = item["image"][:, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
         gt = item["mask"][0, :h, :w].numpy() > 0.5
-
-        def over(m, img=img):
-            o = img.copy()
-            o[m] = (0.45 * o[m] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
-            return o
-
-        tiles = [img, over(gt)]
+        tiles = [img, overlay(img, gt)]
         if key in frozen:
-            tiles.append(over(frozen[key] > 0.5))
-        tiles.append(over(pa > 0.5))
-        row = np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
+            tiles.append(overlay(img, frozen[key] > 0.5))
+        tiles.append(overlay(img, pa > 0.5))
+        row = tile_row(tiles)
         atomic_write_bytes(sample_dir / f"{item['name']}.png", png_bytes(row))
         rows[item["name"]] = row
     return rows
+
+
+def overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`img` (H x W x 3 uint8) with `mask` (H x W bool) painted in red at 55 %, as every overlay shows it.
+
+    Example:
+        >>> m = np.zeros((2, 2), bool); m[0, 0] = True
+        >>> overlay(np.zeros((2, 2, 3), np.uint8), m)[:, :, 0].tolist()
+        [[140, 0], [0, 0]]
+    """
+    o = img.copy()
+    o[mask] = (0.45 * o[mask] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
+    return o
+
+
+def tile_row(tiles, pad: int = 2) -> np.ndarray:
+    """Equal-height H x W x 3 tiles side by side, each framed by `pad` white pixels."""
+    return np.concatenate([np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for t in tiles], axis=1)
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

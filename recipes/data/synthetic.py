@@ -165,6 +165,17 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarr
     return img.astype(np.uint8)
 
 
+def _one_of(rng: np.random.Generator, shapes) -> np.ndarray:
+    """One of the drawn shapes (chosen at random) less what the shapes drawn after it cover; one mostly
+    covered (under a quarter left) gives way to the top one.
+    """
+    k = int(rng.integers(0, len(shapes)))
+    one = shapes[k].copy()
+    for later in shapes[k + 1:]:
+        one &= ~later
+    return one if one.sum() >= 0.25 * shapes[k].sum() else shapes[-1]
+
+
 def _lerp(c0: np.ndarray, c1: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Per-pixel mix of two colours: (H, W) weights -> (H, W, 3) float32."""
     return c0 + t[..., None] * (c1 - c0)
@@ -212,11 +223,7 @@ def _generic(rng: np.random.Generator, s: int, instance: bool = False) -> Tuple[
         mask |= shape
         shapes.append(shape)
     if instance and shapes:  # one object, less what the objects drawn after it cover
-        k = int(rng.integers(0, len(shapes)))
-        one = shapes[k].copy()
-        for later in shapes[k + 1:]:
-            one &= ~later
-        mask = one if one.sum() >= 0.25 * shapes[k].sum() else shapes[-1]
+        mask = _one_of(rng, shapes)
     return _finish(img, rng, 3.0), _ensure_nonempty(mask, s, s)
 
 
@@ -390,13 +397,7 @@ def _polyp(rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
     sp = cv2.GaussianBlur(spec.astype(np.float32), (0, 0), 0.8)[..., None]
     img += sp * (np.float32(250.0) - img)
     img *= _vignette(s)
-    mask = np.zeros((s, s), bool)
-    if shapes:  # one polyp (the prompt's), less what polyps drawn after it cover
-        k = int(rng.integers(0, len(shapes)))
-        one = shapes[k].copy()
-        for later in shapes[k + 1:]:
-            one &= ~later
-        mask = one if one.sum() >= 0.25 * shapes[k].sum() else shapes[-1]
+    mask = _one_of(rng, shapes) if shapes else np.zeros((s, s), bool)  # the prompt's polyp
     return _finish(img, rng, 2.0), _ensure_nonempty(mask, s, s)
 
 
