@@ -15,6 +15,7 @@ import torch
 
 from samadapt import adapters
 
+from .checkpointing import clear_run
 from .config import load_recipe
 from .data.datasets import sam_resize_pad
 from .metrics import MetricSuite
@@ -230,10 +231,8 @@ def run_method(cfg: Dict[str, Any], method: str, out_dir: Path, prior: Optional[
         if reuse and done.is_file():
             row["seconds"] = json.loads(done.read_text())["seconds"]
         else:
-            if method != "adapted" and (run_dir / "checkpoints").exists():
-                import shutil
-
-                shutil.rmtree(run_dir)  # a fresh run: a comparison never resumes an older one
+            if method != "adapted":
+                clear_run(run_dir)  # a fresh run: a comparison never resumes an older one (nor deletes others')
             t0 = time.perf_counter()
             train(mcfg, out_dir=str(run_dir), progress=False, log=log or (lambda *a: None))
             row["seconds"] = time.perf_counter() - t0

@@ -6,6 +6,8 @@ the nearest valid one, a value of the wrong type is an error naming the expected
 """
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
@@ -87,7 +89,7 @@ SCHEMA: Dict[str, Any] = {
         "max_grad_norm": 1.0,
         "seed": 0,
         "log_every": 10,
-        "checkpoint_every": 100,  # optimizer steps between checkpoints (and at each epoch end)
+        "checkpoint_every": 100,  # optimizer steps between checkpoints (and at each epoch end; 0: epoch ends only)
         "keep_checkpoints": 2,
         "full_core": False,  # train the whole core instead of adapters (used to pretrain the tiny core)
     },
@@ -122,6 +124,88 @@ CHOICES = {
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],
     ("train", "attention"): ["auto", "timm", "sdpa", "triton"],
     ("output", "dtype"): ["fp32", "fp16", "bf16"],
+}
+
+class Range:
+    """A numeric leaf's allowed interval (and step): `Range(1)` is >= 1, `Range(0.0, 1.0, hi_open=True)` is [0, 1).
+
+    Every float must also be finite (no NaN or infinity), whatever its range.
+
+    Example:
+        >>> Range(0.0, 1.0, hi_open=True).problem(1.0), Range(16, multiple=16).problem(40)
+        ('must be in [0.0, 1.0)', 'must be a multiple of 16 and >= 16')
+    """
+
+    def __init__(self, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, multiple: int = 0,
+                 hint: str = "") -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.multiple, self.hint = multiple, hint
+
+    def describe(self) -> str:
+        if self.multiple:
+            return f"a multiple of {self.multiple} in [{self.lo}, {self.hi}]" if self.hi else \
+                f"a multiple of {self.multiple} and >= {self.lo}"
+        if self.lo is not None and self.hi is not None and self.hi != BIG:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"{'<' if self.hi_open else '<='} {self.hi}"
+
+    def problem(self, v) -> Optional[str]:
+        """Why `v` is out of range ("must be ..."), or None when it is allowed."""
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        bad = (
+            self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+            or self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
+            or self.multiple and v % self.multiple
+        )
+        return f"must be {self.describe()}" if bad else None
+
+
+BIG = 10**9  # a sanity ceiling for counts (steps, items): far above any real run, far below an overflow
+# The range of every numeric leaf (the schema's types say int or float; these say which ones). Floats not
+# listed here must still be finite.
+RANGES: Dict[tuple, Range] = {
+    ("base", "image_size"): Range(64, 4096, multiple=16, hint="the encoder sees image_size/16 patches a side"),
+    ("adapter", "decoder_r"): Range(1, 1024),
+    ("data", "val_fraction"): Range(0.0, 1.0, lo_open=True, hi_open=True, hint="0.1 holds out 10 %"),
+    ("data", "synthetic_train_size"): Range(1, BIG),
+    ("data", "synthetic_eval_size"): Range(1, BIG),
+    ("data", "synthetic_image_size"): Range(16, 4096),
+    ("data", "num_workers"): Range(0, 256, hint="0 loads in the main process"),
+    ("prompts", "box_jitter"): Range(0.0, 1.0, hint="0.1 = 10 % of the box side"),
+    ("prompts", "n_pos"): Range(0, 256),
+    ("prompts", "n_neg"): Range(0, 256),
+    ("prompts", "correction_rounds"): Range(0, 64),
+    ("prompts", "keep_prompts"): Range(0.0, 1.0, hint="a share of batches, e.g. 0.5"),
+    **{("loss", k): Range(0.0, 1e6, hint="0 disables the term") for k in RECIPE_LOSSES},
+    ("train", "epochs"): Range(1, BIG),
+    ("train", "max_steps"): Range(1, BIG, hint="or null: the epochs decide"),
+    ("train", "batch_size"): Range(1, 65536),
+    ("train", "grad_accum"): Range(1, 65536),
+    ("train", "lr"): Range(0.0, 10.0, lo_open=True, hint="e.g. 2e-4"),
+    ("train", "weight_decay"): Range(0.0, 10.0),
+    ("train", "warmup_steps"): Range(0, BIG),
+    ("train", "max_grad_norm"): Range(0.0, 1e9, hint="0 turns clipping off"),
+    ("train", "seed"): Range(0, 2**32 - 1),
+    ("train", "log_every"): Range(1, BIG),
+    ("train", "checkpoint_every"): Range(0, BIG, hint="0: at epoch ends only"),
+    ("train", "keep_checkpoints"): Range(0, BIG, hint="0 keeps them all"),
+    ("eval", "every_epochs"): Range(1, BIG),
+    ("eval", "samples"): Range(0, 10000),
+    ("eval", "batch_size"): Range(1, 65536),
+}
+# Names that end up in paths and module names: the run name (runs/<name>) and the adapter's name.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+# Common spellings from other trainers -> our key (the nearest-key suggestion alone can mislead: learning_rate
+# is closer to weight_decay than to lr as strings).
+ALIASES = {
+    "learning_rate": "lr", "lr_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "epoch": "epochs",
+    "steps": "max_steps", "num_steps": "max_steps", "bs": "batch_size", "batchsize": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum", "wd": "weight_decay",
+    "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "precision": "mixed_precision", "workers": "num_workers", "size": "image_size",
 }
 ADAPTER_KINDS = list(KINDS)  # adapter.kinds[*].kind (checked by `adapters.config`, which names them)
 METRIC_NAMES = list(METRICS)  # eval.metrics and eval.select
@@ -160,7 +244,10 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
         dotted = ".".join(path)
         if k not in schema:
             full = [".".join(p) for p in _paths(SCHEMA)]
-            errors.append(f"unknown key {dotted!r}{_suggest(dotted, full) or _suggest(str(k), schema)}")
+            alias = ALIASES.get(str(k))
+            hint = (f"; did you mean {'.'.join(prefix + (alias,))!r}?" if alias in schema
+                    else _suggest(dotted, full) or _suggest(str(k), schema))
+            errors.append(f"unknown key {dotted!r}{hint}")
             continue
         default = schema[k]
         if isinstance(default, dict):
@@ -171,6 +258,7 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
             continue
         expected = NULLABLE_TYPES.get(path) if default is None else type(default)
         if v is not None or default is not None:
+            before = len(errors)
             if v is None and default is not None:
                 errors.append(f"{dotted} may not be null; give a {type(default).__name__} like {default!r}")
             elif expected is float and isinstance(v, int) and not isinstance(v, bool):
@@ -184,7 +272,13 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
                 and expected in (int, float)
             ):
                 name = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
-                errors.append(f"{dotted}={v!r} should be a {name}")
+                errors.append(f"{dotted}={v!r} should be {'an' if name[0] in 'aeiou' else 'a'} {name}")
+            if (len(errors) == before and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and expected in (int, float)):
+                rule = RANGES.get(path, Range())
+                problem = rule.problem(v)
+                if problem:
+                    errors.append(f"{dotted}={v!r} {problem}" + (f" ({rule.hint})" if rule.hint else ""))
         if path in CHOICES and v not in CHOICES[path]:
             errors.append(
                 f"{dotted}={v!r} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}"
@@ -238,6 +332,39 @@ def set_value(raw: Dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = parsed
 
 
+def _cross_field(cfg: Dict[str, Any]) -> List[str]:
+    """The rules between keys, and the string values that end up in paths and module names."""
+    from samadapt.adapters.base import is_valid_name
+
+    from .data.prompts import PromptSampler
+
+    errors = []
+    if not _RUN_NAME.match(cfg["name"]):
+        errors.append(f"name={cfg['name']!r} names the run folder (runs/<name>): use letters, digits, '.', '_' "
+                      "and '-', starting with a letter or digit, e.g. cod-lora")
+    if not is_valid_name(cfg["adapter"]["name"]):
+        errors.append(f"adapter.name={cfg['adapter']['name']!r} is not a valid adapter name: start with a letter, "
+                      "then letters, digits, '_' or '-', e.g. cod-v2")
+    root = cfg["data"]["root"]
+    if isinstance(root, list) and (not root or not all(isinstance(r, str) and r for r in root)):
+        errors.append(f"data.root={root!r} should be a folder path or a non-empty list of folder paths")
+    elif isinstance(root, str) and not root.strip():
+        errors.append("data.root is empty; give a dataset folder or null")
+    for key in ("train_split", "eval_split"):
+        if not cfg["data"][key].strip():
+            errors.append(f"data.{key} is empty; give a split name such as 'train' or 'test'")
+    p = cfg["prompts"]
+    try:
+        PromptSampler(p["mode"], n_pos=p["n_pos"], n_neg=p["n_neg"], box_jitter=p["box_jitter"])
+    except ValueError as e:
+        errors.append(f"prompts: {e}")
+    if p["mode"] in ("points", "box+points", "mixed") and p["n_pos"] + p["n_neg"] < 1:
+        errors.append(f"prompts.mode={p['mode']!r} needs at least one point: set prompts.n_pos >= 1")
+    if cfg["train"]["full_core"] and cfg["adapter"]["kinds"]:
+        errors.append("train.full_core trains the whole core: remove adapter.kinds (or set full_core false)")
+    return errors
+
+
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     """Check a raw recipe dict against the schema: types, choices (from the registries) and cross-field rules.
 
@@ -289,8 +416,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         elif kp > 0 and cfg["prompts"]["mode"] != "none":
             errors.append("prompts.keep_prompts is for promptless recipes (prompts.mode none); "
                           "a prompted recipe keeps its prompts already: set it to 0")
-        if cfg["train"]["batch_size"] < 1 or cfg["train"]["grad_accum"] < 1:
-            errors.append("train.batch_size and train.grad_accum must be >= 1")
+        errors.extend(_cross_field(cfg))
     if errors:
         if len(errors) == 1:
             raise RecipeError(f"recipe: {errors[0]}")

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .checkpointing import check_writable, clear_run
 from .compare import fixed_prior, pairwise_iou, run_method
 from .config import load_recipe
 
@@ -120,10 +121,8 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, overrides: Optiona
                      "data.synthetic_eval_size=8"] + overrides
     cfg = load_recipe("demo", overrides)
     out = Path(out_dir)
-    if (out / "checkpoints").exists():
-        import shutil
-
-        shutil.rmtree(out)  # the demo always starts fresh in its own folder
+    check_writable(out)
+    clear_run(out)  # the demo starts fresh: an earlier demo's files go, anything else there stops it
     t0 = time.time()
     rows = demo_rows(cfg, out, log=print)
     _, eval_ds = build_datasets(cfg, cfg["data"]["synthetic_image_size"])

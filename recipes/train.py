@@ -28,6 +28,7 @@ from .checkpointing import (
     adapter_only_checkpoints,
     atomic_write_text,
     check_resume,
+    check_writable,
     clear_stale_temporaries,
     latest_checkpoint,
     load_checkpoint,
@@ -237,17 +238,19 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    cfg = recipe_config.validate(cfg)  # the CLI's checks for Python callers too (a validated recipe passes unchanged)
     t = cfg["train"]
     run_dir = Path(out_dir or cfg["output"]["dir"] or Path("runs") / cfg["name"])
 
     # -------- everything that can fail on user input is checked before anything is written
+    check_writable(run_dir)
+    check_resume(run_dir, resume)
     set_seed(t["seed"])  # before the core is built: a randomly initialised core must be reproducible too
     sam = build_core(cfg, base)
     fp32_fingerprint = sam.fingerprint
     train_ds, eval_ds = build_datasets(cfg, sam.image_size, data_root)
     keep_data = build_keep_prompts_data(cfg, sam.image_size) if cfg["prompts"]["keep_prompts"] > 0 else None
     loss_fn = CombinedLoss({k: v for k, v in cfg["loss"].items() if v > 0})
-    check_resume(run_dir, resume)
     mixed_precision = launched_mixed_precision(t["mixed_precision"])
     t["mixed_precision"] = mixed_precision  # recipe.yaml and the adapter record what the run used
 
@@ -286,6 +289,8 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
 
     # -------- the run directory is locked from the resume on (rank 0 writes every file)
     with run_lock(run_dir) if is_main else contextlib.nullcontext():
+        if is_main:
+            check_resume(run_dir, resume, locked=True)  # again under the lock: another run may have started meanwhile
         step, start_epoch, skip, best = 0, 0, 0, None
         if resume:
             ck = latest_checkpoint(run_dir)
