@@ -228,6 +228,22 @@ def check_writable(path: Path, what: str = "--out") -> None:
                           "write")
 
 
+def check_writable_file(path: Path, what: str) -> None:
+    """Check before any work that a file can be written at `path` (not a folder; its folder writable).
+
+    Raises:
+        RecipeError: naming the path and the fix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> check_writable_file(pathlib.Path(tempfile.mkdtemp()) / "metrics.json", "--json")
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{what} {path} is a folder; give a file path such as {path / 'metrics.json'}")
+    check_writable(path.parent, what)
+
+
 def _read_only(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -391,7 +407,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, epoch: int, batch_in_
         if disk_full(e, ck_root):  # torch's writer says "unexpected pos 64 vs 0": say what happened
             last = latest_checkpoint(run_dir)
             kept = f"; {last} is intact: free space and rerun with --resume" if last else ""
-            raise OSError(errno.ENOSPC, f"No space left on device writing checkpoint step {step}{kept}",
+            raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint step {step}{kept}",
                           str(ck_root)) from None
         raise
     if accelerator.is_main_process:

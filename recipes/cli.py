@@ -31,13 +31,13 @@ def version() -> str:
 
 def user_errors() -> tuple:
     """The exceptions `main` turns into one `error: ...` line and exit 2: every `UserError`, adapter and
-    checkpoint errors, and OS path errors (missing, not a folder, a folder, no permission).
+    checkpoint errors, and OS path errors (missing, not a folder, a folder). Disk full, read-only and no
+    permission are turned into a line with the fix by `main` itself (`checkpointing.OS_FIXES`).
     """
     from samadapt.adapters import AdapterError
     from samadapt.sam_core import CheckpointError
 
-    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError)
+    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 # The optional extras and the top-level modules each brings: a command that needs a missing one says so.
@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--point", action="append", default=[], help="x,y[,label] point prompt (repeatable)")
     pr.add_argument("--prompts", help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}")
     pr.add_argument("--auto", action="store_true", help="automatic mask generation (point grid)")
-    pr.add_argument("--points-per-side", type=int, default=32)
+    pr.add_argument("--points-per-side", type=int, default=32, help="--auto grid: 1 to 64 points a side")
+    pr.add_argument("--max-pixels", type=int, default=None,
+                    help="refuse (that image only) images over this many pixels (default 4096 x 4096)")
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=8)
@@ -230,6 +232,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(e, OSError) and getattr(e, "filename", None):
             msg = f"{e.strerror}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from .checkpointing import OS_FIXES, os_problem
+
+        if e.errno not in OS_FIXES:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{os_problem(e)}", file=sys.stderr)  # disk full, read-only, no permission
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

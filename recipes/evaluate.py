@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from samadapt import adapters
 
-from .checkpointing import atomic_write_bytes, atomic_write_text
+from .checkpointing import atomic_write_bytes, atomic_write_text, check_writable_file
 from .config import load_recipe
 from .data.prompts import box_from_mask
 from .metrics import MetricSuite
@@ -195,6 +195,8 @@ def run_eval(args) -> int:
     from .data.pipeline import IndexedDataset, build_datasets
 
     cfg = load_recipe(args.recipe, args.set)
+    if args.json:
+        check_writable_file(Path(args.json), "--json")  # before the evaluation, not after it
     sam = load_base(args.base, cfg["base"]["image_size"]) if args.base else build_core(cfg)
     name = None
     if args.adapter:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,8 @@ import numpy as np
 from samadapt.adapters.io import atomic_file
 
 from .data import IMAGE_EXTENSIONS, list_images
-from .errors import PredictError, PromptError
+from .errors import ImageReadError, PredictError, PromptError
+from .limits import MAX_PIXELS, MAX_POINTS, MAX_POINTS_PER_SIDE
 
 __all__ = [
     "PredictError",
@@ -126,6 +128,9 @@ def parse_point(text: str) -> Tuple[float, float, int]:
 
 
 def _prompt_set(box: Optional[np.ndarray], points: Sequence[Sequence[float]]) -> PromptSet:
+    if len(points) > MAX_POINTS:
+        raise PromptError(f"{len(points)} points in one prompt set; the limit is {MAX_POINTS} (a few clicks and a "
+                          "box are what SAM was trained with)")
     pts = np.asarray([p[:2] for p in points], dtype=float).reshape(-1, 2) if points else None
     lbl = np.asarray([int(p[2]) for p in points], dtype=np.int64) if points else None
     return {"points": pts, "labels": lbl, "box": box}
@@ -270,20 +275,53 @@ def collect_images(items: Sequence[str]) -> List[Path]:
     return out
 
 
-def _output_stems(paths: Sequence[Path]) -> List[str]:
-    """Unique output stems: the file stem, qualified by the extension (then a counter) on clashes."""
+def mask_names(stem: str, n_masks: int) -> List[str]:
+    """The mask file stems of one image: `<stem>` for one mask, `<stem>_<k>` for several."""
+    return [stem] if n_masks == 1 else [f"{stem}_{k}" for k in range(n_masks)]
+
+
+def output_files(stem: str, n_masks: int, probs: bool, overlay: bool, auto: bool) -> List[str]:
+    """Every file one image writes (the writers below take their names from here).
+
+    Example:
+        >>> output_files("a", 2, probs=True, overlay=True, auto=False)
+        ['a_0.png', 'a_0_prob.png', 'a_1.png', 'a_1_prob.png', 'a_overlay.png']
+    """
+    if auto:
+        files = [f"{stem}_auto.png", f"{stem}_auto.json"]
+    else:
+        files = [f"{m}{suffix}" for m in mask_names(stem, n_masks) for suffix in (".png", "_prob.png")[:1 + probs]]
+    return files + ([f"{stem}_overlay.png"] if overlay else [])
+
+
+def _output_stems(paths: Sequence[Path], n_masks: Sequence[int] = (), probs: bool = False, overlay: bool = True,
+                  auto: bool = False) -> List[str]:
+    """Output stems whose files never collide, whatever the input names: the file stem, qualified by the
+    extension when two inputs share a stem, then a counter until none of the image's files (masks, k-th
+    masks, probabilities, overlay; compared case-insensitively) is already another image's.
+
+    Example:
+        >>> _output_stems([Path("a.png"), Path("a_overlay.png"), Path("a.jpg")])
+        ['a_png', 'a_overlay', 'a_jpg']
+        >>> _output_stems([Path("a.png"), Path("a_overlay.png")])
+        ['a', 'a_overlay_2']
+    """
     counts: Dict[str, int] = {}
     for p in paths:
         counts[p.stem.lower()] = counts.get(p.stem.lower(), 0) + 1
     used: set = set()
     out = []
-    for p in paths:
+    for i, p in enumerate(paths):
         stem = p.stem if counts[p.stem.lower()] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower() or 'img'}"
-        cand, n = stem, 1
-        while cand.lower() in used:
-            n += 1
-            cand = f"{stem}_{n}"
-        used.add(cand.lower())
+        n = n_masks[i] if i < len(n_masks) else 1
+        cand, k = stem, 1
+        while True:
+            files = {f.lower() for f in output_files(cand, max(n, 1), probs, overlay, auto)}
+            if not files & used:
+                break
+            k += 1
+            cand = f"{stem}_{k}"
+        used |= files
         out.append(cand)
     return out
 
@@ -334,12 +372,33 @@ def _overlay(
 
 
 # ----------------------------------------------------------------------------- streaming
-def _read_ahead(paths: Sequence[Path], window: int) -> Iterator[Tuple[int, Any]]:
+def check_pixels(path: Path, max_pixels: int) -> None:
+    """Refuse an image over `max_pixels` from its header, before decoding it (when Pillow can read it).
+
+    Raises:
+        ImageReadError: naming the image's size, the limit and the fix.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+    except Exception:  # not Pillow's format (or corrupt): read_image decides and says why
+        return
+    if w * h > max_pixels:
+        raise ImageReadError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} "
+                             "(raise --max-pixels or downscale it)")
+
+
+def _read_ahead(paths: Sequence[Path], window: int, max_pixels: int = MAX_PIXELS) -> Iterator[Tuple[int, Any]]:
     """(index, image or the exception reading it), in order, reading up to `window` files ahead."""
     from .data import read_image
 
     def read(p: Path):
         try:
+            check_pixels(p, max_pixels)
             return read_image(p)
         except Exception as e:  # reported per image by the caller
             return e
@@ -372,11 +431,12 @@ def _error_text(e: BaseException) -> str:
 class _Runner:
     """Shared state of one predict run: model, output folder, error reporting, write queue."""
 
-    def __init__(self, sam, out: Path, args, paths: Sequence[Path]) -> None:
+    def __init__(self, sam, out: Path, args, paths: Sequence[Path], n_masks: Sequence[int] = ()) -> None:
         from tqdm import tqdm
 
         self.sam, self.out, self.args, self.paths = sam, out, args, paths
-        self.stems = _output_stems(paths)
+        self.stems = _output_stems(paths, n_masks, probs=bool(getattr(args, "probs", False)),
+                                   overlay=not args.no_overlay, auto=bool(args.auto))
         self.failed: set = set()
         # disable=None: a bar when stderr is a terminal; none in logs/pipes, where its carriage
         # returns would glue themselves to the `error:` lines
@@ -421,8 +481,7 @@ class _Runner:
 def _write_masks(out: Path, stem: str, image: np.ndarray, logits: List[np.ndarray],
                  prompts: List[Optional[PromptSet]], probs: bool, overlay: bool, threshold: float) -> None:
     masks = [lg > threshold for lg in logits]
-    for k, (m, lg) in enumerate(zip(masks, logits)):
-        name = stem if len(masks) == 1 else f"{stem}_{k}"
+    for name, m, lg in zip(mask_names(stem, len(masks)), masks, logits):
         _atomic_save_png(m.astype(np.uint8) * 255, out / f"{name}.png")
         if probs:
             p = 1.0 / (1.0 + np.exp(-np.clip(lg.astype(np.float64), -60, 60)))
@@ -460,9 +519,12 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
             with torch.no_grad():
                 embeddings = predictor.encode([img for _, img in batch])
         except Exception as e:
-            for i, _ in batch:
-                r.error(i, e)
-            r.bar.update(len(batch))
+            if len(batch) > 1:  # one bad image never fails its neighbours: encode them one by one
+                for item in batch:
+                    flush([item])
+                return
+            r.error(batch[0][0], e)
+            r.bar.update(1)
             return
         for (i, img), emb in zip(batch, embeddings):
             try:
@@ -477,7 +539,7 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
             r.bar.update(1)
 
     batch: List[Tuple[int, np.ndarray]] = []
-    for k, got in _read_ahead([r.paths[i] for i in todo], window=bs):
+    for k, got in _read_ahead([r.paths[i] for i in todo], window=bs, max_pixels=_max_pixels(args)):
         i = todo[k]
         if isinstance(got, BaseException):
             r.error(i, got)
@@ -511,7 +573,7 @@ def _run_auto(r: _Runner) -> None:
     from samadapt.sam_core import SamAutomaticMaskGenerator
 
     gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side))
-    for i, got in _read_ahead(r.paths, window=2):
+    for i, got in _read_ahead(r.paths, window=2, max_pixels=_max_pixels(r.args)):
         if isinstance(got, BaseException):
             r.error(i, got)
             r.bar.update(1)
@@ -526,6 +588,11 @@ def _run_auto(r: _Runner) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+def _max_pixels(args) -> int:
+    v = getattr(args, "max_pixels", None)
+    return MAX_PIXELS if v is None else int(v)
+
+
 def _check_out(out: Path, inputs: Sequence[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise PredictError(f"--out {out}: exists and is not a folder")
@@ -566,8 +633,11 @@ def run_predict(args) -> int:
     # 1. everything that can be checked cheaply: prompts, sizes, images
     if int(args.batch_size) < 1:
         raise PredictError(f"--batch-size {args.batch_size}: use 1 or more")
-    if args.auto and int(args.points_per_side) < 1:
-        raise PredictError(f"--points-per-side {args.points_per_side}: use 1 or more (e.g. 32)")
+    if args.auto and not 1 <= int(args.points_per_side) <= MAX_POINTS_PER_SIDE:
+        raise PredictError(f"--points-per-side {args.points_per_side}: use 1 to {MAX_POINTS_PER_SIDE} (e.g. 32; "
+                           f"the grid is its square of prompts)")
+    if _max_pixels(args) < 1:
+        raise PredictError(f"--max-pixels {args.max_pixels}: use 1 or more (default {MAX_PIXELS:,})")
     cli_prompt = args.box is not None or bool(args.point)
     if args.auto and (cli_prompt or args.prompts):
         raise PredictError("--auto generates its own point grid; drop --box/--point/--prompts")
@@ -628,7 +698,7 @@ def run_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PredictError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    r = _Runner(sam, out, args, paths)
+    r = _Runner(sam, out, args, paths, [len(jobs.get(i, ())) for i in range(len(paths))])
     for n in notes:
         r.warn(n)
     try:

@@ -24,9 +24,17 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
-        """The (h, w) an oldh x oldw image takes once its long side is `long_side_length` (rounded)."""
+        """The (h, w) an oldh x oldw image takes once its long side is `long_side_length` (rounded).
+
+        Each side is at least 1 px: a sliver (1 x 2000 at 256) would round to 0 and could not be resized
+        (segment_anything's rule otherwise, which fails on such images).
+
+        Example:
+            >>> ResizeLongestSide.get_preprocess_shape(480, 640, 1024), ResizeLongestSide.get_preprocess_shape(1, 2000, 256)
+            ((768, 1024), (1, 256))
+        """
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """Resize an image (PIL bilinear, the filter SAM was trained with).

@@ -283,3 +283,58 @@ def test_auto(env, adapter_file):
         assert {"area", "bbox", "predicted_iou", "stability_score"} <= set(rec)
     assert int(labels.max()) <= len(records)
     assert (out / "rgb_overlay.png").is_file()
+
+
+def test_output_names_never_collide_whatever_the_input_names(env, tmp_path, capsys):
+    """Inputs named like another input's derived outputs (overlay, k-th mask, probabilities) each get their
+    own files: every image's outputs are written, none overwrites another's."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    names = ["a.png", "a_overlay.png", "a_0.png", "a_prob.png", "a_0_prob.png", "A.jpg"]
+    for n in names:
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(src / n)
+    out = tmp_path / "out"
+    prompts = {n: [{"box": [2, 2, 30, 30]}, {"box": [10, 10, 45, 35]}] for n in names[:2]}
+    prompts.update({n: {"box": [3, 3, 20, 20]} for n in names[2:]})
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    assert main(["predict", str(src), "--base", env["core"], "--out", str(out), "--probs",
+                 "--prompts", str(tmp_path / "p.json")]) == 0
+    assert f"{len(names)} image(s) written" in capsys.readouterr().err
+    # 2 images x (2 masks x 2 files + overlay) + 4 images x (mask + prob + overlay): no name was reused
+    files = sorted(p.name.lower() for p in out.iterdir())
+    assert len(files) == 2 * 5 + 4 * 3 == len(set(files)), files
+
+
+def test_a_sliver_image_is_segmented_and_never_fails_its_batch(env, tmp_path, capsys):
+    """A 1 x 2000 image rounds to 0 px a side at the model size by SAM's rule; it is segmented (1 px high)
+    in a batch with ordinary images, and an image over --max-pixels is refused alone, naming its size."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 255, (1, 2000, 3), dtype=np.uint8)).save(src / "b_sliver.png")
+    Image.fromarray(rng.integers(0, 255, (60, 1, 3), dtype=np.uint8)).save(src / "c_tall.png")
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(src / "a_plain.png")
+    Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(src / "d_big.png")
+    out = tmp_path / "out"
+    code = main(["predict", str(src), "--base", env["core"], "--out", str(out), "--batch-size", "4",
+                 "--max-pixels", "50000", "--no-overlay"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "d_big.png: image is 300x300 = 90,000 pixels; the limit is 50,000" in err
+    assert "3 image(s) written" in err and "1 failed" in err
+    assert mask(out / "b_sliver.png").shape == (1, 2000) and mask(out / "c_tall.png").shape == (60, 1)
+    assert mask(out / "a_plain.png").shape == (40, 50) and not (out / "d_big.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--auto", "--points-per-side", "100000"], "--points-per-side 100000: use 1 to 64"),
+    (["--max-pixels", "0"], "--max-pixels 0: use 1 or more"),
+    (sum([["--point", f"{i % 40},{i % 30}"] for i in range(65)], []), "65 points in one prompt set; the limit is 64"),
+])
+def test_prompt_and_pixel_caps_exit_2_before_writing(env, tmp_path, argv, message):
+    out = tmp_path / "out"
+    r = cli(env["good"]["gray"], "--base", env["core"], "--out", out, *argv)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
