@@ -30,7 +30,8 @@ class ResizeLongestSide:
         (segment_anything's rule otherwise, which fails on such images).
 
         Example:
-            >>> ResizeLongestSide.get_preprocess_shape(480, 640, 1024), ResizeLongestSide.get_preprocess_shape(1, 2000, 256)
+            >>> shape = ResizeLongestSide.get_preprocess_shape
+            >>> shape(480, 640, 1024), shape(1, 2000, 256)
             ((768, 1024), (1, 256))
         """
         scale = long_side_length * 1.0 / max(oldh, oldw)
