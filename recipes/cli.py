@@ -119,6 +119,9 @@ def cmd_inspect(args) -> int:
                     "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items()),
                 )
             )
+    if info.get("non_finite"):
+        rows.append(("WARNING", f"{len(info['non_finite'])} tensors hold NaN/infinity (e.g. {info['non_finite'][0]}); "
+                                "this file will not load"))
     if info.get("recipe"):
         rows.append(("recipe", f"{len(info['recipe'].splitlines())} lines of resolved YAML (--json shows it)"))
     width = max(len(r[0]) for r in rows)
