@@ -8,6 +8,7 @@ import sys
 from collections import defaultdict
 
 import accelerate
+
 from samadapt.recipes import cli, train
 
 record = {"train": defaultdict(list), "eval": [], "params": {}}
