@@ -3,8 +3,8 @@
 `train` reads top to bottom like Accelerate's `complete_nlp_example.py`: seed -> model -> trainable
 params only -> `prepare` -> `accumulate` -> `backward` -> `gather_for_metrics` (in `evaluate`), and the
 model is unwrapped before anything is saved. `accelerate launch` settings are honoured: its mixed
-precision wins over the recipe's. Checkpoints (`save_state`/`load_state`, adapter-only) and resume live in
-`checkpointing`, the model in
+precision wins over the recipe's; the group it asks for is formed in `distributed`. Checkpoints
+(adapter-only, the same files under every strategy) and resume live in `checkpointing`, the model in
 `model`, evaluation in `evaluate`. Rank 0 writes every file.
 """
 import contextlib
