@@ -1,13 +1,13 @@
 """The run directory: its lock, atomic writes, checkpoints (write, read, rotation) and resume.
 
-A checkpoint `checkpoints/step_N/` is Accelerate's `save_state` folder (optimizer, scheduler, every
-process's RNG states, the grad scaler) with one change made by a save hook: in place of the prepared
-model's full state dict (the frozen core too: hundreds of MB for `vit_b`) it holds only what trains,
-`trained.safetensors`; a load hook reads that back and checks it is this run's trainable set.
-`position.json` (step, epoch, batch in epoch for `skip_first_batches`, best metric) is written last, and
-the folder is written under a temporary name and renamed, so a killed run leaves whole checkpoints or
-none. Resume is exact (tests/test_recipes.py: after SIGKILL, and with randomness after the resume point).
-Under FSDP Accelerate saves the sharded model itself before any hook runs, so there the core is saved too.
+A checkpoint `checkpoints/step_N/` holds only what trains (`trained.safetensors`, never the frozen
+core: hundreds of MB for `vit_b`), the optimizer state by parameter name, the scheduler, every process's
+random states and `position.json` (step, epoch, batch in epoch for `skip_first_batches`, best metric),
+written last. It is not Accelerate's `save_state` folder: under FSDP that saves the sharded model and an
+FSDP-specific optimizer file before any hook runs, which another strategy cannot read; these files are the
+same under every strategy (a DDP checkpoint resumes under FSDP2 and back: tests/test_distributed.py). The
+folder is written under a temporary name and renamed, so a killed run leaves whole checkpoints or none.
+Resume is exact (tests/test_recipes.py: after SIGKILL, and with randomness after the resume point).
 """
 import contextlib
 import errno
@@ -331,49 +331,56 @@ def trained_tensors(sam: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 TRAINED = "trained.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG = "rng.pt"
 
 
-def adapter_only_checkpoints(accelerator, sam: nn.Module) -> None:
-    """Register the `save_state`/`load_state` hooks that keep checkpoints adapter-only.
-
-    Args:
-        accelerator: the run's `accelerate.Accelerator` (after `prepare`).
-        sam: the unwrapped core whose trainable parameters are checkpointed.
+def _rng_state() -> Dict[str, Any]:
+    """This process's random states (torch, CUDA, numpy, python) as tensors and numbers only, so the
+    file loads with `torch.load(weights_only=True)`.
     """
-    from safetensors.torch import save_file
+    import random
 
-    def save_trained(models, weights, output_dir):
-        weights.clear()  # the prepared model's full state dict, frozen core included: not saved
-        if accelerator.is_main_process:
-            save_file(trained_tensors(sam), str(Path(output_dir) / TRAINED))
+    import numpy as np
 
-    def load_trained(models, input_dir):
-        from safetensors.torch import load_file
-
-        path = Path(input_dir)
-        tensors = load_file(str(path / TRAINED))
-        params = dict(sam.named_parameters())
-        if set(tensors) != {n for n, p in params.items() if p.requires_grad}:
-            raise TrainingError(f"{path} does not match this run's trainable parameters (different recipe?); "
-                                f"start a new output folder or remove {path.parent}")
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t)
-        models.clear()  # loaded above: Accelerate has no full state dict to load
-
-    accelerator.register_save_state_pre_hook(save_trained)
-    accelerator.register_load_state_pre_hook(load_trained)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, _ = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "numpy_pos": int(pos),
+            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+            "python": torch.tensor(py_state, dtype=torch.int64), "python_version": int(version)}
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, epoch: int, batch_in_epoch: int, best: Optional[float],
-                    keep: int) -> Path:
-    """Write `checkpoints/step_N/` with `accelerator.save_state` and keep the newest `keep` checkpoints.
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import random
 
-    Every process calls it (each saves its RNG states); the main process writes the rest, adds
-    `position.json` and renames the temporary folder into place.
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), None))
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, epoch: int,
+                    batch_in_epoch: int, best: Optional[float], keep: int) -> Path:
+    """Write `checkpoints/step_N/` and keep the newest `keep` checkpoints.
+
+    The same files under every strategy (single process, DDP, FSDP2), so a checkpoint resumes under
+    another one: `trained.safetensors` (the full trainable tensors by name, gathered from FSDP shards),
+    `optimizer.pt` (its state as full tensors by parameter name), `scheduler.pt`, `rng.pt` (every
+    process's random states) and, last, `position.json`. Only rank 0 writes (the others send it their
+    part), so ranks on other machines need no shared disk. Every process must call it.
 
     Args:
-        accelerator: the run's accelerator, with `adapter_only_checkpoints` registered.
+        accelerator: the run's accelerator.
+        model: the prepared model.
+        optimizer: the prepared optimizer.
+        scheduler: the prepared scheduler.
         run_dir: the run directory.
         step: optimizer steps done.
         epoch: the epoch to continue in.
@@ -384,36 +391,48 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, epoch: int, batch_in_
     Returns:
         The checkpoint folder.
     """
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    from .distributed import full_parameters, optimizer_state
+
+    sam = accelerator.unwrap_model(model).sam
     ck_root = run_dir / "checkpoints"
     final = ck_root / f"step_{step:08d}"
-    tmp = ck_root / f".tmp-step_{step:08d}"  # one name for every process
-    accelerator.wait_for_everyone()
+    tmp = ck_root / f".tmp-step_{step:08d}"
+    with full_parameters(model):  # collectives first, on every process
+        trained = trained_tensors(sam) if accelerator.is_main_process else {}
+    osd = optimizer_state(model, getattr(optimizer, "optimizer", optimizer))
+    rngs = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ck_root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trained, str(tmp / TRAINED))
+            torch.save(osd, tmp / OPTIMIZER)
+            extra = {"scheduler": getattr(scheduler, "scheduler", scheduler).state_dict()}
+            if accelerator.scaler is not None:
+                extra["scaler"] = accelerator.scaler.state_dict()
+            torch.save(extra, tmp / SCHEDULER)
+            torch.save(rngs, tmp / RNG)
+            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best,
+                        "num_processes": accelerator.num_processes}
             (tmp / "position.json").write_text(json.dumps(position))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except BaseException as e:
-        if accelerator.is_main_process:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e, ck_root):  # torch's writer says "unexpected pos 64 vs 0": say what happened
-            last = latest_checkpoint(run_dir)
-            kept = f"; {last} is intact: free space and rerun with --resume" if last else ""
-            raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint step {step}{kept}",
-                          str(ck_root)) from None
-        raise
-    if accelerator.is_main_process:
+            if disk_full(e, ck_root):  # torch's writer says "unexpected pos 64 vs 0": say what happened
+                last = latest_checkpoint(run_dir)
+                kept = f"; {last} is intact: free space and rerun with --resume" if last else ""
+                raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint step {step}{kept}",
+                              str(ck_root)) from None
+            raise
         old = sorted(p for p in ck_root.glob("step_*") if p.is_dir())
         for p in old[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint that is not yet in place
     return final
 
 
@@ -423,8 +442,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return cks[-1] if cks else None
 
 
-def load_checkpoint(accelerator, path: Path) -> Dict[str, Any]:
-    """Restore a checkpoint with `accelerator.load_state`: trained tensors, optimizer, scheduler, RNG states.
+def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Dict[str, Any]:
+    """Restore `save_checkpoint`'s folder under this run's strategy: trained tensors, optimizer (sharded as
+    this run shards), scheduler, grad scaler and this process's random states. Rank 0 reads the files and
+    sends the others their part. Every process must call it.
 
     Returns:
         The position: `step`, `epoch`, `batch_in_epoch`, `best`.
@@ -432,5 +453,55 @@ def load_checkpoint(accelerator, path: Path) -> Dict[str, Any]:
     Raises:
         TrainingError: the checkpoint's tensors are not this run's trainable parameters.
     """
-    accelerator.load_state(str(path))
-    return json.loads((path / "position.json").read_text())
+    from safetensors.torch import load_file
+
+    from .distributed import load_optimizer_state
+
+    sam = accelerator.unwrap_model(model).sam
+    main = accelerator.is_main_process
+    names = sorted(n for n, p in sam.named_parameters() if p.requires_grad)
+    tensors = load_file(str(path / TRAINED)) if main else {}
+    shapes = {n: tuple(p.shape) for n, p in sam.named_parameters() if p.requires_grad}  # DTensor: global shape
+    if main:
+        wrong = [f"{n} {tuple(tensors[n].shape)} vs {shapes[n]}" for n in names
+                 if n in tensors and tuple(tensors[n].shape) != shapes[n]]
+        if sorted(tensors) != names:
+            ok = ["different tensor names (another adapter recipe?)"]
+        else:
+            ok = [f"shapes differ, e.g. {wrong[0]} (a changed setting such as LoRA r?)" if wrong else ""]
+    else:
+        ok = [None]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(ok, src=0)
+    if ok[0]:
+        raise TrainingError(f"{path} does not match this run's trainable parameters: {ok[0]}; resume with the "
+                            f"recipe it was saved with ({path.parent.parent / 'recipe.yaml'}) or start a new --out")
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(sam.named_parameters())
+    with torch.no_grad():
+        for n in names:  # rank 0's values on every process; FSDP2 shards get their piece of them
+            p = params[n]
+            t = tensors[n] if main else torch.empty(p.shape, dtype=p.dtype)
+            if isinstance(p, DTensor):  # written into the shards: an unsharded copy is not written back
+                p.copy_(distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=0))
+                continue
+            t = t.to(p.device, p.dtype)
+            if accelerator.num_processes > 1:
+                torch.distributed.broadcast(t, src=0)
+            p.copy_(t)
+    osd = torch.load(path / OPTIMIZER, weights_only=True) if main else {}
+    load_optimizer_state(model, getattr(optimizer, "optimizer", optimizer), osd)
+    extra = [torch.load(path / SCHEDULER, weights_only=True), torch.load(path / RNG, weights_only=True),
+             json.loads((path / "position.json").read_text())] if main else [None, None, None]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(extra, src=0)
+    sched, rngs, position = extra
+    getattr(scheduler, "scheduler", scheduler).load_state_dict(sched["scheduler"])
+    if accelerator.scaler is not None and "scaler" in sched:
+        accelerator.scaler.load_state_dict(sched["scaler"])
+    # the same process count continues exactly; another count continues with rank 0's states where a
+    # process has none (the data order is (seed, epoch)-determined either way)
+    rank = accelerator.process_index
+    _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return position

@@ -3,8 +3,8 @@
 `train` reads top to bottom like Accelerate's `complete_nlp_example.py`: seed -> model -> trainable
 params only -> `prepare` -> `accumulate` -> `backward` -> `gather_for_metrics` (in `evaluate`), and the
 model is unwrapped before anything is saved. `accelerate launch` settings are honoured: its mixed
-precision wins over the recipe's. Checkpoints (`save_state`/`load_state`, adapter-only) and resume live in
-`checkpointing`, the model in
+precision wins over the recipe's; the group it asks for is formed in `distributed`. Checkpoints
+(adapter-only, the same files under every strategy) and resume live in `checkpointing`, the model in
 `model`, evaluation in `evaluate`. Rank 0 writes every file.
 """
 import contextlib
@@ -25,7 +25,6 @@ from samadapt.adapters.io import atomic_file
 
 from . import config as recipe_config
 from .checkpointing import (
-    adapter_only_checkpoints,
     atomic_write_text,
     check_resume,
     check_writable,
@@ -38,6 +37,7 @@ from .checkpointing import (
 from .data import collate_batch
 from .data.pipeline import IndexedDataset, build_datasets, build_keep_prompts_data
 from .data.prompts import PromptSampler, one_component
+from .distributed import build_accelerator, describe, full_parameters, peer_failures
 from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
 from .losses import CombinedLoss, pick_multimask
@@ -235,7 +235,6 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     Example (shell):
         samadapt train demo --out runs/demo
     """
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
     cfg = recipe_config.validate(cfg)  # the CLI's checks for Python callers too (a validated recipe passes unchanged)
@@ -254,7 +253,7 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     mixed_precision = launched_mixed_precision(t["mixed_precision"])
     t["mixed_precision"] = mixed_precision  # recipe.yaml and the adapter record what the run used
 
-    accelerator = Accelerator(
+    accelerator = build_accelerator(  # forms the group the launch asked for (distributed.py)
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t["grad_accum"],
         log_with="tensorboard",
@@ -277,15 +276,19 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     steps_per_epoch = max(1, math.ceil(len(train_dl) / accelerator.num_processes / t["grad_accum"]))
     total_steps = t["max_steps"] or steps_per_epoch * t["epochs"]
     epochs = math.ceil(total_steps / steps_per_epoch)
-    # the prepared scheduler steps once per process per optimizer step: count the schedule in those steps
-    ticks = accelerator.num_processes
-    scheduler = build_scheduler(optimizer, t["scheduler"], t["warmup_steps"] * ticks, total_steps * ticks)
+    # not prepared: Accelerate's scheduler steps num_processes times per optimizer step, and a schedule
+    # counted in those ticks runs half a step off a single process's (warmup 1/2W instead of 1/W at first)
+    scheduler = build_scheduler(optimizer, t["scheduler"], t["warmup_steps"], total_steps)
 
     # -------- prepare
     model = TrainStep(sam)
-    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, scheduler)
-    adapter_only_checkpoints(accelerator, accelerator.unwrap_model(model).sam)  # save_state: adapter, not core
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    # FSDP2 replaces the parameters by sharded ones: clip the gradients the optimizer steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist = describe(accelerator, model)
+    if is_main:
+        log(f"distributed: {dist['strategy']}, {dist['num_processes']} processes on {dist['num_machines']} "
+            f"machines (backend {dist['backend']})")
 
     # -------- the run directory is locked from the resume on (rank 0 writes every file)
     with run_lock(run_dir) if is_main else contextlib.nullcontext():
@@ -294,18 +297,19 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
         step, start_epoch, skip, best = 0, 0, 0, None
         if resume:
             ck = latest_checkpoint(run_dir)
-            pos = load_checkpoint(accelerator, ck)  # load_state: trained tensors, optimizer, scheduler, RNG
+            pos = load_checkpoint(accelerator, model, optimizer, scheduler, ck)  # trained, optimizer, RNG
             step, start_epoch, skip, best = pos["step"], pos["epoch"], pos["batch_in_epoch"], pos["best"]
             log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
-        metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler,
-                           loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress, log,
-                           step, start_epoch, skip, best, total_steps, epochs, keep_data)
+        with peer_failures(accelerator, lambda: latest_checkpoint(run_dir)):  # a dead peer: one clear line
+            metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds,
+                               sampler, loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress,
+                               log, step, start_epoch, skip, best, total_steps, epochs, keep_data, dist)
     return metrics_log
 
 
 def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds, sampler, loss_fn, params,
          cfg, run_dir, name, fp32_fingerprint, resume, progress, log, step, start_epoch, skip, best, total_steps,
-         epochs, keep_data=None) -> Dict[str, Any]:
+         epochs, keep_data=None, dist=None) -> Dict[str, Any]:
     """The epochs of `train`, run while the run directory is locked."""
     from tqdm.auto import tqdm
 
@@ -314,7 +318,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     sam = accelerator.unwrap_model(model).sam  # what is saved and evaluated: the unwrapped core
 
     def checkpoint(epoch_, batch_):  # every process: each saves its own RNG states
-        return save_checkpoint(accelerator, run_dir, step, epoch_, batch_, best, t["keep_checkpoints"])
+        return save_checkpoint(accelerator, model, optimizer, scheduler, run_dir, step, epoch_, batch_, best,
+                               t["keep_checkpoints"])
 
     if is_main:
         clear_stale_temporaries(run_dir)  # a run killed mid-write leaves only temporary names behind
@@ -331,13 +336,15 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     metrics_log: Dict[str, Any] = {"baseline": {}, "adapted": {}, "history": []}
     baseline_kept: Dict[str, np.ndarray] = {}
     if cfg["eval"]["baseline"] and not t["full_core"] and not resume:
-        res, baseline_kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None)
+        with full_parameters(model):  # FSDP2: the full core on every process while it evaluates
+            res, baseline_kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None)
         adapters.activate(sam, name)
         metrics_log["baseline"] = {"eval": res}
         if is_main:
             log("frozen core:  " + format_metrics(res))
     elif resume and (run_dir / "metrics.json").exists():
         metrics_log = json.loads((run_dir / "metrics.json").read_text())
+    metrics_log["distributed"] = {k: v for k, v in (dist or describe(accelerator)).items() if k != "backend"}
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
                desc="train")
@@ -394,7 +401,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                 if accelerator.sync_gradients and t["max_grad_norm"]:
                     accelerator.clip_grad_norm_(params, t["max_grad_norm"])
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()  # once per optimizer step, whatever the number of processes
                 optimizer.zero_grad()
             batch_i += 1
             if accelerator.sync_gradients:
@@ -413,20 +421,21 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
         # -------- evaluation and export at the end of each epoch
         last_epoch = done or epoch == epochs - 1
         if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last_epoch:
-            res, kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None if t["full_core"] else name)
-            model.train()
-            if is_main:
-                log(f"epoch {epoch + 1}/{epochs} step {step}: " + format_metrics(res))
-                metrics_log["history"].append({"epoch": epoch + 1, "step": step, "eval": res})
-                accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=step)
-                sel = cfg["eval"]["select"]
-                if is_better(sel, res[sel], best):
-                    best = res[sel]
-                    metrics_log["adapted"] = {"eval": res, "epoch": epoch + 1, "step": step}
-                    export(run_dir, sam, cfg, fp32_fingerprint, res)
-                rows = write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
-                log_overlays(accelerator, rows, step)
-                atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+            with full_parameters(model):  # FSDP2: full tensors to evaluate and export, never one rank's shard
+                res, kept = evaluate_aside(accelerator, sam, eval_dl, cfg, None if t["full_core"] else name)
+                model.train()
+                if is_main:
+                    log(f"epoch {epoch + 1}/{epochs} step {step}: " + format_metrics(res))
+                    metrics_log["history"].append({"epoch": epoch + 1, "step": step, "eval": res})
+                    accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=step)
+                    sel = cfg["eval"]["select"]
+                    if is_better(sel, res[sel], best):
+                        best = res[sel]
+                        metrics_log["adapted"] = {"eval": res, "epoch": epoch + 1, "step": step}
+                        export(run_dir, sam, cfg, fp32_fingerprint, res)
+                    rows = write_overlays(run_dir / "samples" / f"epoch_{epoch + 1:03d}", eval_ds, baseline_kept, kept)
+                    log_overlays(accelerator, rows, step)
+                    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
         accelerator.wait_for_everyone()
         if not done:
             last_good = checkpoint(epoch + 1, 0)
