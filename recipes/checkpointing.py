@@ -321,7 +321,8 @@ def check_resume(run_dir: Path, resume: bool, locked: bool = False) -> None:
     if not resume and (run_dir / "adapter.safetensors").exists():
         raise RecipeError(f"{run_dir} already holds a trained adapter.safetensors; --out another folder (or remove "
                           "that run yourself)")
-    refuse_foreign(run_dir)
+    if not resume:
+        refuse_foreign(run_dir)
 
 
 # ---------------------------------------------------------------------------- checkpoints
