@@ -519,22 +519,29 @@ def finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}
+
+
 def _metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
     """Why a file's metadata cannot be listed (a field of the wrong type), or None."""
+    def wrong(key: str, value: Any, kind: type) -> str:
+        got = _JSON_NAMES.get(type(value), type(value).__name__)
+        return f"metadata field {key!r} is {got}, not {_JSON_NAMES[kind]}; re-save the adapter with samadapt"
+
     expect = {"base": dict, "decoder": dict, "config": list, "domain": str, "prompt_mode": str,
               "parameters": int, "file_bytes": int}
     for key, kind in expect.items():
         value = meta.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            got = type(value).__name__
-            return f"metadata field {key!r} is a {got}, not a {kind.__name__}; re-save the adapter with samadapt"
+            return wrong(key, value, kind)
     for i, c in enumerate(meta.get("config") or []):
         if not isinstance(c, dict):
-            return f"metadata config[{i}] is a {type(c).__name__}, not an object; re-save the adapter with samadapt"
+            return wrong(f"config[{i}]", c, dict)
     for key, value in (("base.arch", (meta.get("base") or {}).get("arch")),
                        ("decoder.policy", (meta.get("decoder") or {}).get("policy"))):
         if value is not None and not isinstance(value, str):
-            return f"metadata field {key!r} is a {type(value).__name__}, not a str; re-save the adapter with samadapt"
+            return wrong(key, value, str)
     return None
 
 
@@ -551,7 +558,7 @@ def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterIn
         >>> adapter_info("cod", {"source": "attached"}, "abc").source
         'attached'
         >>> adapter_info("bad", {"base": ["tiny"]}, "abc").error
-        "metadata field 'base' is a list, not a dict; re-save the adapter with samadapt"
+        "metadata field 'base' is a list, not an object; re-save the adapter with samadapt"
     """
     if meta.get("source") == "attached":
         return AdapterInfo(name=name, source="attached")
