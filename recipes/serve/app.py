@@ -9,8 +9,11 @@ One `AdapterBank` over a folder of adapter files serves every request:
     POST /api/segment    {image_id, adapter, points, box, multimask, format} -> {masks, scores, best}
     POST /api/auto       {image_id, adapter, points_per_side} -> masks for everything (RLE, bbox, area, score)
 
-Errors are JSON `{"detail": "..."}` with a 4xx status; the OpenAPI schema is at /openapi.json and
-/docs. Image embeddings are computed once per (image, adapter) and cached by the bank.
+Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limits); the OpenAPI
+schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
+cached by the bank. Every request passes the Host allowlist and, for writes, the origin check
+(`guard`); model requests run through the `ModelRunner` (`work`), so health and the listing
+never wait on the model.
 
 The bank is driven only through its public calls (`AdapterBank.predict`, `AdapterBank.generate`,
 `AdapterBank.available`, `AdapterBank.resident`).
