@@ -205,9 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
     s.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
     s.add_argument("--adapters", required=True, help="folder of adapter .safetensors files")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    # checked by the command, not argparse, so a bad value is one `error:` line like every other user error
+    s.add_argument("--port", default=8000, help="TCP port, 0..65535 (0 picks a free one; default 8000)")
     s.add_argument("--capacity", type=int, default=8, help="adapters kept resident")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another Host name clients use (a reverse proxy's public name; repeatable); "
+                        "localhost, 127.0.0.1, [::1] and the --host address are always allowed")
+    s.add_argument("--request-timeout", default=60.0, metavar="S",
+                   help="seconds a model request may take, waiting included (504/503 after; default 60)")
+    s.add_argument("--max-queue", default=8, metavar="N",
+                   help="model requests that may wait while one runs (503 with Retry-After beyond; default 8)")
+    s.add_argument("--auto-budget", default=2**30, metavar="PIXEL_POINTS",
+                   help="most width x height x points_per_side^2 one /api/auto may ask for (422 above; "
+                        "default 1073741824)")
+    s.add_argument("--header-timeout", default=10.0, metavar="S",
+                   help="seconds a client has to send its request head (default 10)")
+    s.add_argument("--body-timeout", default=30.0, metavar="S",
+                   help="seconds a client has to send its request body (default 30)")
     s.set_defaults(func=cmd_serve)
     return p
 

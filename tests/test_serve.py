@@ -137,7 +137,7 @@ def env(tmp_path_factory):
 def client(env):
     ckpt, folder = env
     app = create_app(load_base(str(ckpt)), folder, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, image_cache=4)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         yield c
 
 
@@ -325,7 +325,7 @@ def test_dropped_and_removed_files(env, ref_bank, tmp_path):
     ckpt, folder = env
     d = tmp_path / "live"
     shutil.copytree(folder, d)
-    c = TestClient(create_app(load_base(str(ckpt)), d))
+    c = TestClient(create_app(load_base(str(ckpt)), d), base_url="http://localhost")
     iid = upload(c, png_bytes(IMG)).json()["image_id"]
     names = lambda: [a["name"] for a in c.get("/api/adapters").json()["adapters"]]  # noqa: E731
     body = {"image_id": iid, "points": [[40, 45, 1]]}

@@ -1,6 +1,8 @@
 """The interactive page in a real headless browser (Chromium via Playwright) against a real server
 on loopback: open an image with the file input, click a point, see the mask and score, switch the
-adapter and see the mask change, negative points, a dragged box, clear. The mask the page draws
+adapter and see the mask change, negative points, a dragged box, clear -- with the server's Host and
+origin checks on: the page's own uploads carry its Origin and pass, and an upload from a page of
+another origin (the same server under its other loopback name) is refused. The mask the page draws
 is checked against `AdapterBank.predict` through the page's `data-mask-hash`. Saves a screenshot
 under the test's tmp dir and copies it to benchmarks/serve_page.png when SAMADAPT_UPDATE_SCREENSHOT=1.
 
@@ -76,8 +78,14 @@ def test_page_in_browser(tmp_path):
             page.click("#refresh")
             page.wait_for_function("() => document.querySelectorAll('#adapter option').length === 4")
 
-            page.set_input_files("#file", str(path))
+            is_upload = lambda r: r.url.endswith("/api/images")  # noqa: E731
+            with page.expect_request_finished(is_upload) as sent:
+                page.set_input_files("#file", str(path))
             page.wait_for_function("() => document.querySelector('#canvas').dataset.imageId")
+            # the page's own writes carry its Origin: the server's cross-origin check lets them through
+            headers, status = sent.value.all_headers(), sent.value.response().status
+            assert status == 200 and headers.get("origin") == url.rstrip("/"), headers
+            assert headers.get("sec-fetch-site") == "same-origin", headers
             assert page.eval_on_selector("#canvas", "c => [c.width, c.height]") == [W, H]
             rect = page.locator("#canvas").bounding_box()
 
@@ -161,6 +169,22 @@ def test_page_in_browser(tmp_path):
             shown(NAMES[0])
             shot = tmp_path / "serve_page.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # a page of another origin (the same server under its other loopback name) cannot write to this
+            # one: its multipart upload, sent the way a hostile form would (no-cors), is refused and stores nothing
+            other = url.replace("127.0.0.1", "localhost")
+            evil = browser.new_page()
+            evil.goto(other + "api/health")  # a document of that origin without the page's CSP (connect-src 'self')
+            held = len(app.state.images)
+            with evil.expect_response(is_upload) as sent:
+                evil.evaluate("""async (target) => {
+                    const fd = new FormData();
+                    fd.append("file", new Blob([new Uint8Array(64)], {type: "image/png"}), "x.png");
+                    await fetch(target + "api/images", {method: "POST", body: fd, mode: "no-cors"});
+                }""", url)
+            assert sent.value.status == 403, sent.value.request.all_headers()
+            assert len(app.state.images) == held
+            evil.close()
         finally:
             browser.close()
 

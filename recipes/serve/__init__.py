@@ -2,8 +2,10 @@
 
 `app` holds the FastAPI app (`create_app`), the background runner used by tests and benchmarks
 (`background_server`) and the CLI entry (`run_server`); `api` holds the request/response models and
-their validation (image decoding with limits, prompt checks, mask encodings, the body-size limit);
-`static/` holds the page.
+their validation (image decoding with limits, prompt checks, mask encodings, the body size and time
+limits); `work` runs the model calls (one at a time, bounded queue, time limit, cancellation);
+`guard` holds the Host allowlist, the cross-origin write check and the request-head timeout;
+`static/` holds the page. SECURITY.md at the repository root states the threat model.
 
 Example:
     >>> from samadapt.recipes.serve import create_app

@@ -21,18 +21,53 @@ MAX_POINTS = 64
 
 
 # ----------------------------------------------------------------------------- schemas
+class Limits(BaseModel):
+    """The limits every request is held to (the `samadapt serve` flags that set them in brackets)."""
+
+    max_upload_bytes: int = Field(description="largest image file accepted by POST /api/images (413 above)")
+    max_pixels: int = Field(description="largest width x height accepted (413 above)")
+    max_json_bytes: int = Field(description="largest JSON request body (413 above)")
+    auto_budget: int = Field(description="POST /api/auto work limit in pixel-points: width x height x "
+                                         "points_per_side^2 x crops (1 crop: the whole image); 422 above "
+                                         "(--auto-budget)")
+    request_timeout_s: float = Field(description="seconds a model request may take, waiting included: 504 when "
+                                                 "its work runs past it, 503 when it never got its turn "
+                                                 "(--request-timeout)")
+    max_queue: int = Field(description="model requests that may wait while one runs; one more gets 503 with "
+                                       "Retry-After (--max-queue)")
+    body_timeout_s: Optional[float] = Field(None, description="seconds allowed for a request body to arrive (408 "
+                                                              "after; --body-timeout)")
+
+
+class WorkState(BaseModel):
+    """What the model is doing now; read without waiting on it."""
+
+    running: int = Field(description="model requests running (0 or 1)")
+    queued: int = Field(description="model requests waiting for their turn")
+    decoder_batches: int = Field(description="decoder calls made so far (one per batch of automatic-mask points)")
+    encoder_blocks: int = Field(description="image-encoder blocks run so far")
+    completed: int = Field(description="model requests answered")
+    cancelled: int = Field(description="model requests stopped (time limit, client gone, shutdown)")
+    refused: int = Field(description="model requests refused because the queue was full")
+
+
 class Health(BaseModel):
-    """`GET /api/health`: the core, the adapters resident and the limits."""
+    """`GET /api/health`: the core, the adapters resident and the limits (answers at once, even while
+    the model is busy).
+    """
 
     status: Literal["ok"] = "ok"
     arch: str = Field(description="the frozen core's size (tiny, vit_b, ...)")
     image_size: int = Field(description="encoder input side in pixels")
     fingerprint: str = Field(description="the core weights' fingerprint; adapters record the one they were trained on")
     adapters: int = Field(description="adapter files in the directory now")
-    resident: List[str] = Field(description="adapters loaded in memory (least recently used first)")
+    resident: List[str] = Field(description="adapters loaded in memory (least recently used first), as of the last "
+                                            "model request")
     images: int = Field(description="uploaded images held now")
     max_upload_bytes: int
     max_pixels: int
+    limits: Limits
+    work: WorkState
 
 
 class AdapterInfo(BaseModel):
@@ -142,15 +177,47 @@ class AutoResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx answer: `{"detail": "..."}`."""
+    """Every error answer: `{"detail": "..."}` (422 adds the validation `errors`)."""
 
     detail: str
+    errors: Optional[List[Dict[str, Any]]] = Field(None, description="422 only: each invalid field")
 
 
-ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in [
-    (400, "bad request (invalid adapter name, undecodable image)"), (404, "unknown image id or adapter"),
-    (409, "adapter cannot be used with this core"), (413, "upload or image too large"),
-    (415, "not an image"), (422, "malformed or out-of-range request")]}
+_RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+_ERROR_TEXT = {
+    400: "bad request (invalid adapter name, undecodable image, unparsable body)",
+    403: "cross-origin write refused (Origin / Sec-Fetch-Site of another site)",
+    404: "unknown image id or adapter",
+    408: "the request body did not arrive in time",
+    409: "adapter cannot be used with this core (or its file cannot be read)",
+    413: "upload, image or body too large",
+    415: "not an image",
+    421: "the Host header names a host this server does not serve",
+    422: "malformed or out-of-range request (including /api/auto work over the budget, images too thin for the "
+         "model)",
+    503: "busy (queue full, or no turn within the time limit), or shutting down; see Retry-After",
+    504: "the model work ran past the request time limit and was stopped",
+}
+
+
+def error_responses(*codes: int) -> Dict[int, Dict[str, Any]]:
+    """The OpenAPI `responses` entries for these error statuses (all with the `ErrorBody` model).
+
+    Example:
+        >>> sorted(error_responses(421, 503))
+        [421, 503]
+    """
+    out: Dict[int, Dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorBody, "description": _ERROR_TEXT[code]}
+        if code == 503:
+            out[code]["headers"] = _RETRY
+    return out
+
+
+# every route: Host and body guards; writes: the origin check; model routes: the work limits
+READ_ERRORS = error_responses(400, 408, 421)
+ERRORS = error_responses(400, 403, 404, 408, 409, 413, 415, 421, 422, 503, 504)
 
 
 # ----------------------------------------------------------------------------- errors and limits
@@ -158,40 +225,49 @@ class ApiError(HTTPException):
     """An HTTP error with a one-line message; rendered as `{"detail": "..."}`.
 
     Args:
-        status: the HTTP status (4xx for anything the request got wrong).
+        status: the HTTP status (4xx for anything the request got wrong, 503/504 for limits).
         detail: what was received, what is allowed and how to fix it.
+        headers: extra response headers (`Retry-After`, `Connection: close`).
 
     Example:
         >>> ApiError(404, "unknown image id 'x'").status_code
         404
     """
 
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(status_code=status, detail=detail)
+    def __init__(self, status: int, detail: str, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(status_code=status, detail=detail, headers=headers)
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit_for(path)` bytes with 413.
+    """ASGI middleware: refuse request bodies over `limit_for(path)` bytes with 413, and bodies that
+    take longer than `body_timeout` seconds to arrive with 408 (a slow-body client holds no worker).
 
-    The limit is checked from the `Content-Length` header before anything is read, or while
-    streaming a body sent without one.
+    The size limit is checked from the `Content-Length` header before anything is read, or while
+    streaming a body sent without one. The time limit counts from the request head to the body's
+    last byte; once the body is complete, `receive` passes through untouched (the routes wait on
+    it for the client's disconnect).
 
     Args:
         app: the ASGI app to wrap.
         limit_for: request path -> the largest body accepted on it, in bytes.
+        body_timeout: seconds allowed for the whole body to arrive (None: no limit).
 
     Example:
         >>> from fastapi import FastAPI
-        >>> app = FastAPI(); app.add_middleware(BodyLimit, limit_for=lambda path: 2**20)
+        >>> app = FastAPI(); app.add_middleware(BodyLimit, limit_for=lambda path: 2**20, body_timeout=30)
     """
 
-    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app, limit_for: Callable[[str], int], body_timeout: Optional[float] = None) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        import asyncio
+        import time
+
         limit = self.limit_for(scope["path"])
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -203,13 +279,27 @@ class BodyLimit:
             return await _send_json(send, code, msg)
         seen = 0
         started = False
+        body_done = False
+        deadline = None if self.body_timeout is None else time.monotonic() + self.body_timeout
 
         async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
+            nonlocal seen, body_done
+            if body_done or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s "
+                                        f"(--body-timeout); send it faster or in one piece",
+                                   headers={"Connection": "close"}) from None
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                if seen > limit:
+                    raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
+            else:
+                body_done = True
             return message
 
         async def tracking_send(message):
@@ -429,8 +519,35 @@ def finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}
+
+
+def _metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
+    """Why a file's metadata cannot be listed (a field of the wrong type), or None."""
+    def wrong(key: str, value: Any, kind: type) -> str:
+        got = _JSON_NAMES.get(type(value), type(value).__name__)
+        return f"metadata field {key!r} is {got}, not {_JSON_NAMES[kind]}; re-save the adapter with samadapt"
+
+    expect = {"base": dict, "decoder": dict, "config": list, "domain": str, "prompt_mode": str,
+              "parameters": int, "file_bytes": int}
+    for key, kind in expect.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return wrong(key, value, kind)
+    for i, c in enumerate(meta.get("config") or []):
+        if not isinstance(c, dict):
+            return wrong(f"config[{i}]", c, dict)
+    for key, value in (("base.arch", (meta.get("base") or {}).get("arch")),
+                       ("decoder.policy", (meta.get("decoder") or {}).get("policy"))):
+        if value is not None and not isinstance(value, str):
+            return wrong(key, value, str)
+    return None
+
+
 def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterInfo:
-    """The listing entry for one `AdapterBank.available()` item.
+    """The listing entry for one `AdapterBank.available()` item; a file whose metadata has the wrong
+    types is listed as not loadable, with the reason, never an error for the whole listing.
 
     Args:
         name: the adapter's name.
@@ -440,16 +557,47 @@ def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterIn
     Example:
         >>> adapter_info("cod", {"source": "attached"}, "abc").source
         'attached'
+        >>> adapter_info("bad", {"base": ["tiny"]}, "abc").error
+        "metadata field 'base' is a list, not an object; re-save the adapter with samadapt"
     """
     if meta.get("source") == "attached":
         return AdapterInfo(name=name, source="attached")
     if "error" in meta:
-        return AdapterInfo(name=name, source="file", compatible=False, error=str(meta["error"]))
+        return AdapterInfo(name=name, source="file", compatible=False, error=_one_line(meta["error"]))
+    problem = _metadata_problem(meta)
+    if problem:
+        return AdapterInfo(name=name, source="file", compatible=False, error=problem)
     base = meta.get("base") or {}
     metrics = meta.get("metrics")
-    return AdapterInfo(
-        name=name, source="file", domain=str(meta.get("domain", "")), prompt_mode=str(meta.get("prompt_mode", "")),
-        kinds=[str(c.get("kind")) for c in meta.get("config") or [] if isinstance(c, dict)],
-        decoder=(meta.get("decoder") or {}).get("policy"), parameters=meta.get("parameters"),
-        file_bytes=meta.get("file_bytes"), base_arch=base.get("arch"),
-        compatible=base.get("fingerprint") == fingerprint, metrics=metrics if isinstance(metrics, dict) else None)
+    try:
+        return AdapterInfo(
+            name=name, source="file", domain=meta.get("domain") or "", prompt_mode=meta.get("prompt_mode") or "",
+            kinds=[str(c.get("kind")) for c in meta.get("config") or []],
+            decoder=(meta.get("decoder") or {}).get("policy"), parameters=meta.get("parameters"),
+            file_bytes=meta.get("file_bytes"), base_arch=base.get("arch"),
+            compatible=base.get("fingerprint") == fingerprint,
+            metrics=jsonable(metrics) if isinstance(metrics, dict) else None)
+    except Exception as e:  # noqa: BLE001 -- any other oddity of one file must not break the listing
+        return AdapterInfo(name=name, source="file", compatible=False,
+                           error=f"metadata cannot be listed ({type(e).__name__}: {_one_line(e)})")
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN), nested dicts and lists kept.
+
+    Example:
+        >>> jsonable({"a": float("nan"), "b": [1.0, float("inf")]})
+        {'a': None, 'b': [1.0, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _one_line(e: Any) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -9,8 +9,11 @@ One `AdapterBank` over a folder of adapter files serves every request:
     POST /api/segment    {image_id, adapter, points, box, multimask, format} -> {masks, scores, best}
     POST /api/auto       {image_id, adapter, points_per_side} -> masks for everything (RLE, bbox, area, score)
 
-Errors are JSON `{"detail": "..."}` with a 4xx status; the OpenAPI schema is at /openapi.json and
-/docs. Image embeddings are computed once per (image, adapter) and cached by the bank.
+Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limits); the OpenAPI
+schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
+cached by the bank. Every request passes the Host allowlist and, for writes, the origin check
+(`guard`); model requests run through the `ModelRunner` (`work`), so health and the listing
+never wait on the model.
 
 The bank is driven only through its public calls (`AdapterBank.predict`, `AdapterBank.generate`,
 `AdapterBank.available`, `AdapterBank.resident`).
@@ -20,28 +23,38 @@ Example:
     >>> from fastapi.testclient import TestClient
     >>> from samadapt.sam_core import build_sam
     >>> app = create_app(build_sam("tiny"), tempfile.mkdtemp())
-    >>> TestClient(app).get("/api/adapters").json()["adapters"]
+    >>> TestClient(app, base_url="http://localhost").get("/api/adapters").json()["adapters"]
     []
 """
 import contextlib
+import math
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from torch import nn
 
-from samadapt.adapters import AdapterBank, AdapterError, AdapterFormatError, IncompatibleAdapterError, is_valid_name
+from samadapt.adapters import (
+    AdapterBank,
+    AdapterError,
+    AdapterFormatError,
+    IncompatibleAdapterError,
+    attached,
+    is_valid_name,
+)
+from samadapt.adapters import inspect as inspect_adapter
 
 from .api import (
     ERRORS,
+    READ_ERRORS,
     AdapterList,
     ApiError,
     AutoMask,
@@ -51,8 +64,10 @@ from .api import (
     Health,
     ImageInfo,
     ImageStore,
+    Limits,
     SegmentRequest,
     SegmentResponse,
+    WorkState,
     adapter_info,
     check_prompts,
     decode_image,
@@ -60,16 +75,23 @@ from .api import (
     mask_png,
     masks_rle,
 )
+from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
+from .work import Cancelled, ModelRunner
 
 STATIC = Path(__file__).with_name("static")
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
             "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+LOOPBACK = set(LOOPBACK_NAMES)
+AUTO_BUDGET = 2**30  # pixel-points: 1024 x 1024 at 32 points per side, 2048 x 2048 at 16
+AUTO_BATCH_BYTES = 256 * 2**20  # memory for one batch of automatic-mask logits (points_per_batch follows)
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: int = 8,
                max_upload_bytes: int = 25 * 2**20, max_pixels: int = 4096 * 4096, image_cache: int = 16,
-               max_json_bytes: int = 2**20) -> FastAPI:
+               max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
+               request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
+               body_timeout: Optional[float] = 30.0) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
     Args:
@@ -80,30 +102,59 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         max_pixels: largest accepted width x height (413 above).
         image_cache: uploaded images kept (least recently used forgotten; then 404 until re-uploaded).
         max_json_bytes: largest JSON request body.
+        allowed_hosts: the `Host` names answered (421 for any other); default the loopback names
+            (`allowed_hosts_for` adds the bound host and `--allowed-host` names).
+        request_timeout: seconds a model request may take, waiting for its turn included (504/503 after).
+        max_queue: model requests that may wait while one runs (503 with Retry-After beyond).
+        auto_budget: most pixel-points (width x height x points_per_side^2) one /api/auto may ask for (422 above).
+        body_timeout: seconds a request body may take to arrive (408 after; None: no limit).
 
     Returns:
-        the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`.
+        the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`,
+        `app.state.runner` its `ModelRunner`, `app.state.catalogue()` its adapter listing.
 
     Raises:
-        ValueError: `image_cache` below 1 (and the bank's own checks of `capacity` and the folder).
+        ValueError: `image_cache` below 1, a limit out of range (and the bank's own checks of
+            `capacity` and the folder).
 
     Example:
         >>> import tempfile
         >>> from fastapi.testclient import TestClient
         >>> from samadapt.sam_core import build_sam
-        >>> health = TestClient(create_app(build_sam("tiny"), tempfile.mkdtemp())).get("/api/health").json()
+        >>> app = create_app(build_sam("tiny"), tempfile.mkdtemp())
+        >>> health = TestClient(app, base_url="http://localhost").get("/api/health").json()
         >>> health["status"], health["arch"], health["adapters"]
         ('ok', 'tiny', 0)
     """
+    if int(auto_budget) < 1:
+        raise ValueError(f"auto_budget={auto_budget!r} must be a positive number of pixel-points, "
+                         f"such as {AUTO_BUDGET}")
+    if body_timeout is not None and not body_timeout > 0:
+        raise ValueError(f"body_timeout={body_timeout!r} must be a positive number of seconds (or None)")
     bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache))
     images = ImageStore(image_cache)
+    runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
+    hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
+    fingerprint = str(sam.fingerprint)  # the core is frozen: hash its weights once, not per request
+    pinned = set(attached(sam))  # the bank serves these besides the folder's files
+    resident = {"names": bank.resident()}  # as of the last model call: health never takes the model's lock
+    limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
+                    auto_budget=int(auto_budget), request_timeout_s=runner.timeout, max_queue=runner.max_queue,
+                    body_timeout_s=body_timeout)
     app = FastAPI(title="samadapt serve", version=_version(),
                   description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
-                              "files. Upload an image, then ask for masks from points and boxes under any adapter.")
-    app.state.bank, app.state.images = bank, images
+                              "files. Upload an image, then ask for masks from points and boxes under any adapter. "
+                              f"Model requests run one at a time: at most {runner.max_queue} wait (503 with "
+                              f"Retry-After beyond), each within {runner.timeout:g} s (504 after). /api/auto may ask "
+                              f"for at most {int(auto_budget):,} pixel-points (width x height x points_per_side^2); "
+                              "more is refused with 422. Requests must name this server in Host (421 otherwise); "
+                              "writes from pages of other origins get 403.")
+    app.state.bank, app.state.images, app.state.runner = bank, images, runner
     app.add_middleware(
-        BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes
+        BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
+        body_timeout=body_timeout,
     )
+    app.add_middleware(HostGuard, allowed_hosts=hosts)  # outermost: a forged Host reaches nothing
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,28 +171,89 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}: {exc})"})
 
+    def file_entry(path: Path) -> Dict[str, Any]:
+        try:
+            return inspect_adapter(path)
+        except Exception as e:  # noqa: BLE001 -- AdapterFormatError, or whatever else one odd file raises
+            return {"error": f"{type(e).__name__}: {_first_line(e)}" if not isinstance(e, AdapterError)
+                    else _first_line(e)}
+
+    def catalogue() -> Dict[str, Dict[str, Any]]:
+        """`bank.available()`, or, when one file breaks the library's listing, the same listing made
+        file by file with that file's error as its entry.
+        """
+        try:
+            return bank.available()
+        except Exception:  # noqa: BLE001 -- one bad file must not take the listing down for every client
+            out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(pinned)}
+            for path in sorted(bank.directory.glob("*.safetensors")):
+                if is_valid_name(path.stem) and path.stem not in out:
+                    out[path.stem] = file_entry(path)
+            return out
+
+    app.state.catalogue = catalogue
+
     def check_adapter(name: Optional[str]) -> Optional[str]:
-        """400 for a name that could not come from the listing, 404 for one not in it now."""
+        """400 for a name that could not come from the listing, 404 for one not in it now, 409 for a
+        file the listing calls unreadable (before any model work).
+        """
         if name is None:
             return None
         if not is_valid_name(name):
             shown = name if len(name) <= 80 else name[:80] + "..."
             raise ApiError(400, f"adapter name {shown!r} is not valid (letters, digits, _ and -, starting with a "
                                 f"letter); use a name from GET /api/adapters or null for the plain core")
-        if not (bank.directory / f"{name}.safetensors").is_file() and name not in bank.available():
-            names = sorted(bank.available())
+        path = bank.directory / f"{name}.safetensors"
+        if name in pinned:
+            return name
+        if not path.is_file():
+            names = sorted(catalogue())
             raise ApiError(
                 404, f"no adapter named {name!r}; available: {names[:20]}{' ...' if len(names) > 20 else ''}"
             )
+        info = adapter_info(name, file_entry(path), fingerprint)
+        if info.error:
+            raise ApiError(409, f"adapter {name!r} cannot be used with this core: {info.error}")
         return name
 
-    def run_bank(name: Optional[str], fn: Callable[[], Any]) -> Any:
+    def thin_image(image: np.ndarray) -> Optional[str]:
+        """Why the core cannot take `image` (a side that rounds to 0 px at the model size), or None."""
+        from samadapt.sam_core.transforms import ResizeLongestSide
+
+        h, w = image.shape[:2]
+        rh, rw = ResizeLongestSide.get_preprocess_shape(h, w, int(sam.image_size))
+        if min(rh, rw) >= 1:
+            return None
+        return (f"the image is {w}x{h} px: resized to the model's {int(sam.image_size)} px its short side is "
+                f"{min(rh, rw)} px; upload an image whose short side is at least "
+                f"{math.ceil(max(h, w) / (2 * int(sam.image_size)))} px")
+
+    def model_call(name: Optional[str], image: np.ndarray, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (a bank call) in the runner's worker; its failures become the client's 4xx where
+        they are the request's fault.
+        """
         try:
             return fn()
+        except (Cancelled, ApiError):
+            raise
         except (IncompatibleAdapterError, AdapterFormatError) as e:
             raise ApiError(409, f"adapter {name!r} cannot be used with this core: {_first_line(e)}") from None
         except AdapterError as e:
             raise ApiError(404 if "no adapter named" in str(e) else 400, _first_line(e)) from None
+        except Exception as e:  # noqa: BLE001 -- sorted below: the request's fault -> 4xx, ours -> 500
+            thin = thin_image(image)
+            if thin:
+                raise ApiError(422, thin) from None
+            if name is not None and name not in bank.resident():  # the file did not load
+                raise ApiError(409, f"adapter {name!r} cannot be used with this core: the file did not load "
+                                    f"({type(e).__name__}: {_first_line(e)})") from None
+            raise
+        finally:
+            resident["names"] = bank.resident()  # the gate is ours: the bank's lock is free
+
+    def json_response(model: Any) -> Response:
+        # serialised in the worker thread: a large answer never stalls the event loop (health stays instant)
+        return Response(model.model_dump_json().encode(), media_type="application/json")
 
     # ------------------------------------------------------------------ routes
     @app.get("/", include_in_schema=False)
@@ -150,18 +262,23 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
                                            "Cache-Control": "no-cache"})
 
-    @app.get("/api/health", response_model=Health, summary="Server status: core, resident adapters, limits")
+    @app.get("/api/health", response_model=Health, responses=READ_ERRORS,
+             summary="Server status: core, resident adapters, limits, model work",
+             description="Never waits on the model: it answers at once while a heavy request runs.")
     def health() -> Health:
-        return Health(arch=str(sam.arch), image_size=int(sam.image_size), fingerprint=str(sam.fingerprint),
-                      adapters=len(bank.available()), resident=bank.resident(), images=len(images),
-                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+        return Health(arch=str(sam.arch), image_size=int(sam.image_size), fingerprint=fingerprint,
+                      adapters=len(catalogue()), resident=list(resident["names"]), images=len(images),
+                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, limits=limits,
+                      work=WorkState(**runner.state()))
 
-    @app.get("/api/adapters", response_model=AdapterList, summary="Adapters in the folder now, with their metadata",
-             description="The folder is re-listed on every call: a file dropped in appears, a removed one disappears.")
+    @app.get("/api/adapters", response_model=AdapterList, responses=READ_ERRORS,
+             summary="Adapters in the folder now, with their metadata",
+             description="The folder is re-listed on every call: a file dropped in appears, a removed one disappears. "
+                         "A file that cannot be read is listed with compatible false and its error. Never waits on "
+                         "the model.")
     def list_adapters() -> AdapterList:
-        fp = str(sam.fingerprint)
-        return AdapterList(core=f"{sam.arch}@{sam.image_size} {fp}",
-                           adapters=[adapter_info(n, m, fp) for n, m in bank.available().items()])
+        return AdapterList(core=f"{sam.arch}@{sam.image_size} {fingerprint}",
+                           adapters=[adapter_info(n, m, fingerprint) for n, m in catalogue().items()])
 
     @app.post("/api/images", response_model=ImageInfo, responses=ERRORS, summary="Upload an image; returns its id",
               description="Any format and mode PIL reads; converted to RGB (EXIF orientation applied). The id is a "
@@ -177,35 +294,59 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
               summary="Masks from point and box prompts under an adapter",
               description="points [[x, y, label], ...] and box [x0, y0, x1, y1] are in image pixels; with neither, "
                           "the model's promptless masks. adapter null: the plain frozen core.")
-    def segment(req: SegmentRequest) -> SegmentResponse:
+    async def segment(req: SegmentRequest, request: Request) -> SegmentResponse:
         t0 = time.perf_counter()
         image = images.get(req.image_id)
         name = check_adapter(req.adapter)
         h, w = image.shape[:2]
         prompts = check_prompts(req, w, h)
-        masks, scores, _ = run_bank(name, lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts))
-        encoded = [mask_png(m) for m in masks] if req.format == "png" else masks_rle(masks)
-        return SegmentResponse(masks=encoded, scores=[finite(s) for s in scores], best=int(np.argmax(scores)),
-                               width=w, height=h, adapter=name, elapsed_ms=1000 * (time.perf_counter() - t0))
+
+        def work() -> Response:
+            masks, scores, _ = model_call(
+                name, image, lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts))
+            encoded = [mask_png(m) for m in masks] if req.format == "png" else masks_rle(masks)
+            return json_response(SegmentResponse(
+                masks=encoded, scores=[finite(s) for s in scores], best=int(np.argmax(scores)), width=w, height=h,
+                adapter=name, elapsed_ms=1000 * (time.perf_counter() - t0)))
+
+        return await runner.run(work, request.receive, "the segment request")
 
     @app.post("/api/auto", response_model=AutoResponse, responses=ERRORS,
               summary="Masks for everything in the image (a grid of point prompts)",
               description="Runs the automatic mask generator on the cached embedding; masks as RLE with bbox "
-                          "[x, y, w, h], area and predicted IoU, highest score first.")
-    def auto(req: AutoRequest) -> AutoResponse:
+                          "[x, y, w, h], area and predicted IoU, highest score first. The work asked for, width x "
+                          f"height x points_per_side^2, may be at most {int(auto_budget):,} pixel-points (422 "
+                          "above, naming the largest points_per_side that fits).")
+    async def auto(req: AutoRequest, request: Request) -> AutoResponse:
         t0 = time.perf_counter()
         image = images.get(req.image_id)
+        h, w = image.shape[:2]
+        cost = h * w * req.points_per_side ** 2
+        if cost > auto_budget:
+            fits = math.isqrt(int(auto_budget) // (h * w))
+            hint = (f"use points_per_side <= {fits} for this image, or a smaller image" if fits >= 1
+                    else "this image is too large for automatic masks here; upload a smaller one")
+            raise ApiError(422, f"automatic masks for this {w}x{h} image at points_per_side={req.points_per_side} "
+                                f"are {cost:,} pixel-points of work, over the server's budget of "
+                                f"{int(auto_budget):,} (--auto-budget); {hint}")
         name = check_adapter(req.adapter)
-        found = run_bank(name, lambda: bank.generate(
-            image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
-            pred_iou_thresh=req.pred_iou_thresh, stability_score_thresh=req.stability_score_thresh,
-            output_mode="uncompressed_rle"))
-        found.sort(key=lambda m: -m["predicted_iou"])
-        masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
-                          score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
-                          point=[float(v) for v in m["point_coords"][0]]) for m in found[:req.max_masks]]
-        return AutoResponse(masks=masks, width=image.shape[1], height=image.shape[0], adapter=name,
-                            elapsed_ms=1000 * (time.perf_counter() - t0))
+        # bound the memory of one batch of candidate logits: 3 per point, each upscaled to the image
+        per_point = 12 * (h * w + int(sam.image_size) ** 2)
+        batch = int(min(64, max(1, AUTO_BATCH_BYTES // per_point)))
+
+        def work() -> Response:
+            found = model_call(name, image, lambda: bank.generate(
+                image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
+                points_per_batch=batch, pred_iou_thresh=req.pred_iou_thresh,
+                stability_score_thresh=req.stability_score_thresh, output_mode="uncompressed_rle"))
+            found.sort(key=lambda m: -m["predicted_iou"])
+            masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
+                              score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
+                              point=[float(v) for v in m["point_coords"][0]]) for m in found[:req.max_masks]]
+            return json_response(AutoResponse(masks=masks, width=w, height=h, adapter=name,
+                                              elapsed_ms=1000 * (time.perf_counter() - t0)))
+
+        return await runner.run(work, request.receive, "the automatic-mask request")
 
     return app
 
@@ -266,8 +407,46 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
+def uvicorn_server(app: FastAPI, log_level: str = "warning", header_timeout: float = 10.0,
+                   graceful: float = GRACEFUL_SHUTDOWN_S):
+    """A `uvicorn.Server` for `app` with the head timeout, and shutdown that stops the model work.
+
+    On SIGTERM/SIGINT the running and waiting model requests are cancelled at once (they stop at
+    their next model step and answer 503), new ones are refused, and uvicorn waits at most
+    `graceful` seconds for the connections before closing them.
+
+    Args:
+        app: the app (from `create_app`).
+        log_level: uvicorn's log level.
+        header_timeout: seconds a client has to send a request head (408 and closed after).
+        graceful: seconds uvicorn waits for open requests at shutdown.
+
+    Returns:
+        the server; `server.run(sockets=[sock])` serves until stopped.
+
+    Example:
+        >>> import tempfile
+        >>> from samadapt.sam_core import build_sam
+        >>> uvicorn_server(create_app(build_sam("tiny"), tempfile.mkdtemp())).config.timeout_graceful_shutdown
+        5
+    """
+    import uvicorn
+
+    runner = app.state.runner
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            runner.cancel_all("shutdown", close=True)  # the model work stops now, not after the grace period
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", http=header_timeout_protocol(header_timeout),
+                            timeout_graceful_shutdown=graceful, timeout_keep_alive=5)
+    return Server(config)
+
+
 @contextlib.contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0,
+                      header_timeout: float = 10.0) -> Iterator[str]:
     """Run `app` under uvicorn in a daemon thread; yields its base URL and stops it on exit.
 
     Args:
@@ -275,6 +454,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, time
         host: address to bind.
         port: TCP port, 0 for any free one.
         timeout: seconds to wait for the server to start, and for it to stop.
+        header_timeout: seconds a client has to send a request head.
 
     Yields:
         the base URL, e.g. `http://127.0.0.1:54321/`.
@@ -289,10 +469,8 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, time
         ...     httpx.get(url + "api/health").json()["status"]
         'ok'
     """
-    import uvicorn
-
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+    server = uvicorn_server(app, header_timeout=header_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="samadapt-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -303,49 +481,95 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, time
             time.sleep(0.02)
         yield url_of(sock)
     finally:
+        app.state.runner.cancel_all("shutdown")
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+def port_number(value: Any) -> int:
+    """`--port` as a TCP port number, 0..65535 (0 picks a free one).
+
+    Raises:
+        UserError: not a whole number in that range.
+
+    Example:
+        >>> port_number("8000")
+        8000
+    """
+    from ..errors import UserError
+
+    text = str(value).strip()
+    if not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise UserError(f"--port {value} is not a TCP port; use a number from 0 to 65535 (0 picks a free one)")
+    return int(text)
+
+
+def _positive(flag: str, value: Any, example: str, allow_zero: bool = False) -> float:
+    from ..errors import UserError
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (math.isfinite(number) and (number >= 0 if allow_zero else number > 0)):
+        what = "0 or more" if allow_zero else "a positive number"
+        raise UserError(f"{flag} {value} must be {what}, such as {example}")
+    return number
 
 
 def run_server(args) -> int:
     """The `samadapt serve` command: load the core, bind (127.0.0.1 unless `--host`), print the URL, serve.
 
     Args:
-        args: the parsed CLI arguments (`adapters`, `base`, `capacity`, `host`, `port`, `log_level`).
+        args: the parsed CLI arguments (`adapters`, `base`, `capacity`, `host`, `port`, `allowed_host`,
+            `request_timeout`, `max_queue`, `auto_budget`, `header_timeout`, `body_timeout`, `log_level`).
 
     Returns:
         0 when the server stops.
 
     Raises:
-        UserError: the adapter folder is missing or the address cannot be bound.
+        UserError: a flag out of range, the adapter folder is missing, or the address cannot be bound.
 
     Example:
         >>> # samadapt serve --adapters my_adapters/ --port 8000
     """
-    import uvicorn
-
     from ..errors import UserError
     from ..model import load_base
 
+    host = getattr(args, "host", None) or "127.0.0.1"
+    port = port_number(getattr(args, "port", 8000))
+    request_timeout = _positive("--request-timeout", getattr(args, "request_timeout", 60.0), "60")
+    header_timeout = _positive("--header-timeout", getattr(args, "header_timeout", 10.0), "10")
+    body_timeout = _positive("--body-timeout", getattr(args, "body_timeout", 30.0), "30")
+    max_queue = _positive("--max-queue", getattr(args, "max_queue", 8), "8", allow_zero=True)
+    auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
+    if max_queue != int(max_queue) or auto_budget != int(auto_budget):
+        raise UserError("--max-queue and --auto-budget take whole numbers")
+    try:
+        hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
+    except ValueError as e:
+        raise UserError(str(e)) from None
     directory = Path(args.adapters)
     if not directory.is_dir():
         raise UserError(f"adapter folder {directory} does not exist; create it or pass another --adapters")
     sam = load_base(getattr(args, "base", None))
-    app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8)
-    host, port = getattr(args, "host", None) or "127.0.0.1", int(getattr(args, "port", 8000))
+    app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts,
+                     request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
+                     body_timeout=body_timeout)
     try:
         sock = bind_socket(host, port)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server running there? "
                         f"pass another --port") from None
     url = url_of(sock)
-    n = len(app.state.bank.available())
+    n = len(app.state.catalogue())
     print(f"samadapt serve: {url}  (core {sam.arch}@{sam.image_size}, {n} adapter(s) in {directory}; "
           f"API docs at {url}docs; Ctrl+C stops)", flush=True)
     if host not in LOOPBACK:
-        print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server",
-              flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=getattr(args, "log_level", "info"), lifespan="off"))
+        print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server; "
+              f"it answers to Host {', '.join(sorted(hosts))} (add names with --allowed-host)", flush=True)
+    server = uvicorn_server(app, log_level=getattr(args, "log_level", "info"), header_timeout=header_timeout)
     server.run(sockets=[sock])
+    app.state.runner.cancel_all("shutdown", close=True)
     return 0
