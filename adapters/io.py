@@ -230,7 +230,7 @@ def metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
 
     `config` is a list of `{"kind": str, setting: value}` objects, `decoder` is `{"policy": str, "r": int}`,
     `base` is `{"arch": str, "image_size": int, "fingerprint": str}`, `metrics` (optional) an object, and
-    `dtype` one of fp32/fp16/bf16. The kinds' settings are checked by their own Configs on load.
+    `dtype` one of fp32/fp16/bf16. The settings of registered kinds are checked by their own Configs.
 
     Example:
         >>> ok = {"config": [{"kind": "lora", "r": 4}], "decoder": {"policy": "frozen", "r": 4},
@@ -257,6 +257,12 @@ def metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
     if not isinstance(base.get("arch"), str) or not _is_int(base.get("image_size")) or not isinstance(
             base.get("fingerprint"), str):
         return f"'base' should hold a string 'arch', an int 'image_size' and a string 'fingerprint', got {base!r:.80}"
+    for i, c in enumerate(cfg):
+        if c["kind"] in KINDS:  # a plugin kind that is not installed here is named by `load`, not here
+            try:
+                config_from_dict(c)
+            except (AdapterError, TypeError, ValueError) as e:
+                return f"'config'[{i}] ({c['kind']}): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if "metrics" in meta and not isinstance(meta["metrics"], (dict, type(None))):
         return f"'metrics' should be a JSON object, got {typename(meta['metrics'])}"
     if "dtype" in meta and meta["dtype"] not in ("fp32", "fp16", "bf16"):

@@ -11,6 +11,7 @@ demand. The tensor names are peft's (`get_peft_model_state_dict` without the ada
 `<path>.lora_A.weight`, `<path>.lora_B.weight`, `<path>.lora_magnitude_vector`); the tests check
 both against peft's `inject_adapter_in_model` and `get/set_peft_model_state_dict`.
 """
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Tuple
 
@@ -53,12 +54,16 @@ class LoraConfig:
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise AdapterError(f"lora r={self.r!r} must be a positive integer, e.g. 4")
-        self.alpha = float(self.r if self.alpha is None else self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
+        alpha = self.r if self.alpha is None else self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterError(f"lora alpha={alpha!r} must be a finite number (the update is scaled by alpha / r)")
+        self.alpha = float(alpha)
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise AdapterError(f"lora dropout={self.dropout} must be in [0, 1)")
-        self.targets = list(self.targets)
+        self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise AdapterError(f"lora targets {bad or self.targets} not valid; choose from {sorted(TARGETS)}")

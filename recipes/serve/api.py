@@ -17,7 +17,9 @@ import torch
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_POINTS = 64
+from samadapt.adapters.io import metadata_problem
+
+from ..limits import MAX_POINTS, MAX_POINTS_PER_SIDE
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -149,7 +151,8 @@ class AutoRequest(BaseModel):
 
     image_id: str = Field(max_length=128)
     adapter: Optional[str] = None
-    points_per_side: int = Field(16, ge=1, le=64, description="grid of points_per_side^2 single-point prompts")
+    points_per_side: int = Field(16, ge=1, le=MAX_POINTS_PER_SIDE,
+                                 description="grid of points_per_side^2 single-point prompts")
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this")
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
     max_masks: int = Field(200, ge=1, le=1000, description="return at most this many masks (highest score first)")
@@ -519,32 +522,6 @@ def finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-               bool: "a boolean"}
-
-
-def _metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
-    """Why a file's metadata cannot be listed (a field of the wrong type), or None."""
-    def wrong(key: str, value: Any, kind: type) -> str:
-        got = _JSON_NAMES.get(type(value), type(value).__name__)
-        return f"metadata field {key!r} is {got}, not {_JSON_NAMES[kind]}; re-save the adapter with samadapt"
-
-    expect = {"base": dict, "decoder": dict, "config": list, "domain": str, "prompt_mode": str,
-              "parameters": int, "file_bytes": int}
-    for key, kind in expect.items():
-        value = meta.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            return wrong(key, value, kind)
-    for i, c in enumerate(meta.get("config") or []):
-        if not isinstance(c, dict):
-            return wrong(f"config[{i}]", c, dict)
-    for key, value in (("base.arch", (meta.get("base") or {}).get("arch")),
-                       ("decoder.policy", (meta.get("decoder") or {}).get("policy"))):
-        if value is not None and not isinstance(value, str):
-            return wrong(key, value, str)
-    return None
-
-
 def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterInfo:
     """The listing entry for one `AdapterBank.available()` item; a file whose metadata has the wrong
     types is listed as not loadable, with the reason, never an error for the whole listing.
@@ -557,16 +534,20 @@ def adapter_info(name: str, meta: Dict[str, Any], fingerprint: str) -> AdapterIn
     Example:
         >>> adapter_info("cod", {"source": "attached"}, "abc").source
         'attached'
-        >>> adapter_info("bad", {"base": ["tiny"]}, "abc").error
-        "metadata field 'base' is a list, not an object; re-save the adapter with samadapt"
+        >>> adapter_info("bad", {"config": [], "decoder": {}, "base": ["tiny"]}, "abc").error
+        "metadata 'base' should be a JSON object, got list"
     """
     if meta.get("source") == "attached":
         return AdapterInfo(name=name, source="attached")
     if "error" in meta:
         return AdapterInfo(name=name, source="file", compatible=False, error=_one_line(meta["error"]))
-    problem = _metadata_problem(meta)
+    problem = metadata_problem(meta)  # inspect already refuses these; a listing made otherwise is checked too
     if problem:
-        return AdapterInfo(name=name, source="file", compatible=False, error=problem)
+        return AdapterInfo(name=name, source="file", compatible=False, error=f"metadata {problem}")
+    if meta.get("non_finite"):
+        return AdapterInfo(name=name, source="file", compatible=False,
+                           error=f"{len(meta['non_finite'])} tensors hold NaN or infinity (e.g. "
+                                 f"{meta['non_finite'][0]}); the file was saved from a diverged run")
     base = meta.get("base") or {}
     metrics = meta.get("metrics")
     try:

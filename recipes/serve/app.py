@@ -52,6 +52,7 @@ from samadapt.adapters import (
 )
 from samadapt.adapters import inspect as inspect_adapter
 
+from ..limits import MAX_PIXELS
 from .api import (
     ERRORS,
     READ_ERRORS,
@@ -88,7 +89,7 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: int = 8,
-               max_upload_bytes: int = 25 * 2**20, max_pixels: int = 4096 * 4096, image_cache: int = 16,
+               max_upload_bytes: int = 25 * 2**20, max_pixels: int = MAX_PIXELS, image_cache: int = 16,
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
                body_timeout: Optional[float] = 30.0) -> FastAPI:
