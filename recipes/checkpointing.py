@@ -423,8 +423,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, run_dir: Path, ste
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except BaseException as e:
+            full = disk_full(e, ck_root)  # before the partial checkpoint is removed and frees its space
             shutil.rmtree(tmp, ignore_errors=True)
-            if disk_full(e, ck_root):  # torch's writer says "unexpected pos 64 vs 0": say what happened
+            if full:  # torch's writer says "unexpected pos 64 vs 0": say what happened
                 last = latest_checkpoint(run_dir)
                 kept = f"; {last} is intact: free space and rerun with --resume" if last else ""
                 raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint step {step}{kept}",
