@@ -465,7 +465,7 @@ def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = No
         >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
         >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod")
         >>> pin = hashlib.sha256(open(p, "rb").read()).hexdigest()
-        >>> adapters.load(build_sam("tiny"), p, name="cod2", sha256=pin)
+        >>> adapters.load(sam, p, name="cod2", sha256=pin)
         'cod2'
     """
     from .sources import resolve

@@ -129,12 +129,12 @@ def hub_endpoint() -> Optional[str]:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
 
 
-def _fetch_hf(source: str) -> Path:
+def _fetch_hf(source: str, token: Union[str, bool, None] = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     repo_id, filename, revision = parse_hf(source)
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=hub_endpoint()))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=hub_endpoint(), token=token))
     except Exception as e:  # noqa: BLE001 -- every huggingface_hub/httpx failure becomes one line
         raise _hub_error(e, source) from None
 
