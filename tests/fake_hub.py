@@ -214,7 +214,8 @@ class FakeHub:
                         if repo_id in hub.repos:
                             return self._json(409, {"error": "You already created this model repo",
                                                     "url": f"{hub.url}/{repo_id}"})
-                        hub.repos[repo_id] = Repo(private=req.get("visibility") == "private" or bool(req.get("private")))
+                        private = req.get("visibility") == "private" or bool(req.get("private"))
+                        hub.repos[repo_id] = Repo(private=private)
                     return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 parts = path.split("/")  # ['', 'api', 'models', org, name, op, revision...]
                 if len(parts) < 7 or parts[2] != "models":
