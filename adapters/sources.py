@@ -275,7 +275,8 @@ def load_catalogue(source: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str,
         if not isinstance(src, str) or not src:
             raise SourceError(f"{where}: {name}: needs a source (a path, an http(s) URL or hf://org/repo/file)")
         if pin is not None and not isinstance(pin, str):
-            raise SourceError(f"{where}: {name}: sha256 should be a string of 64 hex digits")
+            raise SourceError(f"{where}: {name}: sha256 should be a string of 64 hex digits, got "
+                              f"{type(pin).__name__} (quote it in YAML: sha256: \"...\")")
         if folder is not None and not is_remote(src) and not Path(src).is_absolute():
             src = str(folder / src)
         out[name] = (src, _normal_pin(pin, f"{where}: {name}"))

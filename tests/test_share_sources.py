@@ -209,7 +209,8 @@ def test_bank_catalogue_of_sources(base, hub, tmp_path):
         with pytest.raises(HashMismatchError, match=sha(b)):
             adapters.AdapterBank(sam, catalogue=cat)
     for text, why in [("- a\n- b\n", "should map adapter names"), ("1bad: x.safetensors\n", "not valid"),
-                      ("a: {sha256: x}\n", "needs a source"), ("a: {source: x, pin: y}\n", "unknown keys")]:
+                      ("a: {sha256: x}\n", "needs a source"), ("a: {source: x, pin: y}\n", "unknown keys"),
+                      (f"a: {{source: x, sha256: {'1' * 64}}}\n", "quote it in YAML")]:
         cat.write_text(text)
         with pytest.raises(SourceError, match=why):
             load_catalogue(cat)
