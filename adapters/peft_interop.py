@@ -282,7 +282,7 @@ def from_peft(peft_dir: Union[str, os.PathLike], sam: nn.Module, out_file: Union
         ['qkv']
     """
     from .base import load_adapter_tensors
-    from .io import IncompatibleAdapterError, check_base, save
+    from .io import check_base, save
 
     cfg, tensors, file_meta = read_peft(peft_dir)
     config, ours = peft_to_samadapt(cfg, tensors, str(peft_dir))
@@ -294,11 +294,11 @@ def from_peft(peft_dir: Union[str, os.PathLike], sam: nn.Module, out_file: Union
         config.blocks = None
     if "samadapt_base" in file_meta and not allow_base_mismatch:
         try:
-            check_base(sam, json.loads(file_meta["samadapt_base"]), str(peft_dir))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass  # a damaged record of ours is no reason to refuse a peft folder
-        except IncompatibleAdapterError:
-            raise
+            recorded = json.loads(file_meta["samadapt_base"])
+        except json.JSONDecodeError:
+            recorded = None  # a damaged record of ours is no reason to refuse a peft folder
+        if isinstance(recorded, dict):
+            check_base(sam, recorded, str(peft_dir))
     if "samadapt_domain" in file_meta:
         meta.setdefault("domain", file_meta["samadapt_domain"])
     out = Path(out_file)

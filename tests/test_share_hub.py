@@ -112,40 +112,62 @@ def test_push_revision_private_and_pull_refusals(files, hub, tmp_path, monkeypat
     assert TOKEN not in str(ei.value)
 
 
-def test_cli_push_pull_offline_and_errors(files, tmp_path):
+def main_cli(*argv):
+    """`samadapt ARGV` by the CLI's own `main` in this process (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+    import types
+
+    from samadapt.recipes.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_cli_push_pull_offline_and_errors(files, tmp_path, monkeypatch):
     _, a, _, _ = files
     hub = FakeHub(token=TOKEN)
     home = tmp_path / "home"
     try:
-        env = cli_env(hub.url, home)
-        outs = []
-        r = cli("push", a, "me/cod", "--private", "--revision", "v1", "--license", "mit", env=env)
-        assert r.returncode == 0, r.stderr
-        outs.append(r.stdout + r.stderr)
-        assert "pushed cod.safetensors and README.md to me/cod@v1" in r.stdout
-        assert hub.repos["me/cod"].private and "v1" in hub.repos["me/cod"].refs
-        r = cli("pull", "me/cod", "--revision", "v1", "--out", tmp_path / "dl", env=env)
-        assert r.returncode == 0, r.stderr
-        outs.append(r.stdout + r.stderr)
-        assert (tmp_path / "dl" / "cod.safetensors").read_bytes() == a.read_bytes()
-        r = cli("pull", "me/cod/cod.safetensors", "--revision", "v1", "--sha256", "0" * 64, "--out",
-                tmp_path / "dl2", env=env)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and sha(a) in r.stderr
-        assert "Traceback" not in r.stderr and not (tmp_path / "dl2" / "cod.safetensors").exists()
-        outs.append(r.stdout + r.stderr)
-        r = cli("push", tmp_path / "missing.safetensors", "me/cod", env=env)
-        assert r.returncode == 2 and "no such adapter file" in r.stderr
-        outs.append(r.stdout + r.stderr)
-        assert not any(TOKEN in o for o in outs)  # the token is sent, never printed
+        with monkeypatch.context() as m:  # the variables a user sets; the CLI's main runs here
+            point_hub_here(m, hub.url, home)
+            run_push_pull(a, hub, tmp_path)
     finally:
         hub.close()
-    # the server is gone: offline, the cache answers; a file never fetched is one clear line
+    # the server is gone: a new process with HF_HUB_OFFLINE=1 gets the file from the cache; a file never
+    # fetched is one clear line
     env = cli_env(hub.url, home, offline=True)
     r = cli("pull", "me/cod/cod.safetensors", "--revision", "v1", "--out", tmp_path / "off", env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "off" / "cod.safetensors").read_bytes() == a.read_bytes()
     r = cli("pull", "me/cod/other.safetensors", "--out", tmp_path / "off2", env=env)
     assert r.returncode == 2 and "not in the local cache" in r.stderr and "Traceback" not in r.stderr
+
+
+def run_push_pull(a, hub, tmp_path):
+    """push / pull through the CLI: results, refusals, and the token never printed."""
+    cli = main_cli
+    outs = []
+    r = cli("push", a, "me/cod", "--private", "--revision", "v1", "--license", "mit")
+    assert r.returncode == 0, r.stderr
+    outs.append(r.stdout + r.stderr)
+    assert "pushed cod.safetensors and README.md to me/cod@v1" in r.stdout
+    assert hub.repos["me/cod"].private and "v1" in hub.repos["me/cod"].refs
+    r = cli("pull", "me/cod", "--revision", "v1", "--out", tmp_path / "dl")
+    assert r.returncode == 0, r.stderr
+    outs.append(r.stdout + r.stderr)
+    assert (tmp_path / "dl" / "cod.safetensors").read_bytes() == a.read_bytes()
+    r = cli("pull", "me/cod/cod.safetensors", "--revision", "v1", "--sha256", "0" * 64, "--out",
+            tmp_path / "dl2")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and sha(a) in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "dl2" / "cod.safetensors").exists()
+    outs.append(r.stdout + r.stderr)
+    r = cli("push", tmp_path / "missing.safetensors", "me/cod")
+    assert r.returncode == 2 and "no such adapter file" in r.stderr
+    outs.append(r.stdout + r.stderr)
+    assert not any(TOKEN in o for o in outs)  # the token is sent, never printed
 
 
 def test_serve_catalogue_with_hub_source(files, tmp_path):

@@ -214,3 +214,20 @@ def test_bank_catalogue_of_sources(base, hub, tmp_path):
         cat.write_text(text)
         with pytest.raises(SourceError, match=why):
             load_catalogue(cat)
+
+
+def test_adapter_loaded_onto_an_eval_core_runs_without_dropout(base, tmp_path):
+    """A file with LoRA dropout, served by a bank on an eval-mode core, gives the same masks every call."""
+    sam, _, _, _ = base
+    adapters.attach(sam, adapters.config("lora", r=4, dropout=0.5), name="drop")
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(sam, "drop"):
+            p.add_(0.1)
+    f = adapters.save(sam, tmp_path / "drop.safetensors", name="drop")
+    adapters.detach(sam, "drop")
+    assert not sam.training
+    bank = adapters.AdapterBank(sam, catalogue={"drop": str(f)})
+    img = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    e1 = bank.embedding(img, adapter="drop", image_id="first").clone()
+    assert torch.equal(e1, bank.embedding(img, adapter="drop", image_id="second"))  # a second encoder pass
+    assert not any(m.training for m in sam.modules())
