@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .sources import SourceError, _hub_error, file_sha256, hub_endpoint
 
+FENCE = "`" * 3  # a Markdown code fence
 CARD_TAGS = ["samadapt", "segment-anything", "sam", "adapter", "image-segmentation"]
 
 
@@ -116,15 +117,15 @@ def model_card(file: Union[str, os.PathLike], repo_id: Optional[str] = None, lic
         f"| file | `{path.name}`, sha256 `{sha}` |",
         "",
         "## Use", "",
-        "```bash",
+        FENCE + "bash",
         f"samadapt pull {repo}/{path.name}",
-        "```", "",
-        "```python",
+        FENCE, "",
+        FENCE + "python",
         "from samadapt import adapters",
         "from samadapt.sam_core import load_sam",
         f"sam = load_sam({base.get('checkpoint', 'BASE_CHECKPOINT')!r})",
         f"adapters.load(sam, \"hf://{repo}/{path.name}\", sha256=\"{sha}\")",
-        "```", "",
+        FENCE, "",
     ]
     metrics = s.get("metrics") or {}
     flat = metrics.get("eval", metrics) if isinstance(metrics, dict) else {}
@@ -133,7 +134,7 @@ def model_card(file: Union[str, os.PathLike], repo_id: Optional[str] = None, lic
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in flat.items()]
         lines.append("")
     if s.get("recipe"):
-        lines += ["## Recipe", "", "```yaml", s["recipe"].rstrip(), "```", ""]
+        lines += ["## Recipe", "", FENCE + "yaml", s["recipe"].rstrip(), FENCE, ""]
     if license is None:
         lines += ["## Licence", "", "Not stated: the author did not pass `--license`.", ""]
     text = "\n".join(lines)

@@ -98,6 +98,8 @@ def cmd_inspect(args) -> int:
             rows.append((k, str(info[k])))
     base = info.get("base", {})
     rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
+    if base.get("checkpoint"):
+        rows.append(("base file", f"{base['checkpoint']} (sha256 {base.get('checkpoint_sha256', '?')})"))
     dec = info.get("decoder", {})
     rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
     for c in info.get("config", []):

@@ -2,7 +2,8 @@
 checkpoint loading, the predictor and the automatic mask generator. Knows nothing of adapters.
 """
 from .build import ARCHS, SamArch, build_sam
-from .checkpoint import CheckpointError, CheckpointFile, load_sam, read_state_dict
+from .checkpoint import CheckpointError, load_sam, read_state_dict
+from .checkpoint_file import CheckpointFile
 from .predictor import ImageEmbedding, SamPredictor
 from .sam import Sam
 from .transforms import ResizeLongestSide
