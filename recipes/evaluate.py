@@ -200,7 +200,7 @@ def run_eval(args) -> int:
     sam = load_base(args.base, cfg["base"]["image_size"]) if args.base else build_core(cfg)
     name = None
     if args.adapter:
-        name = adapters.load(sam, args.adapter)
+        name = adapters.load(sam, args.adapter, allow_base_mismatch=getattr(args, "allow_base_mismatch", False))
         meta = adapters.inspect(args.adapter)
         # evaluate with the prompts the adapter was trained with
         cfg["prompts"]["mode"] = meta.get("prompt_mode", cfg["prompts"]["mode"]) or "none"
