@@ -3,15 +3,14 @@ path in the `Sam` module) and string metadata (JSON where structured). Written a
 """
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import base as _base
+from .atomic import atomic_file  # noqa: F401 -- re-exported: recipes write their files through it
 from .base import (
     AdapterError,
     IncompatibleAdapterError,
@@ -110,44 +109,6 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
-
-
-@contextmanager
-def atomic_file(path: Union[str, os.PathLike], fsync: bool = True) -> Iterator[str]:
-    """Yield a temporary name beside `path`; when the block succeeds the file is flushed to disk
-    (`fsync`), given the umask's mode and renamed onto `path`; on any error it is removed. A crash
-    never leaves a half-written `path`.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "a.txt")
-        >>> with atomic_file(p) as tmp:
-        ...     _ = open(tmp, "w").write("done")
-        >>> open(p).read()
-        'done'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        _share_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _share_mode(path: str) -> None:
-    """Mkstemp makes owner-only files; adapter files are meant to be shared: use the umask's mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:

@@ -160,7 +160,7 @@ def _fetch_url(url: str, pin: Optional[str]) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import http_get
 
-    from .io import atomic_file
+    from .atomic import atomic_file
 
     dest = url_cache_path(url)
     if dest.is_file() and (constants.is_offline_mode() or (pin is not None and file_sha256(dest) == pin)):

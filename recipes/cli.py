@@ -266,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:
-        from .checkpointing import OS_FIXES, os_problem
+        from .rundir import OS_FIXES, os_problem
 
         if e.errno not in OS_FIXES:
             raise

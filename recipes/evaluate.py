@@ -11,11 +11,12 @@ from torch.nn import functional as F
 
 from samadapt import adapters
 
-from .checkpointing import atomic_write_bytes, atomic_write_text, check_writable_file
+from .checkpointing import atomic_write_bytes, atomic_write_text
 from .config import load_recipe
 from .data.prompts import box_from_mask
 from .metrics import MetricSuite
 from .model import build_core, load_base
+from .rundir import check_writable_file
 
 LOWER_IS_BETTER = {"mae", "ber"}
 

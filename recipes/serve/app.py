@@ -1,3 +1,4 @@
+# why over 500 lines: the routes, their limits (budget, queue, time limit) and the server lifecycle in one place
 """The `samadapt serve` app: an HTTP API and an interactive page over one frozen core and adapter files.
 
 One `AdapterBank` over a folder of adapter files serves every request:
