@@ -50,6 +50,8 @@ class AdapterBank:
         cache_size: most (image, adapter) embeddings kept.
         catalogue: name -> source file or mapping (optional).
         allow_base_mismatch: load adapters made for other base weights too.
+        precision: the image encoder's precision on a CPU, `auto`, `bf16` or `fp32` (None:
+            `$SAMADAPT_PRECISION`, else `auto`; see `SamPredictor`); `route` says what was taken.
 
     Example:
         >>> import numpy as np
@@ -66,7 +68,7 @@ class AdapterBank:
     def __init__(self, sam: nn.Module, directory: Optional[Union[str, os.PathLike]] = None,
                  capacity: int = 8, cache_size: int = 32,
                  catalogue: Optional[Union[str, os.PathLike, Dict[str, Any]]] = None,
-                 allow_base_mismatch: bool = False) -> None:
+                 allow_base_mismatch: bool = False, precision: Optional[str] = None) -> None:
         from .sources import load_catalogue, resolve
 
         if capacity < 1:
@@ -87,12 +89,17 @@ class AdapterBank:
         self._loaded: "OrderedDict[str, Tuple[float, int]]" = OrderedDict()  # name -> file (mtime, size)
         self._pinned = set(attached(sam))  # attached by the caller: never evicted
         self._cache: "OrderedDict[Tuple[str, Optional[str], Any], ImageEmbedding]" = OrderedDict()
-        self._predictor = SamPredictor(sam)
+        self._predictor = SamPredictor(sam, precision=precision)
         # the embeddings whose decoder state (channels-last copy + DecoderImageCache) is kept, so
         # interleaved requests keep their prompt-independent products
         self._recent: "OrderedDict[int, ImageEmbedding]" = OrderedDict()
         self.decoder_state_size = 4
         self.stats = {"loads": 0, "evictions": 0, "cache_hits": 0, "cache_misses": 0}
+
+    @property
+    def route(self):
+        """The image encoder's route (`SamPredictor.route`: device, precision, attention, why)."""
+        return self._predictor.route
 
     # ------------------------------------------------------------------ catalogue
     def available(self) -> Dict[str, Dict[str, Any]]:
