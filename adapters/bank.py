@@ -300,6 +300,7 @@ class AdapterBank:
             key = image_id or image_key(image)
             emb = self._embeddings([image], [key], adapter, version)[0]
             activate(self.sam, adapter)
+            generator_args.setdefault("precision", self._predictor.precision)  # crops: the bank's route
             gen = SamAutomaticMaskGenerator(self.sam, **generator_args)
             with torch.inference_mode():
                 return gen.generate(image, embedding=emb)

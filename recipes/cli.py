@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                    help="image encoder on a CPU: auto (bf16 where the CPU has native bf16, else fp32), or force "
+                         "one (default: $SAMADAPT_PRECISION, else auto)")
     pr.add_argument("--allow-base-mismatch", action="store_true",
                     help="load the adapter even if it was made for other base weights")
     pr.set_defaults(func=cmd_predict)
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send its request body (default 30)")
     s.add_argument("--allow-base-mismatch", action="store_true",
                    help="serve adapters made for other base weights too")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="image encoder on a CPU: auto (bf16 where the CPU has native bf16, else fp32), or force "
+                        "one (default: $SAMADAPT_PRECISION, else auto); /api/health shows the route")
     s.set_defaults(func=cmd_serve)
 
     from .share import add_parsers
@@ -248,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         >>> main(["inspect", "no/such/file.safetensors"])
         2
     """
+    from .threads import configure_openmp
+
+    configure_openmp()  # before anything imports torch: idle OpenMP threads sleep, not spin (threads.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -503,21 +503,45 @@ def _prompt_arrays(ps: Optional[PromptSet]) -> Dict[str, Any]:
 
 
 def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
+    """Encode the images in batches of `--batch-size`; each batch's prompts are decoded (and its files
+    written, on the writer threads) on a decode thread while the next batch is read and encoded.
+    """
     import torch
 
     from samadapt.sam_core import SamPredictor
 
     sam, args = r.sam, r.args
-    predictor = SamPredictor(sam)
+    precision = getattr(args, "precision", None)
+    encoder = SamPredictor(sam, precision=precision)
+    decoder = SamPredictor(sam, precision=precision)  # its own current image: used by the decode thread only
     todo = sorted(jobs)
     bs = int(args.batch_size)
+    decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samadapt-decode")
+    pending: List[Any] = []  # the previous batch's decode: at most one waits, so memory stays bounded
+
+    def decode(batch: List[Tuple[int, np.ndarray]], embeddings: List[Any]) -> None:
+        for (i, img), emb in zip(batch, embeddings):
+            try:
+                decoder.set_embedding(emb)
+                with torch.no_grad():
+                    logits = [decoder.predict(**_prompt_arrays(ps), multimask_output=False, return_logits=True)[0][0]
+                              for ps in jobs[i]]
+                r.submit_write(i, _write_masks, r.out, r.stems[i], img, logits, jobs[i], args.probs,
+                               not args.no_overlay, float(sam.mask_threshold))
+            except Exception as e:
+                r.error(i, e)
+            r.bar.update(1)
+
+    def wait_decode() -> None:
+        while pending:
+            pending.pop().result()  # decode() reports per image; nothing of it raises
 
     def flush(batch: List[Tuple[int, np.ndarray]]) -> None:
         if not batch:
             return
         try:
             with torch.no_grad():
-                embeddings = predictor.encode([img for _, img in batch])
+                embeddings = encoder.encode([img for _, img in batch])
         except Exception as e:
             if len(batch) > 1:  # one bad image never fails its neighbours: encode them one by one
                 for item in batch:
@@ -526,30 +550,25 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
             r.error(batch[0][0], e)
             r.bar.update(1)
             return
-        for (i, img), emb in zip(batch, embeddings):
-            try:
-                predictor.set_embedding(emb)
-                with torch.no_grad():
-                    logits = [predictor.predict(**_prompt_arrays(ps), multimask_output=False, return_logits=True)[0][0]
-                              for ps in jobs[i]]
-                r.submit_write(i, _write_masks, r.out, r.stems[i], img, logits, jobs[i], args.probs,
-                               not args.no_overlay, float(sam.mask_threshold))
-            except Exception as e:
-                r.error(i, e)
-            r.bar.update(1)
+        wait_decode()
+        pending.append(decoding.submit(decode, batch, embeddings))
 
-    batch: List[Tuple[int, np.ndarray]] = []
-    for k, got in _read_ahead([r.paths[i] for i in todo], window=bs, max_pixels=_max_pixels(args)):
-        i = todo[k]
-        if isinstance(got, BaseException):
-            r.error(i, got)
-            r.bar.update(1)
-            continue
-        batch.append((i, got))
-        if len(batch) >= bs:
-            flush(batch)
-            batch = []
-    flush(batch)
+    try:
+        batch: List[Tuple[int, np.ndarray]] = []
+        for k, got in _read_ahead([r.paths[i] for i in todo], window=bs, max_pixels=_max_pixels(args)):
+            i = todo[k]
+            if isinstance(got, BaseException):
+                r.error(i, got)
+                r.bar.update(1)
+                continue
+            batch.append((i, got))
+            if len(batch) >= bs:
+                flush(batch)
+                batch = []
+        flush(batch)
+        wait_decode()
+    finally:
+        decoding.shutdown(wait=True)
 
 
 def _auto_outputs(out: Path, stem: str, image: np.ndarray, masks: List[Dict[str, Any]], overlay: bool) -> None:
@@ -572,7 +591,8 @@ def _run_auto(r: _Runner) -> None:
 
     from samadapt.sam_core import SamAutomaticMaskGenerator
 
-    gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side))
+    gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side),
+                                    precision=getattr(r.args, "precision", None))
     for i, got in _read_ahead(r.paths, window=2, max_pixels=_max_pixels(r.args)):
         if isinstance(got, BaseException):
             r.error(i, got)
@@ -609,6 +629,22 @@ def _check_out(out: Path, inputs: Sequence[Path]) -> None:
             raise PredictError(
                 f"--out {out} holds input images; masks would mix with (or replace) them - choose another folder"
             )
+
+
+def run_line(sam, precision: Optional[str] = None) -> str:
+    """The log line `samadapt predict` starts with: the core, the encoder route taken, the threads.
+
+    Example:
+        >>> from samadapt.sam_core import build_sam
+        >>> run_line(build_sam("tiny"), "fp32")[:50]
+        'predict: core tiny@256, encoder cpu fp32, factorise'
+    """
+    from samadapt.sam_core.fast import choose_route
+
+    from .threads import openmp_summary
+
+    return (f"predict: core {sam.arch}@{sam.image_size}, encoder {choose_route(sam, precision).describe()}, "
+            f"{openmp_summary()}")
 
 
 def run_predict(args) -> int:
@@ -670,6 +706,12 @@ def run_predict(args) -> int:
         jobs = {i: [ps] for i in range(len(paths))}
     out = Path(args.out)
     _check_out(out, paths)
+    from samadapt.sam_core.fast import resolve_precision
+
+    try:
+        resolve_precision(getattr(args, "precision", None))
+    except ValueError as e:
+        raise PredictError(str(e)) from None
 
     # 2. the model (bad base / adapter -> exit 2, nothing written yet)
     import torch
@@ -699,6 +741,7 @@ def run_predict(args) -> int:
     except OSError as e:
         raise PredictError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     r = _Runner(sam, out, args, paths, [len(jobs.get(i, ())) for i in range(len(paths))])
+    r.bar.write(run_line(sam, getattr(args, "precision", None)), file=sys.stderr)
     for n in notes:
         r.warn(n)
     try:

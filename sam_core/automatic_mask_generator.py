@@ -58,6 +58,7 @@ class SamAutomaticMaskGenerator:
         point_grids: explicit grids, one per layer, of (x, y) in [0, 1] (N x 2 arrays).
         min_mask_region_area: if > 0, fill holes and drop islands smaller than this many pixels
             (needs opencv), then rerun NMS.
+        precision: the image encoder's precision on a CPU (`SamPredictor`'s: `auto`, `bf16`, `fp32`).
         output_mode: "binary_mask" (H x W bool arrays), "uncompressed_rle" or "coco_rle"
             (compressed strings; needs pycocotools).
 
@@ -92,6 +93,7 @@ class SamAutomaticMaskGenerator:
         point_grids: Optional[List[np.ndarray]] = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        precision: Optional[str] = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError(
@@ -126,7 +128,7 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area > 0:
             import cv2  # noqa: F401  (fail now rather than after the model ran)
 
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, precision=precision)
         self.point_grids = grids
         self.points_per_batch = int(points_per_batch)
         self.pred_iou_thresh = pred_iou_thresh

@@ -54,6 +54,17 @@ class WorkState(BaseModel):
     refused: int = Field(description="model requests refused because the queue was full")
 
 
+class EncoderRoute(BaseModel):
+    """How the image encoder runs (`SamPredictor.route`; `samadapt serve --precision` chooses)."""
+
+    device: str = Field(description="cpu, cuda, ...")
+    precision: Literal["bf16", "fp32", "as built"] = Field(
+        description="bf16: CPU bf16 autocast (the CPU has native bf16 matrix units); fp32; as built: the model's "
+                    "own dtype")
+    attention: Literal["factorised", "as built"] = Field(description="the encoder's attention path")
+    reason: str = Field(description="why this route was taken")
+
+
 class Health(BaseModel):
     """`GET /api/health`: the core, the adapters resident and the limits (answers at once, even while
     the model is busy).
@@ -71,6 +82,7 @@ class Health(BaseModel):
     max_pixels: int
     limits: Limits
     work: WorkState
+    encoder: EncoderRoute
 
 
 class AdapterInfo(BaseModel):

@@ -28,6 +28,7 @@ Example:
     []
 """
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -63,6 +64,7 @@ from .api import (
     AutoRequest,
     AutoResponse,
     BodyLimit,
+    EncoderRoute,
     Health,
     ImageInfo,
     ImageStore,
@@ -94,7 +96,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
                body_timeout: Optional[float] = 30.0, catalogue: Optional[Union[str, os.PathLike, dict]] = None,
-               allow_base_mismatch: bool = False) -> FastAPI:
+               allow_base_mismatch: bool = False, precision: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
     Args:
@@ -114,6 +116,8 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         catalogue: a catalogue file or mapping (adapter name -> path, URL or hf:// source [+ sha256]),
             served besides (or, with `adapters_dir` None, instead of) the folder.
         allow_base_mismatch: serve adapters made for other base weights too.
+        precision: the image encoder's precision on a CPU: `auto`, `bf16` or `fp32` (None:
+            `$SAMADAPT_PRECISION`, else `auto`); `/api/health` shows the route under `encoder`.
 
     Returns:
         the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`,
@@ -138,7 +142,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
     if body_timeout is not None and not body_timeout > 0:
         raise ValueError(f"body_timeout={body_timeout!r} must be a positive number of seconds (or None)")
     bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache),
-                       catalogue=catalogue, allow_base_mismatch=allow_base_mismatch)
+                       catalogue=catalogue, allow_base_mismatch=allow_base_mismatch, precision=precision)
     images = ImageStore(image_cache)
     runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
@@ -276,7 +280,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         return Health(arch=str(sam.arch), image_size=int(sam.image_size), fingerprint=fingerprint,
                       adapters=len(catalogue()), resident=list(resident["names"]), images=len(images),
                       max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, limits=limits,
-                      work=WorkState(**runner.state()))
+                      work=WorkState(**runner.state()), encoder=EncoderRoute(**dataclasses.asdict(bank.route)))
 
     @app.get("/api/adapters", response_model=AdapterList, responses=READ_ERRORS,
              summary="Adapters in the folder now, with their metadata",
@@ -564,11 +568,18 @@ def run_server(args) -> int:
     elif not directory.is_dir():
         raise UserError(f"adapter folder {directory} does not exist; create it or pass another --adapters "
                         f"(a folder, or a .yaml/.json catalogue)")
+    from samadapt.sam_core.fast import resolve_precision
+
+    try:
+        precision = resolve_precision(getattr(args, "precision", None))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     sam = load_base(getattr(args, "base", None))
     app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts,
                      request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
                      body_timeout=body_timeout, catalogue=catalogue,
-                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)))
+                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)),
+                     precision=precision)
     try:
         sock = bind_socket(host, port)
     except OSError as e:
@@ -578,6 +589,7 @@ def run_server(args) -> int:
     n = len(app.state.catalogue())
     print(f"samadapt serve: {url}  (core {sam.arch}@{sam.image_size}, {n} adapter(s) in {directory or catalogue}; "
           f"API docs at {url}docs; Ctrl+C stops)", flush=True)
+    print(f"samadapt serve: encoder {app.state.bank.route.describe()}", flush=True)
     if host not in LOOPBACK:
         print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server; "
               f"it answers to Host {', '.join(sorted(hosts))} (add names with --allowed-host)", flush=True)
