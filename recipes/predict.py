@@ -636,8 +636,8 @@ def run_line(sam, precision: Optional[str] = None) -> str:
 
     Example:
         >>> from samadapt.sam_core import build_sam
-        >>> run_line(build_sam("tiny"), "fp32")[:50]
-        'predict: core tiny@256, encoder cpu fp32, factorise'
+        >>> run_line(build_sam("tiny"), "fp32").split(" (")[0]
+        'predict: core tiny@256, encoder cpu fp32, factorised attention'
     """
     from samadapt.sam_core.fast import choose_route
 

@@ -54,7 +54,7 @@ def openmp_summary() -> str:
     """`2 threads, OMP_WAIT_POLICY=PASSIVE` (threads as torch has them now; the policy as set).
 
     Example:
-        >>> "threads" in openmp_summary()
+        >>> "thread" in openmp_summary()
         True
     """
     import torch
