@@ -119,7 +119,8 @@ def cmd_set_image(args) -> dict:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if len(v) == r + 1),
+              flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     p_ours.set_image(image), p_fp32.set_image(image), p_ref.set_image(image)
     e_ref = p_ref.get_image_embedding()

@@ -12,7 +12,7 @@ both with the factorised attention of `fast.attention` (the same function as tim
   extension (Arm) and the encoder input is at least `MIN_BF16_IMAGE_SIZE` px: below it the bf16
   kernels' fixed costs outweigh what they save (the tiny core at 256 px encoded in 0.45 s under bf16
   against 0.13 s in fp32 on the 2-core AMX machine of benchmarks/RESULTS.md; at 1024 px bf16 was 2.4x
-  faster for the tiny core and 2.5x for vit_b).
+  faster for the tiny core and 2.2x for vit_b).
 * `fp32`: the encoder in the model's own dtype with the factorised attention.
 * `as built` (`SamPredictor(fast=False)`, or a model on another device): nothing changed.
 
