@@ -31,6 +31,7 @@ from .base import (  # noqa: E402
 )
 from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .kinds import DECODER_POLICIES  # noqa: E402
+from .mixed import RowRoute, route  # noqa: E402
 from .parts import remove_from_slot  # noqa: E402
 from .registry import (
     DECODER_KINDS,
@@ -52,6 +53,8 @@ __all__ = [
     "DECODER_POLICIES", "DECODER_KINDS", "FORMAT", "ENTRY_POINT_GROUP", "load_plugins", "unregister_kind",
     # what a third-party kind builds on
     "Injected", "AdapterSlot", "block_indices", "module_tensors", "remove_from_slot",
+    # mixed-adapter encoder batches
+    "route", "RowRoute",
 ]
 
 from .peft_linear_view import register as _register_linear_view  # noqa: E402
