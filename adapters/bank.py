@@ -255,7 +255,8 @@ class AdapterBank:
             >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
             >>> bank = adapters.AdapterBank(sam)
             >>> im = np.zeros((64, 64, 3), np.uint8)
-            >>> out = bank.predict_batch([dict(image=im, adapter="b", box=[8, 8, 40, 40]), dict(image=im, box=[4, 4, 30, 30])])
+            >>> out = bank.predict_batch([dict(image=im, adapter="b", box=[8, 8, 40, 40]),
+            ...                           dict(image=im, box=[4, 4, 30, 30])])
             >>> [m.shape for m, _, _ in out]
             [(3, 64, 64), (3, 64, 64)]
         """

@@ -142,7 +142,7 @@ def test_bank_predict_batch_is_one_encoder_pass_equal_to_one_by_one(core, tmp_pa
         sam = build_sam("tiny").eval()
         sam.load_state_dict(core.core_state_dict())
         passes = []
-        sam.image_encoder.patch_embed.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
+        sam.image_encoder.patch_embed.register_forward_hook(lambda m, a, out, seen=passes: seen.append(out.shape[0]))
         results[mode] = AdapterBank(sam, tmp_path, capacity=8).predict_batch(items, mode=mode)
         distinct = len({(id(it["image"]), it["adapter"]) for it in items})
         assert sum(passes) == distinct  # each (image, adapter) encoded once
