@@ -329,6 +329,34 @@ class AdapterBank:
             self._cache.popitem(last=False)
         return out
 
+    def has_embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> bool:
+        """Whether `image`'s embedding under `adapter` is cached now (a prompt on it needs no encoder
+        pass). Answers without waiting on a running model call: a hint, true or stale by a moment.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> bank, im = adapters.AdapterBank(build_sam("tiny")), np.zeros((32, 32, 3), np.uint8)
+            >>> before = bank.has_embedding(im); _ = bank.embedding(im); before, bank.has_embedding(im)
+            (False, True)
+        """
+        if adapter is None or adapter in self._pinned:
+            version: Any = 0
+        else:
+            path = self.path_of(adapter)
+            loaded = self._loaded.get(adapter)
+            if path is None or loaded is None:
+                return False
+            try:
+                st = path.stat()
+            except OSError:
+                return False
+            version = (st.st_mtime_ns, st.st_size)
+            if loaded != version:
+                return False
+        return (image_id or image_key(image), adapter, version) in self._cache
+
     def embedding(self, image: np.ndarray, adapter: Optional[str] = None,
                   image_id: Optional[str] = None) -> torch.Tensor:
         """The (cached) image embedding under `adapter`."""

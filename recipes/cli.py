@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a model request may take, waiting included (504/503 after; default 60)")
     s.add_argument("--max-queue", default=8, metavar="N",
                    help="model requests that may wait while one runs (503 with Retry-After beyond; default 8)")
+    s.add_argument("--max-batch", default=8, metavar="N",
+                   help="concurrent requests needing an image embedding that are embedded together, in one "
+                        "encoder pass across adapters (1: no batching; default 8)")
+    s.add_argument("--max-wait-ms", default=5.0, metavar="MS",
+                   help="longest such a request waits for others to batch with (default 5)")
     s.add_argument("--auto-budget", default=2**30, metavar="PIXEL_POINTS",
                    help="most width x height x points_per_side^2 one /api/auto may ask for (422 above; "
                         "default 1073741824)")

@@ -77,6 +77,7 @@ from .api import (
     mask_png,
     masks_rle,
 )
+from .batching import EmbedBatcher
 from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
 from .work import Cancelled, ModelRunner
 
@@ -94,7 +95,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
                body_timeout: Optional[float] = 30.0, catalogue: Optional[Union[str, os.PathLike, dict]] = None,
-               allow_base_mismatch: bool = False) -> FastAPI:
+               allow_base_mismatch: bool = False, max_batch: int = 8, max_wait_ms: float = 5.0) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
     Args:
@@ -114,6 +115,9 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         catalogue: a catalogue file or mapping (adapter name -> path, URL or hf:// source [+ sha256]),
             served besides (or, with `adapters_dir` None, instead of) the folder.
         allow_base_mismatch: serve adapters made for other base weights too.
+        max_batch: most concurrent requests embedded together in one mixed-adapter encoder pass
+            (1: each request alone); requests on a cached embedding are never held back.
+        max_wait_ms: longest a request needing an embedding waits for others to batch with.
 
     Returns:
         the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`,
@@ -141,6 +145,9 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                        catalogue=catalogue, allow_base_mismatch=allow_base_mismatch)
     images = ImageStore(image_cache)
     runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
+    # dynamic batching: concurrent embedding requests share one mixed-adapter encoder pass
+    batcher = EmbedBatcher(bank.predict_batch, lambda item: bank.predict(**item), max_batch=max_batch,
+                           max_wait_s=max_wait_ms / 1000.0, max_adapters=capacity) if int(max_batch) > 1 else None
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
     fingerprint = str(sam.fingerprint)  # the core is frozen: hash its weights once, not per request
     pinned = set(attached(sam))  # the bank serves these besides the folder's files
@@ -157,6 +164,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                               "more is refused with 422. Requests must name this server in Host (421 otherwise); "
                               "writes from pages of other origins get 403.")
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
+    app.state.batcher = batcher
     app.add_middleware(
         BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
         body_timeout=body_timeout,
@@ -308,15 +316,18 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         h, w = image.shape[:2]
         prompts = check_prompts(req, w, h)
 
-        def work() -> Response:
+        def work(model: Optional[Callable[[], Any]] = None) -> Response:
             masks, scores, _ = model_call(
-                name, image, lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts))
+                name, image, model or (lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts)))
             encoded = [mask_png(m) for m in masks] if req.format == "png" else masks_rle(masks)
             return json_response(SegmentResponse(
                 masks=encoded, scores=[finite(s) for s in scores], best=int(np.argmax(scores)), width=w, height=h,
                 adapter=name, elapsed_ms=1000 * (time.perf_counter() - t0)))
 
-        return await runner.run(work, request.receive, "the segment request")
+        if batcher is not None and not bank.has_embedding(image, name, image_id=req.image_id):
+            item = dict(prompts, image=image, adapter=name, image_id=req.image_id)
+            return await runner.run(work, request.receive, "the segment request", batch=(batcher, item))
+        return await runner.run(work, request.receive, "the segment request")  # cached: decode at once
 
     @app.post("/api/auto", response_model=AutoResponse, responses=ERRORS,
               summary="Masks for everything in the image (a grid of point prompts)",
@@ -553,6 +564,12 @@ def run_server(args) -> int:
     auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
     if max_queue != int(max_queue) or auto_budget != int(auto_budget):
         raise UserError("--max-queue and --auto-budget take whole numbers")
+    max_batch = _positive("--max-batch", getattr(args, "max_batch", 8), "8")
+    max_wait_ms = _positive("--max-wait-ms", getattr(args, "max_wait_ms", 5.0), "5", allow_zero=True)
+    if max_batch != int(max_batch):
+        raise UserError(f"--max-batch {getattr(args, 'max_batch', 8)} must be a whole number, such as 8 "
+                        f"(1: no batching)")
+    max_batch = int(max_batch)
     try:
         hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
     except ValueError as e:
@@ -568,7 +585,8 @@ def run_server(args) -> int:
     app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts,
                      request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
                      body_timeout=body_timeout, catalogue=catalogue,
-                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)))
+                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)),
+                     max_batch=max_batch, max_wait_ms=max_wait_ms)
     try:
         sock = bind_socket(host, port)
     except OSError as e:
