@@ -167,6 +167,31 @@ class AdapterBank:
             del self._cache[key]
         self.stats["evictions"] += 1
 
+    def preload(self, name: str) -> None:
+        """Make adapter `name` resident now (loaded from its file if it is not), as a request for it would.
+
+        Raises:
+            AdapterError: no such adapter, or its file does not fit this core.
+        """
+        with self._lock:
+            self._ensure(name)
+
+    def evict(self, name: str) -> bool:
+        """Unload adapter `name` (loaded from a file; adapters attached by the caller stay) and drop its
+        cached embeddings. Returns whether it was resident.
+
+        Example:
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> adapters.AdapterBank(build_sam("tiny")).evict("absent")
+            False
+        """
+        with self._lock:
+            if name not in self._loaded:
+                return False
+            self._evict(name)
+            return True
+
     def resident(self) -> List[str]:
         """Names of the adapters on the core now: those attached by the caller, then the loaded ones
         from least to most recently used.

@@ -118,8 +118,8 @@ def route(sam: nn.Module, owners: Sequence[Optional[str]]) -> Iterator[RowRoute]
         >>> x = torch.randn(2, 3, sam.image_size, sam.image_size)
         >>> with torch.no_grad(), adapters.route(sam, ["b", None]):
         ...     emb = sam.encode_image(x)
-        >>> tuple(emb.shape[:2])
-        (2, 256)
+        >>> emb.shape[0], adapters.active(sam)
+        (2, 'b')
     """
     st = state_of(sam)
     bad = sorted({n for n in owners if n is not None and n not in st.adapters})

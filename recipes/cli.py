@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a model request may take, waiting included (504/503 after; default 60)")
     s.add_argument("--max-queue", default=8, metavar="N",
                    help="model requests that may wait while one runs (503 with Retry-After beyond; default 8)")
+    s.add_argument("--engine", choices=["single", "ray"], default="single",
+                   help="single: one process (default); ray: the same API on Ray Serve with --replicas model "
+                        "replicas, adapters routed to the replicas that hold them (pip install 'samadapt[serve-ray]')")
+    s.add_argument("--replicas", default=2, metavar="N", help="model replicas with --engine ray (default 2)")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join with --engine ray (default: start a local Ray instance)")
     s.add_argument("--max-batch", default=8, metavar="N",
                    help="concurrent requests needing an image embedding that are embedded together, in one "
                         "encoder pass across adapters (1: no batching; default 8)")

@@ -557,6 +557,10 @@ def run_server(args) -> int:
 
     host = getattr(args, "host", None) or "127.0.0.1"
     port = port_number(getattr(args, "port", 8000))
+    if getattr(args, "engine", "single") == "ray":  # the same API on Ray Serve, N model replicas
+        from .ray_app import run_ray_server
+
+        return run_ray_server(args, host, port)
     request_timeout = _positive("--request-timeout", getattr(args, "request_timeout", 60.0), "60")
     header_timeout = _positive("--header-timeout", getattr(args, "header_timeout", 10.0), "10")
     body_timeout = _positive("--body-timeout", getattr(args, "body_timeout", 30.0), "30")
