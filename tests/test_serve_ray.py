@@ -3,8 +3,9 @@ on 127.0.0.1, with 2 CPU model replicas of the tiny core holding at most 2 adapt
 
 Shown: answers equal the single-process server's for every adapter and the plain core; no replica
 ever holds more adapters than its capacity; repeated requests for one adapter land on a replica
-that already holds it (once Ray's router has heard that it loaded it, within a second or so); killing one replica mid-run (SIGKILL to its process) loses no request that
-the client retries. Run with `python -m pytest -m ray tests/test_serve_ray.py` (its own CI line).
+that already holds it (once Ray's router has heard that it loaded it, within a second or so);
+killing one replica mid-run (SIGKILL to its process) loses no request that the client retries.
+Run with `python -m pytest -m ray tests/test_serve_ray.py` (its own CI line).
 """
 import os
 import signal
