@@ -48,6 +48,7 @@ from samadapt.adapters.io import atomic_file
 from .data import IMAGE_EXTENSIONS, list_images
 from .errors import ImageReadError, PredictError, PromptError
 from .limits import MAX_PIXELS, MAX_POINTS, MAX_POINTS_PER_SIDE
+from .shard import my_share, process_share
 
 __all__ = [
     "PredictError",
@@ -690,8 +691,9 @@ def run_predict(args) -> int:
                 f"{args.adapter} was trained with prompt_mode {mode!r}; running promptless as no prompt was given"
             )
     sam.eval()
+    rank, size = process_share()  # under `accelerate launch --num_processes N`: this process's share only
     if torch.cuda.is_available():
-        sam.to("cuda")
+        sam.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if size > 1 else "cuda")
 
     # 3. predict
     try:
@@ -699,18 +701,25 @@ def run_predict(args) -> int:
     except OSError as e:
         raise PredictError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     r = _Runner(sam, out, args, paths, [len(jobs.get(i, ())) for i in range(len(paths))])
-    for n in notes:
+    if size > 1:  # names were made over every input (no two shares collide); now keep this process's share
+        mine = my_share(paths, rank, size)
+        r.paths, r.stems = [paths[i] for i in mine], [r.stems[i] for i in mine]
+        jobs = {k: jobs[i] for k, i in enumerate(mine) if i in jobs}
+        r.bar.total = len(mine)
+    for n in notes if rank == 0 else ():
         r.warn(n)
     try:
         if args.auto:
             _run_auto(r)
         else:
-            skipped = len(paths) - len(jobs)
+            skipped = len(r.paths) - len(jobs)
             if skipped:
                 r.bar.update(skipped)
             _run_masks(r, jobs)
     finally:
         code = r.close()
-    n_ok = len(jobs if not args.auto else paths) - len(r.failed)
-    print(f"{n_ok} image(s) written to {out}" + (f", {len(r.failed)} failed" if r.failed else ""), file=sys.stderr)
+    n_ok = len(jobs if not args.auto else r.paths) - len(r.failed)
+    who = f"process {rank + 1}/{size}: " if size > 1 else ""
+    print(f"{who}{n_ok} image(s) written to {out}" + (f", {len(r.failed)} failed" if r.failed else ""),
+          file=sys.stderr)
     return code
