@@ -58,20 +58,25 @@ def part_mixed(rounds: int) -> bool:
     images = [rng.integers(0, 256, (480, 512, 3), dtype=np.uint8) for _ in range(8)]
     items = [dict(image=im, adapter=list(kinds)[k % 4], box=np.array([40.0, 40.0, 300.0, 260.0]))
              for k, im in enumerate(images)]
-    times = {m: [] for m in ("mixed", "grouped", "single")}
+    plain = [dict(it, adapter=None) for it in items]
+    # the plain core batched and one by one: what batching alone costs or saves on this machine
+    runs = {"mixed": (items, "mixed"), "grouped": (items, "grouped"), "single": (items, "single"),
+            "plain core, batch 8": (plain, "mixed"), "plain core, 8 x batch 1": (plain, "single")}
+    times = {m: [] for m in runs}
     answers = {}
     for _ in range(rounds):
-        for mode in times:
+        for label, (its, mode) in runs.items():
             bank = AdapterBank(sam)  # empty embedding cache: every image is encoded
             t0 = time.perf_counter()
-            answers[mode] = bank.predict_batch(items, mode=mode)
-            times[mode].append(time.perf_counter() - t0)
+            answers[label] = bank.predict_batch(its, mode=mode)
+            times[label].append(time.perf_counter() - t0)
     diff = max(float(np.abs(a[2] - b[2]).max()) for a, b in zip(answers["mixed"], answers["single"]))
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"\n## mixed-adapter batch: vit_b dims, 512 px, batch 8 over 4 adapters, {torch.get_num_threads()} "
-          f"thread(s), {rounds} rounds (medians)")
-    print("| mode | passes | median s | vs mixed |\n|---|---|---|---|")
-    for m, passes in (("mixed", 1), ("grouped", 4), ("single", 8)):
+          f"thread(s), {rounds} interleaved rounds (medians)")
+    print("| run | encoder passes | median s | vs mixed |\n|---|---|---|---|")
+    for m, passes in (("mixed", 1), ("grouped", 4), ("single", 8), ("plain core, batch 8", 1),
+                      ("plain core, 8 x batch 1", 8)):
         print(f"| {m} | {passes} | {med[m]:.2f} | {med[m] / med['mixed']:.2f}x |")
     print(f"largest difference of the mixed answers (low-res logits) from one by one: {diff:.2e}")
     return diff <= 1e-3
@@ -177,7 +182,8 @@ def part_serve(clients: int, per_client: int) -> bool:
         ckpt, folder = make_adapters(Path(d))
         res = {}
         for label, mb in (("batching off (--max-batch 1)", 1), ("batching on (--max-batch 8 --max-wait-ms 5)", 8)):
-            app = create_app(load_base(str(ckpt)), folder, max_batch=mb, max_wait_ms=5, max_queue=4 * clients)
+            app = create_app(load_base(str(ckpt)), folder, max_batch=mb, max_wait_ms=5, max_queue=4 * clients,
+                             image_cache=clients * per_client + 8)
             with background_server(app) as url:
                 res[label] = load(url, clients, per_client, seed0=0)
             if app.state.batcher is not None:
@@ -210,7 +216,8 @@ def part_ray(clients: int, per_client: int) -> bool:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         ckpt, folder = make_adapters(Path(d))
-        app = create_app(load_base(str(ckpt)), folder, max_batch=1, max_queue=4 * clients)
+        app = create_app(load_base(str(ckpt)), folder, max_batch=1, max_queue=4 * clients,
+                         image_cache=clients * per_client + 8)
         with background_server(app) as url:
             ref = load(url, clients, per_client, seed0=0)
         res = {}
@@ -222,7 +229,8 @@ def part_ray(clients: int, per_client: int) -> bool:
                 port = s.getsockname()[1]
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for replicas in (1, 2):
-                serve.run(build_app(folder, base=str(ckpt), replicas=replicas, capacity=4, threads=1),
+                serve.run(build_app(folder, base=str(ckpt), replicas=replicas, capacity=4, threads=1,
+                                    image_cache=clients * per_client + 8),
                           name="samadapt", route_prefix="/")
                 res[replicas] = load(f"http://127.0.0.1:{port}/", clients, per_client, seed0=0)
                 serve.delete("samadapt")
