@@ -143,3 +143,20 @@ def test_queue_and_time_limits_hold_with_batching(env):
         assert r.status_code == 503 and "for its turn" in r.json()["detail"], r.text
         assert app.state.batcher.pending() == 0  # it left the batcher
         assert http.get("api/health").json()["work"]["queued"] == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "error: --max-batch 0 must be a positive number"),
+    (["--max-batch", "2.5"], "error: --max-batch 2.5 must be a whole number"),
+    (["--max-wait-ms", "-1"], "error: --max-wait-ms -1 must be 0 or more"),
+    (["--engine", "ray", "--replicas", "0"], "error: --replicas 0 must be a whole number of at least 1"),
+])
+def test_batching_and_engine_flags_are_checked(tmp_path, capsys, flags, message):
+    from samadapt.recipes.cli import main
+
+    if "ray" in flags:
+        pytest.importorskip("ray")
+    assert main(["serve", "--adapters", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message), err
+    assert "Traceback" not in "\n".join(err)

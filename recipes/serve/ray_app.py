@@ -67,23 +67,25 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def _listing(folder: Path, fingerprint: str) -> Dict[str, Any]:
-    """The adapter files in the folder now, as name -> `AdapterInfo` (read without a model)."""
-    from samadapt.adapters import AdapterError, is_valid_name
+def _entry(path: Path, fingerprint: str) -> Any:
+    """One adapter file's `AdapterInfo` (its error in it when it cannot be read or used)."""
+    from samadapt.adapters import AdapterError
     from samadapt.adapters import inspect as inspect_adapter
 
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        if not is_valid_name(p.stem):
-            continue
-        try:
-            meta = inspect_adapter(p)
-        except AdapterError as e:
-            meta = {"error": _first_line(e)}
-        except Exception as e:  # noqa: BLE001 -- one odd file is listed with its error
-            meta = {"error": f"{type(e).__name__}: {_first_line(e)}"}
-        out[p.stem] = adapter_info(p.stem, meta, fingerprint)
-    return out
+    try:
+        meta = inspect_adapter(path)
+    except AdapterError as e:
+        meta = {"error": _first_line(e)}
+    except Exception as e:  # noqa: BLE001 -- one odd file is listed with its error
+        meta = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+    return adapter_info(path.stem, meta, fingerprint)
+
+
+def _listing(folder: Path, fingerprint: str) -> Dict[str, Any]:
+    """The adapter files in the folder now, as name -> `AdapterInfo` (read without a model)."""
+    from samadapt.adapters import is_valid_name
+
+    return {p.stem: _entry(p, fingerprint) for p in sorted(folder.glob("*.safetensors")) if is_valid_name(p.stem)}
 
 
 def build_app(adapters_dir: Union[str, os.PathLike], base: Optional[str] = None, replicas: int = 2,
@@ -163,19 +165,24 @@ def build_app(adapters_dir: Union[str, os.PathLike], base: Optional[str] = None,
                           prompts: Dict[str, Any]) -> Dict[str, Any]:
             from samadapt.adapters import AdapterError, AdapterFormatError, IncompatibleAdapterError
 
-            warm = name is None or name in self.bank.resident()
+            # the bank's calls wait on its lock while another request's model work runs: in threads, so
+            # the replica's event loop keeps taking requests
+            warm = name is None or await asyncio.to_thread(lambda: name in self.bank.resident())
             try:
                 if name is not None:
                     await self.adapter(serve.get_multiplexed_model_id())
-                masks, scores, _ = await asyncio.to_thread(
-                    self.bank.predict, image, adapter=name, image_id=image_id, **prompts)
+
+                def work():
+                    return self.bank.predict(image, adapter=name, image_id=image_id, **prompts), self.bank.resident()
+
+                (masks, scores, _), resident = await asyncio.to_thread(work)
             except (IncompatibleAdapterError, AdapterFormatError) as e:
                 return {"error": (409, f"adapter {name!r} cannot be used with this core: {_first_line(e)}")}
             except AdapterError as e:
                 return {"error": (404 if "no adapter named" in str(e) else 400, _first_line(e))}
             self.counts["completed"] += 1
             return {"masks": masks, "scores": scores, "replica": self.replica, "pid": self.pid, "warm": warm,
-                    "resident": self.bank.resident(), "counts": dict(self.counts)}
+                    "resident": resident, "counts": dict(self.counts)}
 
     api = FastAPI(title="samadapt serve (Ray Serve)",
                   description="The samadapt serve API on Ray Serve: adapters routed to the model replicas that "
@@ -230,13 +237,14 @@ def build_app(adapters_dir: Union[str, os.PathLike], base: Optional[str] = None,
                 shown = name if len(name) <= 80 else name[:80] + "..."
                 raise ApiError(400, f"adapter name {shown!r} is not valid (letters, digits, _ and -, starting with "
                                     f"a letter); use a name from GET /api/adapters or null for the plain core")
-            listing = _listing(folder, fingerprint)
-            if name not in listing:
-                names = sorted(listing)
+            path = folder / f"{name}.safetensors"
+            if not path.is_file():
+                names = sorted(_listing(folder, fingerprint))
                 raise ApiError(404, f"no adapter named {name!r}; available: {names[:20]}"
                                     f"{' ...' if len(names) > 20 else ''}")
-            if listing[name].error:
-                raise ApiError(409, f"adapter {name!r} cannot be used with this core: {listing[name].error}")
+            info = _entry(path, fingerprint)
+            if info.error:
+                raise ApiError(409, f"adapter {name!r} cannot be used with this core: {info.error}")
             return name
 
         @api.get("/api/health", response_model=Health)
