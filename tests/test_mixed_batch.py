@@ -174,3 +174,18 @@ def test_bank_batch_over_capacity_is_refused(core, tmp_path):
     with pytest.raises(AdapterError, match="mode="):
         bank.predict_batch(items[:1], mode="fast")
     assert len(bank.predict_batch(items[:2])) == 2 and len(bank.resident()) == 2
+
+
+def test_peft_mixed_batches_cannot_route_windowed_blocks(core):
+    """Why the routing is ours: peft's `adapter_names=` takes one name per row, but a windowed block's
+    `qkv` sees batch x windows rows, so a per-image list does not fit it."""
+    layer = core.image_encoder.blocks[0].attn.qkv  # block 0 is windowed: 4 windows per image
+    seen = []
+    h = core.image_encoder.blocks[0].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        core.encode_image(torch.zeros(2, 3, core.image_size, core.image_size))
+    h.remove()
+    assert seen == [8]  # 2 images -> 8 rows
+    x = torch.randn(8, 64, core.image_encoder.embed_dim)
+    with pytest.raises(ValueError, match="adapter_names"):
+        layer(x, adapter_names=["lo", "do"])  # one name per image, as a caller of the model knows them
