@@ -267,7 +267,8 @@ class AdapterBank:
             items: dicts with `image` (H x W x 3 uint8), optional `adapter` (None: the plain core),
                 `image_id`, and `SamPredictor.predict`'s prompts.
             mode: `mixed` (one encoder pass), `grouped` (one pass per adapter) or `single` (one pass
-                per image); all three give the same results (the last two are for comparison).
+                per image); all three give the same results (the last two are for comparison). A batch
+                naming more adapter files than `capacity` runs in parts of at most `capacity` adapters.
 
         Returns:
             one (masks, scores, low-res logits) per item.
@@ -293,9 +294,16 @@ class AdapterBank:
         with self._lock:
             names = [it.get("adapter") for it in items]
             loaded = [n for n in dict.fromkeys(names) if n is not None and n not in self._pinned]
-            if len(loaded) > self.capacity:
-                raise AdapterError(f"one batch names {len(loaded)} adapter files but the bank holds at most "
-                                   f"{self.capacity} (capacity); split the batch or raise the capacity")
+            if len(loaded) > self.capacity:  # more adapter files than fit at once: in parts that fit
+                part_of = {n: k // self.capacity for k, n in enumerate(loaded)}
+                parts: Dict[int, List[int]] = {}
+                for i, n in enumerate(names):
+                    parts.setdefault(part_of.get(n, 0), []).append(i)
+                results: List[Any] = [None] * len(items)
+                for idx in parts.values():
+                    for i, r in zip(idx, self.predict_batch([items[i] for i in idx], mode=mode)):
+                        results[i] = r
+                return results
             # every adapter resident for the pass: at most `capacity` distinct ones, so loading one never
             # evicts another of this batch (each use moves it to the recent end)
             versions = {name: self._ensure(name) for name in dict.fromkeys(names)}

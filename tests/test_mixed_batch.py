@@ -162,18 +162,24 @@ def test_bank_predict_batch_is_one_encoder_pass_equal_to_one_by_one(core, tmp_pa
             assert np.abs(s - want[1]).max() <= 1e-4 and np.abs(low - want[2]).max() <= 1e-4, (mode, k)
 
 
-def test_bank_batch_over_capacity_is_refused(core, tmp_path):
+def test_bank_batch_over_capacity_runs_in_parts(core, tmp_path):
     for name in ("lo", "do", "ev"):
         adapters.save(core, tmp_path / f"{name}.safetensors", name=name)
     sam = build_sam("tiny").eval()
     sam.load_state_dict(core.core_state_dict())
+    passes = []
+    sam.image_encoder.patch_embed.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
     bank = AdapterBank(sam, tmp_path, capacity=2)
-    items = [dict(image=IMAGES[0], adapter=n, box=[5, 5, 50, 50]) for n in ("lo", "do", "ev")]
-    with pytest.raises(AdapterError, match="at most 2 \\(capacity\\)"):
-        bank.predict_batch(items)
+    items = [dict(image=IMAGES[k % 2], adapter=n, box=[5, 5, 50, 50]) for k, n in enumerate(("lo", "do", "ev", None))]
+    got = bank.predict_batch(items)
+    assert passes == [3, 1]  # lo, do and the plain core in one pass; then ev, once the bank has room
+    assert len(bank.resident()) <= 2 and bank.stats["evictions"] == 1
+    ref = build_sam("tiny").eval()
+    ref.load_state_dict(core.core_state_dict())
+    for g, want in zip(got, AdapterBank(ref, tmp_path, capacity=4).predict_batch(items, mode="single")):
+        assert np.abs(g[2] - want[2]).max() <= 1e-4 and np.abs(g[1] - want[1]).max() <= 1e-4
     with pytest.raises(AdapterError, match="mode="):
         bank.predict_batch(items[:1], mode="fast")
-    assert len(bank.predict_batch(items[:2])) == 2 and len(bank.resident()) == 2
 
 
 def test_peft_mixed_batches_cannot_route_windowed_blocks(core):
