@@ -424,10 +424,8 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
         if cfg["eval"]["select"] not in METRICS:
             errors.append(f"eval.select={cfg['eval']['select']!r} unknown; choose from {sorted(METRICS)}")
-        kp = cfg["prompts"]["keep_prompts"]
-        if not 0.0 <= kp <= 1.0:
-            errors.append(f"prompts.keep_prompts={kp} must be a share in [0, 1], e.g. 0.5")
-        elif kp > 0 and cfg["prompts"]["mode"] != "none":
+        kp = cfg["prompts"]["keep_prompts"]  # its range is in RANGES
+        if kp > 0 and cfg["prompts"]["mode"] != "none":
             errors.append("prompts.keep_prompts is for promptless recipes (prompts.mode none); "
                           "a prompted recipe keeps its prompts already: set it to 0")
         errors.extend(_cross_field(cfg))
