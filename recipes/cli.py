@@ -66,6 +66,12 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_recipe(args.recipe, args.set)
+    if cfg["volume"]["enabled"]:  # volumes and a K-class head: recipes/volumes.py
+        from .volumes import train_volumes
+
+        train_volumes(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume,
+                      progress=not args.quiet)
+        return 0
     train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)
     return 0
 
@@ -79,7 +85,14 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     """`samadapt eval`."""
+    from .config import load_recipe
     from .evaluate import run_eval
+
+    cfg = load_recipe(args.recipe, args.set)
+    if cfg["volume"]["enabled"]:  # per-class, per-volume metrics: recipes/volumes.py
+        from .volumes import run_volume_eval
+
+        return run_volume_eval(args, cfg)
 
     return run_eval(args)
 
@@ -103,6 +116,10 @@ def cmd_inspect(args) -> int:
     for c in info.get("config", []):
         settings = ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind")
         rows.append((f"kind {c.get('kind')}", settings))
+    head = next((c for c in info.get("config", []) if c.get("kind") == "classes"), None)
+    if head:  # multi-class adapters: label value = class name (dataset.json's labels)
+        values = head.get("values") or range(len(head["names"]))
+        rows.append(("classes", ", ".join(f"{v}={n}" for v, n in zip(values, head["names"]))))
     rows.append(("tensors", f"{info['tensors']} tensors, {info['parameters']:,} parameters"))
     for k, v in sorted(info["parameters_by_kind"].items()):
         rows.append((f"  {k}", f"{v:,} parameters"))
@@ -180,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the metrics here as JSON")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
-    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr = sub.add_parser("predict", help="masks for images (or label maps for volumes) with a base and an adapter")
+    pr.add_argument("images", nargs="+", help="image files or folders; NIfTI files or DICOM folders for volumes")
     pr.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
     pr.add_argument("--adapter", help="adapter .safetensors")
     pr.add_argument("--out", required=True, help="output folder")
@@ -195,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=8)
+    # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz (recipes/predict_volume.py);
+    # --probs adds one probability volume per class, --batch-size is slices per forward
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")

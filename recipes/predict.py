@@ -630,6 +630,12 @@ def run_predict(args) -> int:
         >>> sorted(os.listdir(out))
         ['a.png', 'a_overlay.png']
     """
+    from .data.volumes import is_volume_input
+
+    if any(is_volume_input(p) for p in args.images):  # NIfTI files, DICOM folders: K-class labels (predict_volume)
+        from .predict_volume import run_volume_predict
+
+        return run_volume_predict(args)
     # 1. everything that can be checked cheaply: prompts, sizes, images
     if int(args.batch_size) < 1:
         raise PredictError(f"--batch-size {args.batch_size}: use 1 or more")
