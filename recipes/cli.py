@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=8)
-    # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz (recipes/predict_volume.py);
+    # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz
+    # (recipes/predict_volume.py);
     # --probs adds one probability volume per class, --batch-size is slices per forward
     pr.set_defaults(func=cmd_predict)
 

@@ -636,7 +636,8 @@ def _binary_volumes(pred, gt, spacing) -> Tuple[np.ndarray, np.ndarray, Tuple[fl
 
 def _border(mask: np.ndarray) -> np.ndarray:
     """The mask's surface voxels: the mask minus its erosion by the face-connected cross (medpy and MONAI
-    both take this border; voxels outside the array count as background)."""
+    both take this border; voxels outside the array count as background).
+    """
     from scipy.ndimage import binary_erosion, generate_binary_structure
 
     return mask & ~binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), iterations=1)

@@ -32,6 +32,7 @@ def segment_volume(sam, image01: np.ndarray, image_size: Optional[int] = None, c
         batch_size: slices per forward.
         probs: also return the class probabilities (K x X x Y x Z, float16).
         progress: show a progress bar.
+        desc: the progress bar's label.
 
     Returns:
         (class-index map X x Y x Z uint8, probabilities or None).

@@ -112,7 +112,8 @@ def multiclass_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: flo
 
 class SemanticStep(nn.Module):
     """The training forward as one module call (DDP sees one forward per backward): promptless K-class
-    logits, or SAM's prompted decode when prompts are given."""
+    logits, or SAM's prompted decode when prompts are given.
+    """
 
     def __init__(self, sam: nn.Module) -> None:
         super().__init__()
@@ -335,7 +336,8 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
 
 def run_volume_eval(args, cfg: Dict[str, Any]) -> int:
     """`samadapt eval` for volume recipes: a per-class table (frozen core with the untrained head, and the
-    adapter) and per-volume metrics written to `--json` (default: printed only)."""
+    adapter) and per-volume metrics written to `--json` (default: printed only).
+    """
     from .checkpointing import atomic_write_text
     from .model import build_core
 

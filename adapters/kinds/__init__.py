@@ -1,7 +1,8 @@
 """The built-in adapter kinds, one file each; importing this package registers them.
 
 `lora` (LoRA/DoRA through peft's layers), `sam_adapter` (explicit visual prompting), `bottleneck`,
-`classes` (a K-class semantic head beside the prompts, `classes.py`), and the decoder policies `full` and `lora` (`decoder.py`; `frozen` is no decoder part). A new kind
+`classes` (a K-class semantic head beside the prompts, `classes.py`), and the decoder policies `full`
+and `lora` (`decoder.py`; `frozen` is no decoder part). A new kind
 is one file calling `register_kind` once, or a third-party module behind the entry-point group
 `samadapt.adapter_kinds`.
 

@@ -90,7 +90,8 @@ class ClassesConfig:
 class ClassHead(nn.Module):
     """K class tokens and K hypernetwork MLPs, initialised from a mask decoder's first mask output. The K MLPs'
     layers are stacked into one tensor per layer (`weight_i`: K x out x in, `bias_i`: K x out): one batched
-    product instead of K small ones, and 7 tensor names in the file whatever K is."""
+    product instead of K small ones, and 7 tensor names in the file whatever K is.
+    """
 
     def __init__(self, decoder: nn.Module, k: int) -> None:
         super().__init__()
@@ -107,7 +108,8 @@ class ClassHead(nn.Module):
 
     def forward(self, class_tokens: torch.Tensor) -> torch.Tensor:
         """B x K x C decoder outputs of the class tokens -> B x K x C' hypernetwork weights (ReLU between layers,
-        as SAM's MLP)."""
+        as SAM's MLP).
+        """
         x = class_tokens
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):

@@ -86,7 +86,9 @@ def normalise(vol: np.ndarray, modality: str = "CT", mode: str = "auto", window:
         modality: `CT`, `MR`, ... (dataset.json's channel name); `auto` windows CT and takes percentiles
             of anything else.
         mode: `auto`, `window`, `percentile` or `none` (min-max of the volume).
-        window, level, width: the CT window (see `ct_window`).
+        window: the CT window's name (see `ct_window`).
+        level: the window's centre in HU (with `width`, instead of the name).
+        width: the window's width in HU.
         percentiles: (low, high) for `percentile`.
 
     Example:

@@ -5,7 +5,8 @@ takes to put a result back into the file's own frame.
 Canonical orientation is nibabel's closest RAS+ (as `as_closest_canonical`): axes permuted and flipped
 so that voxel axes 0, 1 and 2 increase along +x, +y and +z of the RAS mm frame (towards the
 patient's left, anterior and superior); slices are taken along axis 2. `Volume.to_original` undoes the
-permutation and the flips, so a label map computed in the canonical frame is written with the input's exact shape, affine and header (`save_like`).
+permutation and the flips, so a label map computed in the canonical frame is written with the input's
+exact shape, affine and header (`save_like`).
 
 Example:
     >>> import numpy as np, tempfile, os, nibabel as nib
@@ -13,7 +14,8 @@ Example:
     >>> affine = np.diag([-0.8, 0.8, 3.0, 1.0])       # x flipped: stored left to right
     >>> nib.save(nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), affine), path)
     >>> vol = read_volume(path)
-    >>> vol.spacing, bool(vol.data[0, 0, 0] == 12), vol.to_original(vol.data).tolist() == np.arange(24).reshape(2, 3, 4).tolist()
+    >>> back = vol.to_original(vol.data)
+    >>> vol.spacing, bool(vol.data[0, 0, 0] == 12), back.tolist() == np.arange(24).reshape(2, 3, 4).tolist()
     ((0.8, 0.8, 3.0), True, True)
 """
 import os
@@ -168,13 +170,14 @@ def read_nifti(path: Union[str, os.PathLike], mmap: bool = True) -> Volume:
         img = nib.load(str(path), mmap=mmap)
         shape = img.shape
     except Exception as e:  # nibabel raises several types for damaged files
-        raise VolumeError(f"{path}: not a readable NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                          ) from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VolumeError(f"{path}: not a readable NIfTI file ({why})") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise VolumeError(f"{path}: a {len(img.shape)}-D image of shape {tuple(img.shape)}; samadapt reads 3-D volumes: "
-                          "split the channels or time points into one 3-D file each (nnU-Net's _0000, _0001 ...)")
+        raise VolumeError(f"{path}: a {len(img.shape)}-D image of shape {tuple(img.shape)}; samadapt reads 3-D "
+                          "volumes: split the channels or time points into one 3-D file each (nnU-Net's _0000, "
+                          "_0001 ...)")
     data = np.asanyarray(img.dataobj).reshape(shape)
     return _canonical(data, img.affine, str(path), header=img.header,
                       meta={"dtype": str(img.get_data_dtype())})
@@ -234,7 +237,8 @@ def read_label(path: Union[str, os.PathLike], like: Optional[Volume] = None,
 
 # ---------------------------------------------------------------------------- DICOM
 def _dicom_files(folder: Path) -> List[Path]:
-    return [f for f in sorted(folder.iterdir()) if f.is_file() and (f.suffix.lower() == ".dcm" or _has_dicm_preamble(f))]
+    return [f for f in sorted(folder.iterdir())
+            if f.is_file() and (f.suffix.lower() == ".dcm" or _has_dicm_preamble(f))]
 
 
 def list_dicom_series(folder: Union[str, os.PathLike]) -> Dict[str, List[Path]]:
