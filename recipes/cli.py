@@ -77,10 +77,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """`samadapt demo`."""
+    """`samadapt demo [organs]`."""
+    if args.which == "organs":  # multi-organ CT phantoms: recipes/demo_organs.py
+        from .demo_organs import run_organs_demo
+
+        return run_organs_demo(out_dir=args.out or "runs/demo_organs", quick=args.quick, overrides=args.set)
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, quick=args.quick, overrides=args.set)
+    return run_demo(out_dir=args.out or "runs/demo", quick=args.quick, overrides=args.set)
 
 
 def cmd_eval(args) -> int:
@@ -170,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train a camouflage adapter on the tiny core and compare it with the frozen core")
-    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument("which", nargs="?", default="camouflage", choices=["camouflage", "organs"],
+                   help="camouflage (default) or organs (multi-organ CT phantoms, per-class Dice)")
+    d.add_argument("--out", default=None, help="run directory (default runs/demo, runs/demo_organs for organs)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     d.set_defaults(func=cmd_demo)

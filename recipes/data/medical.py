@@ -447,7 +447,7 @@ def make_phantom(seed: int, shape: Tuple[int, int, int] = (96, 96, 24)) -> Tuple
     inner = ((x - cx) / (ax - 4)) ** 2 + ((y - cy) / (ay - 4)) ** 2 <= 1
     hu = np.full(shape, -1000.0, np.float32)
     hu[body] = -100.0  # subcutaneous fat
-    hu[inner] = 40.0 + 8.0 * _texture(rng, shape, 4.0)[inner]  # soft tissue
+    hu[inner] = -40.0 + 10.0 * _texture(rng, shape, 4.0)[inner]  # fat-rich soft tissue between the organs
     lab = np.zeros(shape, np.uint8)
     zc = nz / 2 + rng.normal(0, 1)
     # (class, centre as a share of the body's half axes from its centre, radii as shares of nx, ny, nz)
