@@ -44,6 +44,7 @@ def user_errors() -> tuple:
 EXTRAS = {
     "train": ("accelerate", "albumentations", "albucore", "scipy", "tensorboard"),
     "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"),
+    "medical": ("nibabel", "pydicom"),
 }
 
 
