@@ -23,7 +23,7 @@ MARKER = ".samadapt_organs_demo"
 SETTINGS = ["base.arch=tiny", "base.image_size=128", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=30",
             "train.weight_decay=0.01", "train.mixed_precision=no", "eval.every_epochs=1000", "eval.baseline=false",
             "volume.nsd_tolerance=2.0"]
-TRAIN_STEPS, HEAD_STEPS = 500, 300
+TRAIN_STEPS, HEAD_STEPS = 300, 150
 N_TRAIN, N_TEST = 10, 4
 
 

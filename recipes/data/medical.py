@@ -453,7 +453,7 @@ def make_phantom(seed: int, shape: Tuple[int, int, int] = (96, 96, 24)) -> Tuple
     # (class, centre as a share of the body's half axes from its centre, radii as shares of nx, ny, nz)
     organs = [(1, (-0.45, -0.15), (0.20, 0.17, 0.40)), (2, (0.55, -0.10), (0.09, 0.10, 0.25)),
               (4, (0.0, 0.62), (0.07, 0.08, 0.60))]
-    kidneys = [(3, (-0.45, 0.38), (0.07, 0.09, 0.22)), (3, (0.45, 0.38), (0.07, 0.09, 0.22))]
+    kidneys = [(3, (-0.45, 0.38), (0.09, 0.11, 0.25)), (3, (0.45, 0.38), (0.09, 0.11, 0.25))]
     organs += kidneys[: int(rng.integers(0, 3))] if rng.random() < 0.85 else []
     for cls, (ox, oy), (rx, ry, rz) in organs:
         ex = cx + ox * ax + rng.normal(0, 1.5)
