@@ -185,8 +185,8 @@ def format_class_table(rows: Dict[str, Dict[str, Any]], names: List[str], metric
 
     Example:
         >>> print(format_class_table({"a": {"per_class": {"liver": {"dice": 0.5}}, "mean": {"dice": 0.5}}}, ["liver"]))
-        dice          liver    mean
-        a             0.500   0.500
+        dice          liver   mean
+        a             0.500  0.500
     """
     width = max(7, *(len(n) + 1 for n in names))
     head = f"{metric:<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'mean':>{width}}"
