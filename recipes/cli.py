@@ -1,4 +1,4 @@
-"""`samadapt` command line: demo, train, eval, predict, inspect, serve.
+"""`samadapt` command line: demo, train, eval, predict, inspect, convert, push, pull, serve.
 
 User errors (bad path, bad recipe, wrong adapter for this base, unreadable image) print one line
 `error: ...` to stderr and exit 2, with no traceback and no partial output files.
@@ -116,6 +116,8 @@ def cmd_inspect(args) -> int:
             rows.append((k, str(info[k])))
     base = info.get("base", {})
     rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
+    if base.get("checkpoint"):
+        rows.append(("base file", f"{base['checkpoint']} (sha256 {base.get('checkpoint_sha256', '?')})"))
     dec = info.get("decoder", {})
     rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
     for c in info.get("config", []):
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", help="dataset folder(s)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", help="write the metrics here as JSON")
+    e.add_argument("--allow-base-mismatch", action="store_true",
+                    help="load the adapter even if it was made for other base weights")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="masks for images (or label maps for volumes) with a base and an adapter")
@@ -222,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz
     # (recipes/predict_volume.py);
     # --probs adds one probability volume per class, --batch-size is slices per forward
+    pr.add_argument("--allow-base-mismatch", action="store_true",
+                    help="load the adapter even if it was made for other base weights")
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
@@ -231,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
     s.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
-    s.add_argument("--adapters", required=True, help="folder of adapter .safetensors files")
+    s.add_argument("--adapters", required=True,
+                   help="folder of adapter .safetensors files, or a .yaml/.json catalogue: name -> path, "
+                        "http(s) URL or hf://org/repo/file[@revision] (optionally {source: ..., sha256: ...})")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     # checked by the command, not argparse, so a bad value is one `error:` line like every other user error
     s.add_argument("--port", default=8000, help="TCP port, 0..65535 (0 picks a free one; default 8000)")
@@ -250,7 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send its request head (default 10)")
     s.add_argument("--body-timeout", default=30.0, metavar="S",
                    help="seconds a client has to send its request body (default 30)")
+    s.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters made for other base weights too")
     s.set_defaults(func=cmd_serve)
+
+    from .share import add_parsers
+
+    add_parsers(sub)  # push, pull, convert
     return p
 
 
@@ -279,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:
-        from .checkpointing import OS_FIXES, os_problem
+        from .rundir import OS_FIXES, os_problem
 
         if e.errno not in OS_FIXES:
             raise
