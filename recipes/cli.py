@@ -34,10 +34,18 @@ def user_errors() -> tuple:
     checkpoint errors, and OS path errors (missing, not a folder, a folder). Disk full, read-only and no
     permission are turned into a line with the fix by `main` itself (`checkpointing.OS_FIXES`).
     """
-    from samadapt.adapters import AdapterError
-    from samadapt.sam_core import CheckpointError
+    errors = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    # only modules already imported can have raised their errors: importing them here would cost torch's
+    # import (seconds) to a command that never needed it (`inspect`)
+    if "samadapt.adapters" in sys.modules:
+        from samadapt.adapters import AdapterError
 
-    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+        errors.append(AdapterError)
+    if "samadapt.sam_core" in sys.modules:
+        from samadapt.sam_core import CheckpointError
+
+        errors.append(CheckpointError)
+    return tuple(errors)
 
 
 # The optional extras and the top-level modules each brings: a command that needs a missing one says so.
@@ -85,48 +93,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    """`samadapt inspect FILE`: an adapter file's metadata as a table (or `--json`)."""
-    from samadapt import adapters
+    """`samadapt inspect FILE`: an adapter file's metadata as a table (or `--json`), read without torch."""
+    from .inspect import format_table, inspect_file
 
-    info = adapters.inspect(args.file)
+    info = inspect_file(args.file)
     if args.json:
+        if not args.tensors:
+            info.pop("tensor_list", None)
         print(json.dumps(info, indent=2, default=str))
         return 0
-    rows = []
-    for k in ("name", "format", "domain", "prompt_mode", "samadapt_version", "dtype"):
-        if k in info:
-            rows.append((k, str(info[k])))
-    base = info.get("base", {})
-    rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
-    dec = info.get("decoder", {})
-    rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
-    for c in info.get("config", []):
-        settings = ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind")
-        rows.append((f"kind {c.get('kind')}", settings))
-    rows.append(("tensors", f"{info['tensors']} tensors, {info['parameters']:,} parameters"))
-    for k, v in sorted(info["parameters_by_kind"].items()):
-        rows.append((f"  {k}", f"{v:,} parameters"))
-    rows.append(
-        ("size", f"{info['file_bytes']:,} bytes ({info['tensor_bytes']:,} tensor + {info['header_bytes']:,} header)")
-    )
-    metrics = info.get("metrics")
-    if isinstance(metrics, dict):
-        flat = metrics.get("eval", metrics)
-        if isinstance(flat, dict):
-            rows.append(
-                (
-                    "metrics",
-                    "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items()),
-                )
-            )
+    print(format_table(info, tensors=args.tensors))
     if info.get("non_finite"):
-        rows.append(("WARNING", f"{len(info['non_finite'])} tensors hold NaN/infinity (e.g. {info['non_finite'][0]}); "
-                                "this file will not load"))
-    if info.get("recipe"):
-        rows.append(("recipe", f"{len(info['recipe'].splitlines())} lines of resolved YAML (--json shows it)"))
-    width = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+        print(f"warning: {args.file}: {len(info['non_finite'])} tensor(s) hold NaN/infinity; it will not load",
+              file=sys.stderr)
     return 0
 
 
@@ -200,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--tensors", action="store_true", help="also list every tensor's name, shape and dtype")
     i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
