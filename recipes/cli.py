@@ -74,7 +74,8 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_recipe(args.recipe, args.set)
-    train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)
+    train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet,
+          allow_random_base=args.allow_random_base)
     return 0
 
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--allow-random-base", action="store_true",
+                   help="train on a randomly initialised full-size core when no --base is given (else refused)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate the frozen core and an adapter on a dataset")
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", help="dataset folder(s)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", help="write the metrics here as JSON")
+    e.add_argument("--allow-random-base", action="store_true",
+                   help="evaluate a randomly initialised full-size core when no --base is given (else refused)")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
