@@ -52,6 +52,7 @@ def user_errors() -> tuple:
 EXTRAS = {
     "train": ("accelerate", "albumentations", "albucore", "scipy", "tensorboard"),
     "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"),
+    "coco": ("pycocotools",),
 }
 
 
@@ -174,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompts", help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}")
     pr.add_argument("--auto", action="store_true", help="automatic mask generation (point grid)")
     pr.add_argument("--points-per-side", type=int, default=32, help="--auto grid: 1 to 64 points a side")
+    pr.add_argument("--pred-iou-thresh", type=float, default=None,
+                    help="--auto: keep masks whose predicted IoU is above this (default 0.88)")
+    pr.add_argument("--stability-score-thresh", type=float, default=None,
+                    help="--auto: keep masks at least this stable (default 0.95)")
+    pr.add_argument("--box-nms-thresh", type=float, default=None,
+                    help="--auto: box IoU above which the lower-scoring duplicate is dropped (default 0.7)")
+    pr.add_argument("--min-mask-region-area", type=int, default=None,
+                    help="--auto: remove holes and islands under this many pixels (default 0: off)")
+    pr.add_argument("--crop-n-layers", type=int, default=None,
+                    help="--auto: also run on 4^k crops for k = 1..N (default 0: the whole image only)")
+    pr.add_argument("--multimask", action="store_true",
+                    help="three candidate masks per prompt set (SAM's ambiguity outputs), each with its score")
+    pr.add_argument("--format", default="png", choices=["png", "coco", "both"],
+                    help="png: mask PNGs; coco: coco.json (RLE, needs pycocotools); both (default png)")
     pr.add_argument("--max-pixels", type=int, default=None,
                     help="refuse (that image only) images over this many pixels (default 4096 x 4096)")
     pr.add_argument("--probs", action="store_true", help="also write probability maps")

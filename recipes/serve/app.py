@@ -7,7 +7,8 @@ One `AdapterBank` over a folder of adapter files serves every request:
     GET  /api/adapters   adapter files in the folder now, with their metadata
     POST /api/images     upload an image (multipart field `file`) -> {image_id, width, height}
     POST /api/segment    {image_id, adapter, points, box, multimask, format} -> {masks, scores, best}
-    POST /api/auto       {image_id, adapter, points_per_side} -> masks for everything (RLE, bbox, area, score)
+    POST /api/auto       {image_id, adapter, points_per_side, thresholds} -> masks for everything (segment_anything's
+                         records: segmentation RLE, area, bbox, predicted_iou, point_coords, stability_score, crop_box)
 
 Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limits); the OpenAPI
 schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
@@ -339,11 +340,14 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
             found = model_call(name, image, lambda: bank.generate(
                 image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
                 points_per_batch=batch, pred_iou_thresh=req.pred_iou_thresh,
-                stability_score_thresh=req.stability_score_thresh, output_mode="uncompressed_rle"))
+                stability_score_thresh=req.stability_score_thresh, box_nms_thresh=req.box_nms_thresh,
+                output_mode=req.output_mode))
             found.sort(key=lambda m: -m["predicted_iou"])
-            masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
-                              score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
-                              point=[float(v) for v in m["point_coords"][0]]) for m in found[:req.max_masks]]
+            masks = [AutoMask(segmentation=m["segmentation"], bbox=[float(v) for v in m["bbox"]],
+                              area=int(m["area"]), predicted_iou=finite(m["predicted_iou"]),
+                              stability_score=finite(m["stability_score"]),
+                              point_coords=[[float(v) for v in p] for p in m["point_coords"]],
+                              crop_box=[int(v) for v in m["crop_box"]]) for m in found[:req.max_masks]]
             return json_response(AutoResponse(masks=masks, width=w, height=h, adapter=name,
                                               elapsed_ms=1000 * (time.perf_counter() - t0)))
 
