@@ -141,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an adapter from a YAML recipe")
     builtin = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "configs").glob("*.yaml")))
-    t.add_argument("recipe", help=f"recipe YAML path or built-in name ({builtin})")
-    t.add_argument("--data", nargs="+", help="dataset folder(s) (overrides data.root)")
-    t.add_argument("--base", help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
-    t.add_argument("--out", help="run directory (default: output.dir or runs/<name>)")
+    t.add_argument("recipe", metavar="RECIPE", help=f"recipe YAML path or built-in name ({builtin})")
+    t.add_argument("--data", nargs="+", metavar="DIR", help="dataset folder(s) (overrides data.root)")
+    t.add_argument("--base", metavar="CKPT",
+                   help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: output.dir or runs/<name>)")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-4"
     )
@@ -155,49 +156,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate the frozen core and an adapter on a dataset")
-    e.add_argument("--adapter", help="adapter .safetensors (omit: the frozen core only)")
-    e.add_argument("--base", help="SAM checkpoint (default: the recipe's base)")
-    e.add_argument("--recipe", default="demo", help="recipe for data/prompt/metric settings")
-    e.add_argument("--data", nargs="+", help="dataset folder(s)")
+    e.add_argument("--adapter", metavar="FILE", help="adapter .safetensors (omit: the frozen core only)")
+    e.add_argument("--base", metavar="CKPT", help="SAM checkpoint (default: the recipe's base)")
+    e.add_argument("--recipe", default="demo", metavar="RECIPE", help="recipe for data/prompt/metric settings")
+    e.add_argument("--data", nargs="+", metavar="DIR", help="dataset folder(s)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--json", help="write the metrics here as JSON")
+    e.add_argument("--json", metavar="FILE", help="write the metrics here as JSON")
     e.add_argument("--allow-random-base", action="store_true",
                    help="evaluate a randomly initialised full-size core when no --base is given (else refused)")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
-    pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
-    pr.add_argument("--adapter", help="adapter .safetensors")
-    pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--box", help="x0,y0,x1,y1 box prompt")
-    pr.add_argument("--point", action="append", default=[], help="x,y[,label] point prompt (repeatable)")
-    pr.add_argument("--prompts", help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    pr.add_argument("--base", metavar="CKPT", help="SAM checkpoint (default: the pretrained tiny core)")
+    pr.add_argument("--adapter", metavar="FILE", help="adapter .safetensors")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pr.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt, in image pixels")
+    pr.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                    help="point prompt, label 1 (default) or 0 (repeatable)")
+    pr.add_argument("--prompts", metavar="FILE",
+                    help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}, or COCO boxes")
     pr.add_argument("--auto", action="store_true", help="automatic mask generation (point grid)")
-    pr.add_argument("--points-per-side", type=int, default=32, help="--auto grid: 1 to 64 points a side")
-    pr.add_argument("--pred-iou-thresh", type=float, default=None,
+    pr.add_argument("--points-per-side", type=int, default=32, metavar="N", help="--auto grid: 1 to 64 points a side")
+    pr.add_argument("--pred-iou-thresh", type=float, default=None, metavar="T",
                     help="--auto: keep masks whose predicted IoU is above this (default 0.88)")
-    pr.add_argument("--stability-score-thresh", type=float, default=None,
+    pr.add_argument("--stability-score-thresh", type=float, default=None, metavar="T",
                     help="--auto: keep masks at least this stable (default 0.95)")
-    pr.add_argument("--box-nms-thresh", type=float, default=None,
+    pr.add_argument("--box-nms-thresh", type=float, default=None, metavar="T",
                     help="--auto: box IoU above which the lower-scoring duplicate is dropped (default 0.7)")
-    pr.add_argument("--min-mask-region-area", type=int, default=None,
+    pr.add_argument("--min-mask-region-area", type=int, default=None, metavar="PX",
                     help="--auto: remove holes and islands under this many pixels (default 0: off)")
-    pr.add_argument("--crop-n-layers", type=int, default=None,
+    pr.add_argument("--crop-n-layers", type=int, default=None, metavar="N",
                     help="--auto: also run on 4^k crops for k = 1..N (default 0: the whole image only)")
     pr.add_argument("--multimask", action="store_true",
                     help="three candidate masks per prompt set (SAM's ambiguity outputs), each with its score")
     pr.add_argument("--format", default="png", choices=["png", "coco", "both"],
                     help="png: mask PNGs; coco: coco.json (RLE, needs pycocotools); both (default png)")
-    pr.add_argument("--max-pixels", type=int, default=None,
+    pr.add_argument("--max-pixels", type=int, default=None, metavar="N",
                     help="refuse (that image only) images over this many pixels (default 4096 x 4096)")
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
-    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per encoder batch (default 8)")
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
-    i.add_argument("file")
+    i.add_argument("file", metavar="FILE", help="an adapter .safetensors file (other files: says what they are)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--tensors", action="store_true", help="also list every tensor's name, shape and dtype")
     i.set_defaults(func=cmd_inspect)
