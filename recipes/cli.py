@@ -51,7 +51,7 @@ def user_errors() -> tuple:
 # The optional extras and the top-level modules each brings: a command that needs a missing one says so.
 EXTRAS = {
     "train": ("accelerate", "albumentations", "albucore", "scipy", "tensorboard"),
-    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"),
+    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart", "fastapi_offline"),
     "coco": ("pycocotools",),
 }
 

@@ -78,6 +78,7 @@ from .api import (
     masks_rle,
 )
 from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
+from .offline_docs import add_offline_docs
 from .work import Cancelled, ModelRunner
 
 STATIC = Path(__file__).with_name("static")
@@ -143,7 +144,7 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
     limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
                     auto_budget=int(auto_budget), request_timeout_s=runner.timeout, max_queue=runner.max_queue,
                     body_timeout_s=body_timeout)
-    app = FastAPI(title="samadapt serve", version=_version(),
+    app = FastAPI(title="samadapt serve", version=_version(), docs_url=None, redoc_url=None,  # offline_docs
                   description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
                               "files. Upload an image, then ask for masks from points and boxes under any adapter. "
                               f"Model requests run one at a time: at most {runner.max_queue} wait (503 with "
@@ -152,6 +153,7 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
                               "more is refused with 422. Requests must name this server in Host (421 otherwise); "
                               "writes from pages of other origins get 403.")
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
+    add_offline_docs(app)  # /docs and /redoc with local assets: they work offline
     app.add_middleware(
         BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
         body_timeout=body_timeout,

@@ -60,7 +60,7 @@ def brush_rle(mask: np.ndarray) -> List[int]:
     Example:
         >>> m = np.zeros((2, 3), bool); m[0, 1] = True
         >>> rle = brush_rle(m); len(rle), rle[:4]
-        (10, [0, 0, 0, 24])
+        (13, [0, 0, 0, 24])
     """
     flat = np.repeat(np.asarray(mask, bool).reshape(-1), 4)  # R, G, B, A of each pixel
     bits = [f"{flat.size:032b}", f"{8 - 1:05b}", "".join(f"{s - 1:04b}" for s in RLE_SIZES)]
