@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["SAM_KEYS", "CocoError", "encode_rle", "decode_rle", "mask_record", "json_record", "coco_file"]
+__all__ = ["SAM_KEYS", "CocoError", "json_rle_mode", "encode_rle", "decode_rle", "mask_record", "json_record", "coco_file"]
 
 SAM_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
 
@@ -29,6 +29,21 @@ def _mask_api():
     except ImportError:
         raise CocoError('COCO output needs pycocotools; install it with: pip install "samadapt[coco]"') from None
     return mask_utils
+
+
+def json_rle_mode() -> str:
+    """The RLE a JSON file gets: `coco_rle` (compressed) with pycocotools installed, else `uncompressed_rle`
+    (segment_anything's other JSON mode: the same keys, counts as a list), so a base install still writes JSON.
+
+    Example:
+        >>> json_rle_mode() in ("coco_rle", "uncompressed_rle")
+        True
+    """
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        return "uncompressed_rle"
+    return "coco_rle"
 
 
 def encode_rle(mask: np.ndarray) -> Dict[str, Any]:

@@ -505,7 +505,7 @@ def _write_masks(r: "_Runner", i: int, image: np.ndarray, logits: List[np.ndarra
 
     `which[j]` is (prompt set index, candidate index) of mask j (candidates 0..2 with --multimask).
     """
-    from .coco import json_record, mask_record
+    from .coco import json_record, json_rle_mode, mask_record
 
     out, stem, args = r.out, r.stems[i], r.args
     pngs = getattr(args, "format", "png") in ("png", "both")
@@ -519,7 +519,7 @@ def _write_masks(r: "_Runner", i: int, image: np.ndarray, logits: List[np.ndarra
             _atomic_save_png(np.round(p * 255).astype(np.uint8), out / f"{name}_prob.png")
         ps = prompts[k]
         pts = ps["points"].tolist() if ps is not None and ps["points"] is not None else []
-        rec = json_record(mask_record(m, sc, pts), "coco_rle", image=r.paths[i].name,
+        rec = json_record(mask_record(m, sc, pts), json_rle_mode(), image=r.paths[i].name,
                           file=f"{name}.png" if pngs else None, prompt=k, candidate=c)
         if ps is not None and ps["box"] is not None:
             rec["box"] = [float(v) for v in ps["box"]]
@@ -599,7 +599,7 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
 
 
 def _auto_outputs(r: "_Runner", i: int, image: np.ndarray, masks: List[Dict[str, Any]]) -> None:
-    from .coco import json_record
+    from .coco import json_record, json_rle_mode
 
     out, stem = r.out, r.stems[i]
     masks = sorted(masks, key=lambda m: -int(m["area"]))
@@ -608,7 +608,7 @@ def _auto_outputs(r: "_Runner", i: int, image: np.ndarray, masks: List[Dict[str,
     records = []
     for k, m in enumerate(masks):
         labels[np.asarray(m["segmentation"], bool)] = k + 1  # smaller masks (later) paint over larger ones
-        records.append(json_record(m, "coco_rle"))
+        records.append(json_record(m, json_rle_mode()))
     _atomic_save_png(labels, out / f"{stem}_auto.png")
     _atomic_write_text(json.dumps(records, indent=1), out / f"{stem}_auto.json")
     if not r.args.no_overlay:
