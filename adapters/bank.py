@@ -37,11 +37,19 @@ class AdapterBank:
     are cached per (image, adapter) -- an embedding made under one adapter is never reused for
     another.
 
+    Adapters may also come from a `catalogue`: a YAML/JSON file (or a dict) mapping names to sources
+    (`path`, `http(s)://...`, `hf://org/repo/file[@revision]`, each optionally with a `sha256` pin; see
+    `sources.load_catalogue`). Remote sources are fetched (through huggingface_hub's cache) and pins
+    checked when the bank is made, so a bad entry fails at start-up, not on a request; a catalogue name
+    shadows a directory file of the same name.
+
     Args:
         sam: the frozen `Sam`.
         directory: folder of adapter files (optional).
         capacity: most adapters loaded from the directory kept at once.
         cache_size: most (image, adapter) embeddings kept.
+        catalogue: name -> source file or mapping (optional).
+        allow_base_mismatch: load adapters made for other base weights too.
 
     Example:
         >>> import numpy as np
@@ -56,7 +64,11 @@ class AdapterBank:
     """
 
     def __init__(self, sam: nn.Module, directory: Optional[Union[str, os.PathLike]] = None,
-                 capacity: int = 8, cache_size: int = 32) -> None:
+                 capacity: int = 8, cache_size: int = 32,
+                 catalogue: Optional[Union[str, os.PathLike, Dict[str, Any]]] = None,
+                 allow_base_mismatch: bool = False) -> None:
+        from .sources import load_catalogue, resolve
+
         if capacity < 1:
             raise AdapterError(f"capacity={capacity} must be at least 1")
         self.sam = sam
@@ -65,6 +77,12 @@ class AdapterBank:
             raise AdapterError(f"adapter directory {self.directory} does not exist; create it or pass another")
         self.capacity = capacity
         self.cache_size = cache_size
+        self.allow_base_mismatch = allow_base_mismatch
+        # catalogue name -> local file (fetched and checked now)
+        self.sources: Dict[str, Path] = {}
+        if catalogue is not None:
+            for name, (src, pin) in load_catalogue(catalogue).items():
+                self.sources[name] = resolve(src, sha256=pin)
         self._lock = threading.RLock()
         self._loaded: "OrderedDict[str, Tuple[float, int]]" = OrderedDict()  # name -> file (mtime, size)
         self._pinned = set(attached(sam))  # attached by the caller: never evicted
@@ -82,23 +100,41 @@ class AdapterBank:
         file dropped into the directory appears and a removed one disappears).
         """
         out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(self._pinned)}
+        for name, p in self.files().items():
+            if name not in out:
+                try:
+                    out[name] = inspect_file(p)
+                except AdapterError as e:
+                    out[name] = {"error": str(e)}
+        return out
+
+    def files(self) -> Dict[str, Path]:
+        """The local file of every adapter the bank can load, by name: the catalogue's, then the
+        directory's (listed now).
+        """
+        out = dict(self.sources)
         if self.directory is not None:
             for p in sorted(self.directory.glob("*.safetensors")):
                 if is_valid_name(p.stem) and p.stem not in out:
-                    try:
-                        out[p.stem] = inspect_file(p)
-                    except AdapterError as e:
-                        out[p.stem] = {"error": str(e)}
+                    out[p.stem] = p
         return out
+
+    def path_of(self, name: str) -> Optional[Path]:
+        """The local file adapter `name` would load from (catalogue or directory), or None."""
+        if name in self.sources:
+            return self.sources[name]
+        if self.directory is not None and is_valid_name(name):
+            p = self.directory / f"{name}.safetensors"
+            return p if p.is_file() else None
+        return None
 
     def _file(self, name: str) -> Path:
         if not is_valid_name(name):
             raise AdapterError(f"adapter name {name!r} is not valid; use a name from the listing")
-        if self.directory is None:
-            raise AdapterError(f"no adapter named {name!r}; attached: {sorted(self._pinned)}")
-        path = self.directory / f"{name}.safetensors"
-        if not path.is_file():
-            raise AdapterError(f"no adapter named {name!r} in {self.directory}; available: {sorted(self.available())}")
+        path = self.path_of(name)
+        if path is None:
+            where = f" in {self.directory}" if self.directory is not None else ""
+            raise AdapterError(f"no adapter named {name!r}{where}; available: {sorted(self.available())}")
         return path
 
     def _ensure(self, name: Optional[str]) -> Any:
@@ -115,7 +151,7 @@ class AdapterBank:
             self._evict(name)  # the file changed on disk: reload it
         while len(self._loaded) >= self.capacity:
             self._evict(next(iter(self._loaded)))
-        load_file(self.sam, path, name=name, activate=False)
+        load_file(self.sam, path, name=name, activate=False, allow_base_mismatch=self.allow_base_mismatch)
         self._loaded[name] = version
         self.stats["loads"] += 1
         return version

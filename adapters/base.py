@@ -278,6 +278,10 @@ def attach(
             p.requires_grad_(flag)
         raise
     _link(info_.parts.values(), state)
+    # new modules are made in training mode; an eval-mode core (predict, serve, the bank) must not run
+    # the new adapter's dropout (a core in training mode is left as its training code set it)
+    if not sam.training:
+        sam.eval()
     # peft's update_layer re-flags the adapters of the layers it touches: settle every flag here
     for p, flag in flags:  # the core stays frozen; other adapters frozen, or as they were
         p.requires_grad_(flag and not _trainable and id(p) not in core)

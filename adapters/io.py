@@ -3,15 +3,14 @@ path in the `Sam` module) and string metadata (JSON where structured). Written a
 """
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import base as _base
+from .atomic import atomic_file  # noqa: F401 -- re-exported: recipes write their files through it
 from .base import (
     AdapterError,
     IncompatibleAdapterError,
@@ -22,6 +21,7 @@ from .base import (
     info,
     set_trainable,
 )
+from .base_record import base_record, describe_base  # noqa: F401 -- re-exported
 from .registry import DECODER_KINDS, KINDS, label_tensor
 
 FORMAT = "samadapt.adapter/1"
@@ -97,8 +97,7 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
         "name": name,
         "config": json.dumps([config_to_dict(c) for c in inf.configs]),
         "decoder": json.dumps({"policy": inf.decoder, "r": inf.decoder_r}),
-        "base": json.dumps({"arch": sam.arch, "image_size": sam.image_size,
-                            "fingerprint": base_fingerprint or core_fingerprint(sam)}),
+        "base": json.dumps(base_record(sam, base_fingerprint or core_fingerprint(sam))),
         "dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[DTYPES[dtype]],
         "samadapt_version": _version(),
     }
@@ -110,44 +109,6 @@ def save(sam: nn.Module, path: Union[str, os.PathLike], name: str, dtype: str = 
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
-
-
-@contextmanager
-def atomic_file(path: Union[str, os.PathLike], fsync: bool = True) -> Iterator[str]:
-    """Yield a temporary name beside `path`; when the block succeeds the file is flushed to disk
-    (`fsync`), given the umask's mode and renamed onto `path`; on any error it is removed. A crash
-    never leaves a half-written `path`.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "a.txt")
-        >>> with atomic_file(p) as tmp:
-        ...     _ = open(tmp, "w").write("done")
-        >>> open(p).read()
-        'done'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        _share_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _share_mode(path: str) -> None:
-    """Mkstemp makes owner-only files; adapter files are meant to be shared: use the umask's mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _read(path: Path, tensors: bool = True) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
@@ -229,7 +190,8 @@ def metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
     """What is wrong with a file's parsed metadata (types of every field samadapt reads), or None.
 
     `config` is a list of `{"kind": str, setting: value}` objects, `decoder` is `{"policy": str, "r": int}`,
-    `base` is `{"arch": str, "image_size": int, "fingerprint": str}`, `metrics` (optional) an object, and
+    `base` is `{"arch": str, "image_size": int, "fingerprint": str}` with optional string `checkpoint` and
+    `checkpoint_sha256` (the base file's name and hash), `metrics` (optional) an object, and
     `dtype` one of fp32/fp16/bf16. The settings of registered kinds are checked by their own Configs.
 
     Example:
@@ -257,6 +219,9 @@ def metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
     if not isinstance(base.get("arch"), str) or not _is_int(base.get("image_size")) or not isinstance(
             base.get("fingerprint"), str):
         return f"'base' should hold a string 'arch', an int 'image_size' and a string 'fingerprint', got {base!r:.80}"
+    for k in ("checkpoint", "checkpoint_sha256"):  # optional: the file the base was loaded from
+        if k in base and not isinstance(base[k], str):
+            return f"'base' {k!r} should be a string, got {typename(base[k])}"
     for i, c in enumerate(cfg):
         if c["kind"] in KINDS:  # a plugin kind that is not installed here is named by `load`, not here
             try:
@@ -302,7 +267,7 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     through the registry (`KindSpec.owns`); a tensor none of them owns is labelled `other`.
 
     Args:
-        path: an adapter `.safetensors` file.
+        path: an adapter `.safetensors` file, or a remote source as `load` takes (fetched first).
 
     Returns:
         The dict described above.
@@ -312,7 +277,9 @@ def inspect(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """
     from safetensors import safe_open
 
-    path = Path(path)
+    from .sources import is_remote, resolve
+
+    path = resolve(path) if is_remote(path) else Path(path)
     meta = _read_header(path)
     out = _parse(meta, path)
     by_kind: Dict[str, int] = {}
@@ -375,41 +342,63 @@ def core_fingerprint(sam: nn.Module) -> str:
     return fp
 
 
+MISMATCH_FIX = "or pass allow_base_mismatch=True (CLI: --allow-base-mismatch) to load anyway"
+
+
 def check_base(sam: nn.Module, base: Dict[str, Any], where: str) -> None:
-    """Raise IncompatibleAdapterError unless `base` (from a file) describes this model."""
+    """Raise IncompatibleAdapterError unless `base` (from a file) describes this model; the message names
+    the base the file expects (arch, fingerprint and, when recorded, the checkpoint file and its sha256).
+    """
     have = {"arch": sam.arch, "image_size": sam.image_size}
+    wanted = describe_base(base)
     if base.get("arch") != have["arch"] or int(base.get("image_size", -1)) != have["image_size"]:
         raise IncompatibleAdapterError(
-            f"{where} was made for base {base.get('arch')}@{base.get('image_size')} (fingerprint "
-            f"{base.get('fingerprint')}), this model is {have['arch']}@{have['image_size']}; load that base, "
-            f"or pass allow_base_mismatch=True to load anyway"
+            f"{where} was made for base {wanted}; this model is {have['arch']}@{have['image_size']}; load that "
+            f"base, {MISMATCH_FIX}"
         )
     fp = core_fingerprint(sam)
     if base.get("fingerprint") != fp:
+        ckpt = f"checkpoint {base['checkpoint']}" if base.get("checkpoint") else "the checkpoint it was trained on"
         raise IncompatibleAdapterError(
-            f"{where} expects base weights with fingerprint {base.get('fingerprint')} ({base.get('arch')}), "
-            f"this model's is {fp}; load the checkpoint it was trained on, "
-            f"or pass allow_base_mismatch=True to load anyway"
+            f"{where} expects base {wanted}; this model's fingerprint is {fp}; load {ckpt}, {MISMATCH_FIX}"
         )
 
 
 def load(sam: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
-         allow_base_mismatch: bool = False, activate: bool = True, is_trainable: bool = False) -> str:
-    """Attach the adapter stored in `path` to `sam` (never via pickle) and return its name.
+         allow_base_mismatch: bool = False, activate: bool = True, is_trainable: bool = False,
+         sha256: Optional[str] = None) -> str:
+    """Attach the adapter stored at `path` to `sam` (never via pickle) and return its name.
 
     Args:
         sam: the frozen model; its fingerprint must match the file's base.
-        path: an adapter `.safetensors` file.
+        path: the adapter's source: a local `.safetensors` file, an `http(s)://` URL, or
+            `hf://org/repo/file.safetensors[@revision]` (downloaded through huggingface_hub's cache;
+            see `adapters.sources.resolve`).
         name: name to attach it under (default: the name stored in the file).
         allow_base_mismatch: load even if the file was made for other base weights.
         activate: make it the active adapter.
         is_trainable: leave its parameters trainable (to continue training).
+        sha256: the file's expected sha256 (hex); a file with another hash is refused unread.
 
     Raises:
         AdapterFormatError: truncated, foreign or other-version file, or an unknown kind.
         IncompatibleAdapterError: the file was made for another base (says which).
+        SourceError: a remote source cannot be fetched; HashMismatchError: `sha256` differs.
+
+    Example:
+        >>> import hashlib, os, tempfile
+        >>> from samadapt import adapters
+        >>> from samadapt.sam_core import build_sam
+        >>> sam = build_sam("tiny")
+        >>> adapters.attach(sam, adapters.config("lora", r=4), name="cod")
+        >>> p = adapters.save(sam, os.path.join(tempfile.mkdtemp(), "cod.safetensors"), name="cod")
+        >>> pin = hashlib.sha256(open(p, "rb").read()).hexdigest()
+        >>> adapters.load(sam, p, name="cod2", sha256=pin)
+        'cod2'
     """
-    path = Path(path)
+    from .sources import resolve
+
+    path = resolve(path, sha256=sha256)
     merged = _base.state_of(sam).merged
     if merged is not None:  # checked first: the merged core's fingerprint would mislead the base check
         raise AdapterError(f"adapter {merged!r} is merged into the core; call adapters.unmerge(sam) before loading "

@@ -60,6 +60,10 @@ def remove_from_slot(host: nn.Module, attr: str, name: str) -> None:
             delattr(host, attr)
 
 
+MAX_WIDTH = 1024  # the largest rank / bottleneck width a Config accepts: wider than SAM's decoder (256) and
+# near vit_h's width (1280); a file asking for more would allocate gigabytes before its tensors are checked
+
+
 def block_indices(blocks: Optional[Sequence[int]], n_blocks: int, kind: str) -> List[int]:
     """The encoder blocks a kind adapts (None: all), checked against the encoder's depth."""
     idx = list(range(n_blocks)) if blocks is None else list(blocks)

@@ -1,4 +1,4 @@
-"""`samadapt` command line: demo, train, eval, predict, inspect, serve.
+"""`samadapt` command line: demo, train, eval, predict, inspect, convert, push, pull, serve.
 
 User errors (bad path, bad recipe, wrong adapter for this base, unreadable image) print one line
 `error: ...` to stderr and exit 2, with no traceback and no partial output files.
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="write the metrics here as JSON")
     e.add_argument("--allow-random-base", action="store_true",
                    help="evaluate a randomly initialised full-size core when no --base is given (else refused)")
+    e.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load the adapter even if it was made for other base weights")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per encoder batch (default 8)")
+    pr.add_argument("--allow-base-mismatch", action="store_true",
+                    help="load the adapter even if it was made for other base weights")
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
@@ -207,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
     s.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
-    s.add_argument("--adapters", required=True, help="folder of adapter .safetensors files")
+    s.add_argument("--adapters", required=True,
+                   help="folder of adapter .safetensors files, or a .yaml/.json catalogue: name -> path, "
+                        "http(s) URL or hf://org/repo/file[@revision] (optionally {source: ..., sha256: ...})")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     # checked by the command, not argparse, so a bad value is one `error:` line like every other user error
     s.add_argument("--port", default=8000, help="TCP port, 0..65535 (0 picks a free one; default 8000)")
@@ -226,7 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send its request head (default 10)")
     s.add_argument("--body-timeout", default=30.0, metavar="S",
                    help="seconds a client has to send its request body (default 30)")
+    s.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters made for other base weights too")
     s.set_defaults(func=cmd_serve)
+
+    from .share import add_parsers
+
+    add_parsers(sub)  # push, pull, convert
     return p
 
 
@@ -255,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:
-        from .checkpointing import OS_FIXES, os_problem
+        from .rundir import OS_FIXES, os_problem
 
         if e.errno not in OS_FIXES:
             raise

@@ -15,10 +15,10 @@ import torch
 
 from samadapt import adapters
 
-from .checkpointing import clear_run
 from .config import load_recipe
 from .data.datasets import sam_resize_pad
 from .metrics import MetricSuite
+from .rundir import clear_run
 
 # Each method's recipe changes (dotted keys). Every adapter kind trains with its own copy of the
 # decoder, as SAM-Adapter does; "decoder-only" is that decoder alone, so what the encoder kinds add

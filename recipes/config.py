@@ -18,6 +18,7 @@ from samadapt.sam_core import ARCHS
 
 from .data import LAYOUTS
 from .data.augment import DOMAINS
+from .data.layouts import SPLITS
 from .data.prompts import PROMPT_MODES
 from .data.synthetic import SYNTHETIC_DOMAINS
 from .errors import RecipeError
@@ -117,6 +118,8 @@ CHOICES = {
     ("base", "arch"): list(ARCHS),
     ("adapter", "decoder"): ["frozen", *DECODER_KINDS],  # frozen: no decoder part; the rest are decoder kinds
     ("data", "layout"): ["auto", *LAYOUTS],
+    ("data", "train_split"): list(SPLITS),
+    ("data", "eval_split"): list(SPLITS),
     ("data", "synthetic"): [None, *SYNTHETIC_DOMAINS],
     ("augment", "domain"): [None, *DOMAINS],
     ("prompts", "mode"): list(PROMPT_MODES),
@@ -235,6 +238,17 @@ def _suggest(bad: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
+def _show(v: Any, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to `limit` characters (a value may be huge).
+
+    Example:
+        >>> _show(10**100)[-14:], _show("ok")
+        ('...(101 chars)', "'ok'")
+    """
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit - 16]}...({len(text)} chars)"
+
+
 def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) -> Dict[str, Any]:
     if not isinstance(node, dict):
         errors.append(f"{'.'.join(prefix) or 'recipe'} must be a mapping, got {type(node).__name__}")
@@ -261,9 +275,9 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
         if v is not None or default is not None:
             before = len(errors)
             if v is None and default is not None:
-                errors.append(f"{dotted} may not be null; give a {type(default).__name__} like {default!r}")
+                errors.append(f"{dotted} may not be null; give a {type(default).__name__} like {_show(default)}")
             elif expected is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
+                v = float(v) if abs(v) < 2**1023 else math.inf  # past float range: refused below as not finite
             elif expected is float and isinstance(v, str) and _is_float(v):
                 v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
             elif (
@@ -273,16 +287,16 @@ def _check(node: Any, schema: Dict[str, Any], prefix: tuple, errors: List[str]) 
                 and expected in (int, float)
             ):
                 name = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
-                errors.append(f"{dotted}={v!r} should be {'an' if name[0] in 'aeiou' else 'a'} {name}")
+                errors.append(f"{dotted}={_show(v)} should be {'an' if name[0] in 'aeiou' else 'a'} {name}")
             if (len(errors) == before and isinstance(v, (int, float)) and not isinstance(v, bool)
                     and expected in (int, float)):
                 rule = RANGES.get(path, Range())
                 problem = rule.problem(v)
                 if problem:
-                    errors.append(f"{dotted}={v!r} {problem}" + (f" ({rule.hint})" if rule.hint else ""))
+                    errors.append(f"{dotted}={_show(v)} {problem}" + (f" ({rule.hint})" if rule.hint else ""))
         if path in CHOICES and v not in CHOICES[path]:
             errors.append(
-                f"{dotted}={v!r} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}"
+                f"{dotted}={_show(v)} is not one of {CHOICES[path]}{_suggest(str(v), [str(c) for c in CHOICES[path]])}"
             )
         out[k] = v
     for k, default in schema.items():
@@ -419,6 +433,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
                           "a prompted recipe keeps its prompts already: set it to 0")
         errors.extend(_cross_field(cfg))
     if errors:
+        errors = [e if len(e) <= 300 else e[:280] + "...(cut)" for e in errors]  # one readable line
         if len(errors) == 1:
             raise RecipeError(f"recipe: {errors[0]}")
         raise RecipeError("recipe has %d problems: %s" % (len(errors), "; ".join(errors)))

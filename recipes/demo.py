@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .checkpointing import check_writable, clear_run
 from .compare import fixed_prior, pairwise_iou, run_method
 from .config import load_recipe
+from .rundir import check_writable, clear_run
 
 ROWS = (("frozen", "frozen core"), ("prior", "fixed prior"), ("decoder-only", "decoder only"),
         ("adapted", "adapted"))

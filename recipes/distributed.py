@@ -81,6 +81,12 @@ def build_accelerator(**kwargs):
     # which trainable tensors a step reaches depends on the recipe (the IoU head without an IoU loss term,
     # the multimask tokens without multimask): DDP must not wait for gradients that never come
     handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    from accelerate.state import AcceleratorState
+
+    # AcceleratorState is a process-wide singleton that refuses a second run's other mixed precision
+    # ("restart your runtime"): a Python caller (a notebook, a comparison) trains several recipes in one
+    # process, so each run starts from a fresh state; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers, **kwargs)
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # Accelerate's FSDP branch is for accelerator devices only; on CPU it silently falls back to

@@ -12,11 +12,12 @@ from torch.nn import functional as F
 
 from samadapt import adapters
 
-from .checkpointing import atomic_write_bytes, atomic_write_text, check_writable_file
+from .checkpointing import atomic_write_bytes, atomic_write_text
 from .config import load_recipe
 from .data.prompts import box_from_mask
 from .metrics import MetricSuite
 from .model import build_core, load_base
+from .rundir import check_writable_file
 
 LOWER_IS_BETTER = {"mae", "ber"}
 
@@ -202,7 +203,7 @@ def run_eval(args) -> int:
            else build_core(cfg, allow_random_base=bool(getattr(args, "allow_random_base", False))))
     name = None
     if args.adapter:
-        name = adapters.load(sam, args.adapter)
+        name = adapters.load(sam, args.adapter, allow_base_mismatch=getattr(args, "allow_base_mismatch", False))
         meta = adapters.inspect(args.adapter)
         # evaluate with the prompts the adapter was trained with
         cfg["prompts"]["mode"] = meta.get("prompt_mode", cfg["prompts"]["mode"]) or "none"

@@ -824,7 +824,7 @@ def run_predict(args) -> int:
     sam = load_base(args.base)
     info: Dict[str, Any] = {}
     if args.adapter:
-        adapters.load(sam, args.adapter)
+        adapters.load(sam, args.adapter, allow_base_mismatch=getattr(args, "allow_base_mismatch", False))
         info = adapters.inspect(args.adapter)
         mode = info.get("prompt_mode") or "none"
         prompted = bool(jobs) and any(ps is not None for v in jobs.values() for ps in v)

@@ -27,11 +27,9 @@ from . import config as recipe_config
 from .checkpointing import (
     atomic_write_text,
     check_resume,
-    check_writable,
     clear_stale_temporaries,
     latest_checkpoint,
     load_checkpoint,
-    run_lock,
     save_checkpoint,
 )
 from .data import collate_batch
@@ -42,6 +40,7 @@ from .errors import RecipeError, TrainingError
 from .evaluate import evaluate, format_metrics, is_better, write_overlays
 from .losses import CombinedLoss, pick_multimask
 from .model import TrainStep, adapt_core, build_core
+from .rundir import check_writable, run_lock
 
 
 # ---------------------------------------------------------------------------- data

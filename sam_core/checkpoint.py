@@ -14,6 +14,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from torch.nn import functional as F
 
 from .build import ARCHS, PATCH_SIZE, SamArch, build_sam
+from .checkpoint_file import checkpoint_file
 from .sam import Sam
 
 StateDict = Dict[str, torch.Tensor]
@@ -429,4 +430,6 @@ def load_sam(
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     sam.load_state_dict(sd, strict=True)
     sam.source_format = fmt
+    # which file the weights came from (None for a state dict): adapters record its name and sha256
+    sam.checkpoint = None if isinstance(source, Mapping) else checkpoint_file(source)
     return sam.eval()

@@ -81,6 +81,8 @@ class Sam(nn.Module):
         # What libraries that extend the model keep with it, each under its own key (samadapt.adapters
         # keeps its adapter state here): copied with the model (`copy.deepcopy`), never in `state_dict`.
         self.extensions: Dict[str, Any] = {}
+        # the file `load_sam` read the weights from (`checkpoint.CheckpointFile`: name, sha256), or None
+        self.checkpoint: Optional[Any] = None
 
     # ------------------------------------------------------------------ properties
     @property

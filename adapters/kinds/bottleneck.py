@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
-from ..parts import remove_from_slot
+from ..parts import MAX_WIDTH, remove_from_slot
 
 POSITIONS = ("attn", "mlp")
 
@@ -49,8 +49,9 @@ class BottleneckConfig:
         if bad or not self.positions:
             raise AdapterError(f"bottleneck positions {bad or self.positions} not valid; "
                                f"choose from {list(POSITIONS)}")
-        if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
-            raise AdapterError(f"bottleneck width={self.width!r} must be a positive integer")
+        w = self.width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WIDTH):
+            raise AdapterError(f"bottleneck width={w!r} must be an integer from 1 to {MAX_WIDTH}")
         if self.blocks is not None:
             self.blocks = [int(b) for b in self.blocks]
 

@@ -22,6 +22,7 @@ from typing import ClassVar, List, Optional
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, module_tensors, register_kind
+from ..parts import MAX_WIDTH
 from .lora import add_lora, peft_config, remove_lora
 
 # the built-in policies (public API); `adapters.DECODER_KINDS` also lists third-party ones
@@ -61,8 +62,8 @@ class DecoderLoraConfig:
     r: int = field(default=4, metadata={"help": "rank of the decoder LoRA (attach's decoder_r); alpha = r"})
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise AdapterError(f"decoder_r={self.r!r} must be a positive integer, e.g. 4")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_WIDTH:
+            raise AdapterError(f"decoder_r={self.r!r} must be an integer from 1 to {MAX_WIDTH}, e.g. 4")
 
 
 # ---------------------------------------------------------------------------- full

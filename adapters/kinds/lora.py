@@ -18,6 +18,7 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 from torch import nn
 
 from ..base import AdapterError, Injected, KindSpec, block_indices, register_kind
+from ..parts import MAX_WIDTH
 
 # target name -> attribute path inside an encoder block
 TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -54,8 +55,8 @@ class LoraConfig:
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise AdapterError(f"lora r={self.r!r} must be a positive integer, e.g. 4")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_WIDTH:
+            raise AdapterError(f"lora r={self.r!r} must be an integer from 1 to {MAX_WIDTH}, e.g. 4")
         alpha = self.r if self.alpha is None else self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise AdapterError(f"lora alpha={alpha!r} must be a finite number (the update is scaled by alpha / r)")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
-from ..parts import remove_from_slot
+from ..parts import MAX_WIDTH, remove_from_slot
 
 
 @dataclass
@@ -49,8 +49,11 @@ class SamAdapterConfig:
             raise AdapterError(f"sam_adapter freq_ratio={self.freq_ratio} must be in [0, 1), e.g. 0.25")
         if not (self.handcrafted or self.embedding):
             raise AdapterError("sam_adapter needs handcrafted=True or embedding=True (both off leaves no input)")
-        if not isinstance(self.scale_factor, int) or self.scale_factor < 1:
+        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, int) or self.scale_factor < 1:
             raise AdapterError(f"sam_adapter scale_factor={self.scale_factor!r} must be a positive integer")
+        w = self.width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WIDTH):
+            raise AdapterError(f"sam_adapter width={w!r} must be an integer from 1 to {MAX_WIDTH}")
         if self.blocks is not None:
             self.blocks = [int(b) for b in self.blocks]
 

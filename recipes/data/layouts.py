@@ -67,7 +67,8 @@ LAYOUTS: Dict[str, _Layout] = {
 
 # Detection order: most specific trees first; generic (== kvasir's tree) last.
 _DETECT_ORDER = ("cod10k", "camo", "istd", "sbu", "cvc_clinicdb", "generic")
-_SPLITS = ("train", "val", "test", "all")
+SPLITS = ("train", "val", "test", "all")  # the splits a dataset folder can be asked for
+_SPLITS = SPLITS
 
 
 def _find_ci(root: Path, rel: str) -> Optional[Path]:

@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UserError
 from .datasets import sam_resize_pad
 
 
@@ -84,8 +84,13 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
     seed = cfg["train"]["seed"]
     if root:
         common = dict(layout=d["layout"], strict=d["strict"], val_fraction=d["val_fraction"], seed=seed)
-        train_raw = FolderDataset(root, split=d["train_split"], **common)
-        eval_raw = FolderDataset(root, split=d["eval_split"], **common)
+        try:
+            train_raw = FolderDataset(root, split=d["train_split"], **common)
+            eval_raw = FolderDataset(root, split=d["eval_split"], **common)
+        except ValueError as e:  # a folder the layouts do not know, a split it lacks: the user's data
+            if isinstance(e, UserError):  # already says what to do (empty folder, unpaired files)
+                raise
+            raise RecipeError(f"data: {str(e).splitlines()[0]}") from None
     elif d["synthetic"]:
         s = d["synthetic_image_size"]
         # the training images are read again every epoch: keep up to 512 MB of them

@@ -1,3 +1,4 @@
+# why over 500 lines: every request and response model of the API (they are its OpenAPI schema) and their checks
 """The API of `samadapt serve` apart from its routes: request/response models and their validation.
 
 Holds the pydantic schemas (they are the OpenAPI schema at `/openapi.json`), the image store,

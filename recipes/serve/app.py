@@ -1,3 +1,4 @@
+# why over 500 lines: the routes, their limits (budget, queue, time limit) and the server lifecycle in one place
 """The `samadapt serve` app: an HTTP API and an interactive page over one frozen core and adapter files.
 
 One `AdapterBank` over a folder of adapter files serves every request:
@@ -90,11 +91,12 @@ AUTO_BATCH_BYTES = 256 * 2**20  # memory for one batch of automatic-mask logits 
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: int = 8,
+def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], capacity: int = 8,
                max_upload_bytes: int = 25 * 2**20, max_pixels: int = MAX_PIXELS, image_cache: int = 16,
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
-               body_timeout: Optional[float] = 30.0) -> FastAPI:
+               body_timeout: Optional[float] = 30.0, catalogue: Optional[Union[str, os.PathLike, dict]] = None,
+               allow_base_mismatch: bool = False) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
     Args:
@@ -111,6 +113,9 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
         max_queue: model requests that may wait while one runs (503 with Retry-After beyond).
         auto_budget: most pixel-points (width x height x points_per_side^2) one /api/auto may ask for (422 above).
         body_timeout: seconds a request body may take to arrive (408 after; None: no limit).
+        catalogue: a catalogue file or mapping (adapter name -> path, URL or hf:// source [+ sha256]),
+            served besides (or, with `adapters_dir` None, instead of) the folder.
+        allow_base_mismatch: serve adapters made for other base weights too.
 
     Returns:
         the app; `app.state.bank` is its `AdapterBank`, `app.state.images` its `ImageStore`,
@@ -134,7 +139,8 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
                          f"such as {AUTO_BUDGET}")
     if body_timeout is not None and not body_timeout > 0:
         raise ValueError(f"body_timeout={body_timeout!r} must be a positive number of seconds (or None)")
-    bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache))
+    bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache),
+                       catalogue=catalogue, allow_base_mismatch=allow_base_mismatch)
     images = ImageStore(image_cache)
     runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
@@ -190,9 +196,9 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
             return bank.available()
         except Exception:  # noqa: BLE001 -- one bad file must not take the listing down for every client
             out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(pinned)}
-            for path in sorted(bank.directory.glob("*.safetensors")):
-                if is_valid_name(path.stem) and path.stem not in out:
-                    out[path.stem] = file_entry(path)
+            for name, path in bank.files().items():
+                if name not in out:
+                    out[name] = file_entry(path)
             return out
 
     app.state.catalogue = catalogue
@@ -207,10 +213,10 @@ def create_app(sam: nn.Module, adapters_dir: Union[str, os.PathLike], capacity: 
             shown = name if len(name) <= 80 else name[:80] + "..."
             raise ApiError(400, f"adapter name {shown!r} is not valid (letters, digits, _ and -, starting with a "
                                 f"letter); use a name from GET /api/adapters or null for the plain core")
-        path = bank.directory / f"{name}.safetensors"
+        path = bank.path_of(name)
         if name in pinned:
             return name
-        if not path.is_file():
+        if path is None or not path.is_file():
             names = sorted(catalogue())
             raise ApiError(
                 404, f"no adapter named {name!r}; available: {names[:20]}{' ...' if len(names) > 20 else ''}"
@@ -557,13 +563,18 @@ def run_server(args) -> int:
         hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
     except ValueError as e:
         raise UserError(str(e)) from None
-    directory = Path(args.adapters)
-    if not directory.is_dir():
-        raise UserError(f"adapter folder {directory} does not exist; create it or pass another --adapters")
+    directory: Optional[Path] = Path(args.adapters)
+    catalogue = None
+    if directory.is_file() and directory.suffix.lower() in (".yaml", ".yml", ".json"):
+        directory, catalogue = None, Path(args.adapters)  # a catalogue: name -> path, URL or hf:// source
+    elif not directory.is_dir():
+        raise UserError(f"adapter folder {directory} does not exist; create it or pass another --adapters "
+                        f"(a folder, or a .yaml/.json catalogue)")
     sam = load_base(getattr(args, "base", None))
     app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts,
                      request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
-                     body_timeout=body_timeout)
+                     body_timeout=body_timeout, catalogue=catalogue,
+                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)))
     try:
         sock = bind_socket(host, port)
     except OSError as e:
@@ -571,7 +582,7 @@ def run_server(args) -> int:
                         f"pass another --port") from None
     url = url_of(sock)
     n = len(app.state.catalogue())
-    print(f"samadapt serve: {url}  (core {sam.arch}@{sam.image_size}, {n} adapter(s) in {directory}; "
+    print(f"samadapt serve: {url}  (core {sam.arch}@{sam.image_size}, {n} adapter(s) in {directory or catalogue}; "
           f"API docs at {url}docs; Ctrl+C stops)", flush=True)
     if host not in LOOPBACK:
         print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server; "
