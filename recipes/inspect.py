@@ -26,6 +26,118 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _BUILTIN_KINDS = ("lora", "sam_adapter", "bottleneck")
 _BUILTIN_DECODER = ("frozen", "full", "lora")
 
+# The built-in kinds' settings as `inspect` checks them without importing the kinds (which import torch): the
+# types and ranges of each Config's fields (tests/test_inspect.py holds this table to the dataclasses' fields
+# and to `samadapt.adapters.io.metadata_problem`'s verdicts). `load` runs the Configs themselves.
+_MAX_WIDTH = 1024  # samadapt.adapters.parts.MAX_WIDTH
+
+
+def _int(lo=1, hi=_MAX_WIDTH, none=False):
+    return lambda v: (v is None and none) or (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
+
+
+def _num(lo=float("-inf"), hi=float("inf"), none=False, open_hi=False):
+    import math
+
+    def ok(v):
+        if v is None:
+            return none
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return lo <= v < hi if open_hi else lo <= v <= hi
+    return ok
+
+
+def _strs(allowed):
+    return lambda v: (isinstance(v, str) and v in allowed) or (
+        isinstance(v, list) and bool(v) and all(isinstance(x, str) and x in allowed for x in v))
+
+
+def _blocks(v):
+    return v is None or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+
+
+def _bool(v):
+    return True  # the Configs read these flags as truth values and check nothing more; neither does inspect
+
+
+KIND_SETTINGS = {
+    "lora": {"r": _int(), "alpha": _num(none=True), "dropout": _num(0.0, 1.0, open_hi=True),
+             "targets": _strs({"qkv", "proj", "mlp.fc1", "mlp.fc2"}), "blocks": _blocks, "use_dora": _bool},
+    "sam_adapter": {"scale_factor": _int(1, 2**31), "width": _int(none=True), "freq_ratio": _num(0.0, 1.0, open_hi=True),
+                    "blocks": _blocks, "handcrafted": _bool, "embedding": _bool},
+    "bottleneck": {"width": _int(none=True), "positions": _strs({"attn", "mlp"}), "scale": _num(), "blocks": _blocks},
+}
+
+
+def config_problem(i: int, c: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with `config[i]` of a built-in kind (None: fine, or not a built-in kind).
+
+    Example:
+        >>> config_problem(0, {"kind": "lora", "r": 4, "alpha": "abc"})
+        "'config'[0] (lora): alpha='abc' is not valid"
+    """
+    table = KIND_SETTINGS.get(c.get("kind"))
+    if table is None:
+        return None
+    for k, v in c.items():
+        if k == "kind":
+            continue
+        if k not in table:
+            return f"'config'[{i}] ({c['kind']}): unknown setting {k!r}"
+        if not table[k](v):
+            return f"'config'[{i}] ({c['kind']}): {k}={v!r:.40} is not valid"
+    if c["kind"] == "sam_adapter" and c.get("handcrafted") is False and c.get("embedding") is False:
+        return f"'config'[{i}] (sam_adapter): handcrafted and embedding both off leave no input"
+    return None
+
+
+def metadata_problem(meta: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a file's parsed metadata, torch-free: the checks of
+    `samadapt.adapters.io.metadata_problem` with the built-in kinds' settings checked by `config_problem`.
+
+    Example:
+        >>> ok = {"config": [{"kind": "lora", "r": 4}], "decoder": {"policy": "frozen", "r": 4},
+        ...       "base": {"arch": "tiny", "image_size": 256, "fingerprint": "ab12"}, "dtype": "fp32"}
+        >>> metadata_problem(ok) is None, metadata_problem({**ok, "base": ["tiny"]})
+        (True, "'base' should be a JSON object, got list")
+    """
+    def typename(v: Any) -> str:
+        return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+            type(v), type(v).__name__)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    cfg, dec, base = meta.get("config"), meta.get("decoder"), meta.get("base")
+    if not isinstance(cfg, list):
+        return f"'config' should be a JSON list of kind settings, got {typename(cfg)}"
+    for i, c in enumerate(cfg):
+        if not isinstance(c, dict) or not isinstance(c.get("kind"), str):
+            return f"'config'[{i}] should be an object with a string 'kind', got {typename(c)}"
+    if not isinstance(dec, dict):
+        return f"'decoder' should be a JSON object, got {typename(dec)}"
+    if not isinstance(dec.get("policy", "frozen"), str) or not is_int(dec.get("r", 4)) or dec.get("r", 4) < 1:
+        return f"'decoder' should hold a string 'policy' and an int 'r' >= 1, got {dec!r:.80}"
+    if not isinstance(base, dict):
+        return f"'base' should be a JSON object, got {typename(base)}"
+    if not isinstance(base.get("arch"), str) or not is_int(base.get("image_size")) or not isinstance(
+            base.get("fingerprint"), str):
+        return f"'base' should hold a string 'arch', an int 'image_size' and a string 'fingerprint', got {base!r:.80}"
+    for k in ("checkpoint", "checkpoint_sha256"):
+        if k in base and not isinstance(base[k], str):
+            return f"'base' {k!r} should be a string, got {typename(base[k])}"
+    for i, c in enumerate(cfg):
+        problem = config_problem(i, c)
+        if problem:
+            return problem
+    if "metrics" in meta and not isinstance(meta["metrics"], (dict, type(None))):
+        return f"'metrics' should be a JSON object, got {typename(meta['metrics'])}"
+    if "dtype" in meta and meta["dtype"] not in ("fp32", "fp16", "bf16"):
+        return f"'dtype' {meta['dtype']!r:.40} is not one of fp32, fp16, bf16"
+    return None
+
+
 # the first bytes of files people pass by mistake, to name what they are
 _MAGIC = [
     (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
@@ -222,10 +334,12 @@ def inspect_file(path) -> Dict[str, Any]:
                 raise InspectError(f"{p}: metadata {k!r} is not valid JSON; the file is damaged") from None
         else:
             out[k] = v
-    for k, typ in (("config", list), ("decoder", dict), ("base", dict)):
-        if not isinstance(out.get(k), typ):
-            raise InspectError(f"{p}: metadata {k!r} is missing or not a JSON {typ.__name__}; the file is damaged "
-                               "or was not written by samadapt")
+    for k in ("config", "decoder", "base"):
+        if k not in out:
+            raise InspectError(f"{p}: metadata lacks {k!r}; the file is damaged or was not written by samadapt")
+    problem = metadata_problem(out)
+    if problem:
+        raise InspectError(f"{p}: metadata {problem}; the file is damaged or was not written by samadapt")
     kinds = [c.get("kind") for c in out["config"] if isinstance(c, dict)]
     policy = out["decoder"].get("policy", "frozen")
     labels = {k: _label(k, kinds, policy) for k in tensors}
@@ -271,10 +385,8 @@ def format_table(info: Dict[str, Any], tensors: bool = False) -> str:
             rows.append((k, str(info[k])))
     base = info.get("base", {})
     rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
-    if base.get("checkpoint") is not None:
-        rows.append(("base.checkpoint", str(base["checkpoint"])))
-    if base.get("checkpoint_sha256") is not None:
-        rows.append(("base.checkpoint_sha256", str(base["checkpoint_sha256"])))
+    if base.get("checkpoint"):  # base.checkpoint and base.checkpoint_sha256: the file the core was loaded from
+        rows.append(("base file", f"{base['checkpoint']} (sha256 {base.get('checkpoint_sha256', '?')})"))
     dec = info.get("decoder", {})
     rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
     for c in info.get("config", []):

@@ -147,10 +147,40 @@ def test_base_checkpoint_and_sha256_shown_when_the_file_has_them(tmp_path, adapt
     base = json.loads(meta["base"])
     assert "checkpoint" not in base  # precondition: rows appear only for files that carry the keys
     r, _ = no_torch_cli("inspect", adapter_file)
-    assert "base.checkpoint" not in r.stdout
+    assert "base file" not in r.stdout
     base.update(checkpoint="sam_vit_b_01ec64.pth", checkpoint_sha256="ab" * 32)
     save_file(tensors, str(tmp_path / "with_ckpt.safetensors"), metadata={**meta, "base": json.dumps(base)})
     r, stats = no_torch_cli("inspect", tmp_path / "with_ckpt.safetensors")
     assert stats["rc"] == "0" and stats["torch"] == "False", r.stderr
-    rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if ln.strip()}
-    assert rows["base.checkpoint"] == "sam_vit_b_01ec64.pth" and rows["base.checkpoint_sha256"] == "ab" * 32
+    row = [ln for ln in r.stdout.splitlines() if ln.startswith("base file")]
+    assert len(row) == 1 and row[0].split(None, 2)[2] == f"sam_vit_b_01ec64.pth (sha256 {'ab' * 32})", r.stdout
+
+
+def test_torch_free_settings_checks_follow_the_kinds_configs():
+    """`KIND_SETTINGS` names exactly each built-in Config's fields, and refuses what the library refuses."""
+    import dataclasses
+
+    from samadapt.adapters.io import metadata_problem as lib_problem
+    from samadapt.recipes.inspect import KIND_SETTINGS
+    from samadapt.recipes.inspect import metadata_problem as our_problem
+
+    for kind, table in KIND_SETTINGS.items():
+        cls = type(adapters.config(kind))
+        assert set(table) == {f.name for f in dataclasses.fields(cls)}, kind
+    ok = {"config": [{"kind": "lora", "r": 4}], "decoder": {"policy": "frozen", "r": 4},
+          "base": {"arch": "tiny", "image_size": 256, "fingerprint": "ab"}, "dtype": "fp32"}
+    bad_settings = [{"kind": "lora", "r": 2, "alpha": "abc"}, {"kind": "lora", "r": 0}, {"kind": "lora", "r": True},
+                    {"kind": "lora", "dropout": 1.5}, {"kind": "lora", "targets": 5},
+                    {"kind": "lora", "targets": ["nope"]}, {"kind": "lora", "rank": 4}, {"kind": "lora", "r": 4096},
+                    {"kind": "bottleneck", "width": 0}, {"kind": "bottleneck", "positions": []},
+                    {"kind": "sam_adapter", "freq_ratio": 1.0}, {"kind": "sam_adapter", "scale_factor": "x"},
+                    {"kind": "sam_adapter", "handcrafted": False, "embedding": False}]
+    good_settings = [{"kind": "lora", "r": 8, "alpha": 16, "targets": "qkv"}, {"kind": "bottleneck", "width": 8},
+                     {"kind": "sam_adapter", "blocks": [0, 1]}, {"kind": "lora", "r": 2, "use_dora": True}]
+    disagree = []
+    for c in bad_settings + good_settings:
+        meta = {**ok, "config": [c]}
+        if (our_problem(meta) is None) != (lib_problem(meta) is None):
+            disagree.append((c, our_problem(meta), lib_problem(meta)))
+    assert not disagree, disagree
+    assert all(our_problem({**ok, "config": [c]}) for c in bad_settings)
