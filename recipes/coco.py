@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["SAM_KEYS", "CocoError", "json_rle_mode", "encode_rle", "decode_rle", "mask_record", "json_record", "coco_file"]
+__all__ = ["SAM_KEYS", "CocoError", "json_rle_mode",
+           "encode_rle", "decode_rle", "mask_record", "json_record", "coco_file"]
 
 SAM_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
 

@@ -64,7 +64,8 @@ def _bool(v):
 KIND_SETTINGS = {
     "lora": {"r": _int(), "alpha": _num(none=True), "dropout": _num(0.0, 1.0, open_hi=True),
              "targets": _strs({"qkv", "proj", "mlp.fc1", "mlp.fc2"}), "blocks": _blocks, "use_dora": _bool},
-    "sam_adapter": {"scale_factor": _int(1, 2**31), "width": _int(none=True), "freq_ratio": _num(0.0, 1.0, open_hi=True),
+    "sam_adapter": {"scale_factor": _int(1, 2**31), "width": _int(none=True),
+                    "freq_ratio": _num(0.0, 1.0, open_hi=True),
                     "blocks": _blocks, "handcrafted": _bool, "embedding": _bool},
     "bottleneck": {"width": _int(none=True), "positions": _strs({"attn", "mlp"}), "scale": _num(), "blocks": _blocks},
 }
