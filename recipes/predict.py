@@ -629,6 +629,11 @@ def auto_settings(args) -> Dict[str, Any]:
     return {k: getattr(args, k, None) if getattr(args, k, None) is not None else d for k, (_, d) in AUTO_FLAGS.items()}
 
 
+def _suggest(values: np.ndarray) -> float:
+    """A threshold the best candidate passes (its value rounded down to 0.01, less 0.01 for a strict '>')."""
+    return max(0.0, float(np.floor(values.max() * 100) / 100) - 0.01) if values.size else 0.0
+
+
 def why_no_masks(gen_open, image: np.ndarray, embedding, settings: Dict[str, Any]) -> str:
     """Why no mask passed: the candidates of a generator without thresholds, against each threshold.
 
@@ -638,15 +643,18 @@ def why_no_masks(gen_open, image: np.ndarray, embedding, settings: Dict[str, Any
     cands = gen_open.generate(image, embedding=embedding)
     if not cands:
         return "the model proposed no mask at all (even with every threshold at 0); try another adapter or core"
-    iou = np.array([m["predicted_iou"] for m in cands])
-    stab = np.array([m["stability_score"] for m in cands])
+    iou = np.array([m["predicted_iou"] for m in cands], dtype=float)
+    stab = np.array([m["stability_score"] for m in cands], dtype=float)
+    # an empty candidate's stability is 0/0: such candidates never pass, and say nothing of what would
+    stab = np.where(np.isfinite(stab), stab, 0.0)
+    iou = np.where(np.isfinite(iou), iou, 0.0)
     pi, ss = settings["pred_iou_thresh"], settings["stability_score_thresh"]
     n_iou, n_stab = int((iou > pi).sum()), int((stab >= ss).sum())
     if n_iou <= n_stab:
-        suggest = float(np.floor(np.quantile(iou, 0.9) * 100) / 100)
+        suggest = _suggest(iou)
         return (f"{len(cands)} candidates, {n_iou} with predicted IoU above --pred-iou-thresh {pi:g} "
                 f"(best {iou.max():.2f}); lower it, e.g. --pred-iou-thresh {suggest:g}")
-    suggest = float(np.floor(np.quantile(stab, 0.9) * 100) / 100)
+    suggest = _suggest(stab)
     return (f"{len(cands)} candidates, {n_stab} with stability at least --stability-score-thresh {ss:g} "
             f"(best {stab.max():.2f}); lower it, e.g. --stability-score-thresh {suggest:g}")
 
