@@ -244,7 +244,8 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 ALIASES = {
     "learning_rate": "lr", "lr_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "epoch": "epochs",
     "steps": "max_steps", "num_steps": "max_steps", "bs": "batch_size", "batchsize": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum", "wd": "weight_decay",
+    "batch": "batch_size", "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum",
+    "wd": "weight_decay",
     "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
     "precision": "mixed_precision", "workers": "num_workers", "size": "image_size",
 }

@@ -216,7 +216,8 @@ def volume_meta(cfg: Dict[str, Any], modality: str) -> Dict[str, Any]:
 
 
 def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, base: Optional[str] = None,
-                  resume: bool = False, progress: bool = True, log=print) -> Dict[str, Any]:
+                  resume: bool = False, progress: bool = True, log=print,
+                  allow_random_base: bool = False) -> Dict[str, Any]:
     """Run a validated volume recipe (see the module docstring); writes `adapter.safetensors`,
     `metrics.json` (with per-volume metrics), `recipe.yaml` and `per_volume.json` in the run directory.
 
@@ -242,7 +243,7 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     check_writable(run_dir)
     check_resume(run_dir, False)
     set_seed(t["seed"])
-    sam = build_core(cfg, base)
+    sam = build_core(cfg, base, allow_random_base=allow_random_base)
     fingerprint = sam.fingerprint
     train_cases, held, classes, modality, cache = volume_data(cfg, data_root, run_dir)
     train_ds = SliceDataset(train_cases, cache, classes, sam.image_size, cfg["volume"]["channels"],
@@ -341,7 +342,7 @@ def run_volume_eval(args, cfg: Dict[str, Any]) -> int:
     from .checkpointing import atomic_write_text
     from .model import build_core
 
-    sam = build_core(cfg, args.base)
+    sam = build_core(cfg, args.base, allow_random_base=bool(getattr(args, "allow_random_base", False)))
     work = Path(args.json).parent if args.json else Path(".")
     _, held, classes, modality, cache = volume_data(cfg, args.data, work)
     rows: Dict[str, Dict[str, Any]] = {}
