@@ -1,3 +1,4 @@
+# why over 500 lines: the one recipe schema (defaults, types, choices, ranges) and its validation, kept together
 """Recipe files: YAML validated against one schema before anything runs.
 
 Every key has a default here; a recipe overrides some. An unknown key is an error that suggests

@@ -1,3 +1,4 @@
+# why over 500 lines: the medical data path in one place (CT windows, MR percentiles, nnU-Net layout, phantoms)
 """Medical volumes for the recipes: intensity (CT windows, MR percentiles), slices as SAM images (one
 channel made three, or 2.5-D), the MSD / nnU-Net raw layout and plain image/label folders, a slice
 dataset that samples foreground-aware from cached volumes, and synthetic CT phantoms.
