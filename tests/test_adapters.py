@@ -39,8 +39,10 @@ POLICIES = list(adapters.DECODER_POLICIES)
 
 
 def _case_table():
-    """case name -> list of (kind, config kwargs). Every registered kind alone, DoRA, combinations."""
-    cases = {k: [(k, {})] for k in KINDS}
+    """case name -> list of (kind, config kwargs). Every registered kind alone, DoRA, combinations. A kind that
+    only adds a promptless output (`promptless_head`, e.g. `classes`) never changes the prompted outputs this
+    matrix trains and compares, so it is tested combined with the others (all-kinds) and in its own file."""
+    cases = {k: [(k, {})] for k in KINDS if not getattr(adapters.KINDS[k].config_cls, "promptless_head", False)}
     cases["lora-dora"] = [("lora", {"use_dora": True, "targets": ["qkv", "proj"]})]
     if {"sam_adapter", "lora"} <= set(KINDS):
         cases["sam_adapter+lora"] = [("sam_adapter", {}), ("lora", {})]

@@ -8,7 +8,8 @@ One `AdapterBank` over a folder of adapter files serves every request:
     GET  /api/adapters   adapter files in the folder now, with their metadata
     POST /api/images     upload an image (multipart field `file`) -> {image_id, width, height}
     POST /api/segment    {image_id, adapter, points, box, multimask, format} -> {masks, scores, best}
-    POST /api/auto       {image_id, adapter, points_per_side} -> masks for everything (RLE, bbox, area, score)
+    POST /api/auto       {image_id, adapter, points_per_side, thresholds} -> masks for everything (segment_anything's
+                         records: segmentation RLE, area, bbox, predicted_iou, point_coords, stability_score, crop_box)
 
 Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limits); the OpenAPI
 schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
@@ -79,6 +80,7 @@ from .api import (
 )
 from .batching import EmbedBatcher
 from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
+from .offline_docs import add_offline_docs
 from .work import Cancelled, ModelRunner
 
 STATIC = Path(__file__).with_name("static")
@@ -155,7 +157,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
     limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
                     auto_budget=int(auto_budget), request_timeout_s=runner.timeout, max_queue=runner.max_queue,
                     body_timeout_s=body_timeout)
-    app = FastAPI(title="samadapt serve", version=_version(),
+    app = FastAPI(title="samadapt serve", version=_version(), docs_url=None, redoc_url=None,  # offline_docs
                   description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
                               "files. Upload an image, then ask for masks from points and boxes under any adapter. "
                               f"Model requests run one at a time: at most {runner.max_queue} wait (503 with "
@@ -165,6 +167,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                               "writes from pages of other origins get 403.")
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
     app.state.batcher = batcher
+    add_offline_docs(app)  # /docs and /redoc with local assets: they work offline
     app.add_middleware(
         BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
         body_timeout=body_timeout,
@@ -356,11 +359,14 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
             found = model_call(name, image, lambda: bank.generate(
                 image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
                 points_per_batch=batch, pred_iou_thresh=req.pred_iou_thresh,
-                stability_score_thresh=req.stability_score_thresh, output_mode="uncompressed_rle"))
+                stability_score_thresh=req.stability_score_thresh, box_nms_thresh=req.box_nms_thresh,
+                output_mode=req.output_mode))
             found.sort(key=lambda m: -m["predicted_iou"])
-            masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
-                              score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
-                              point=[float(v) for v in m["point_coords"][0]]) for m in found[:req.max_masks]]
+            masks = [AutoMask(segmentation=m["segmentation"], bbox=[float(v) for v in m["bbox"]],
+                              area=int(m["area"]), predicted_iou=finite(m["predicted_iou"]),
+                              stability_score=finite(m["stability_score"]),
+                              point_coords=[[float(v) for v in p] for p in m["point_coords"]],
+                              crop_box=[int(v) for v in m["crop_box"]]) for m in found[:req.max_masks]]
             return json_response(AutoResponse(masks=masks, width=w, height=h, adapter=name,
                                               elapsed_ms=1000 * (time.perf_counter() - t0)))
 
