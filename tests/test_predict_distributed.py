@@ -3,6 +3,7 @@ processes through torchrun; recipes/distributed.py): each process predicts and w
 of a folder -- every input's files written once, none missing, names as a lone run gives them, masks
 equal to a lone run's -- and both processes really ran (each reports its own share, as rank k of 2).
 """
+import json
 import os
 import subprocess
 import sys
@@ -60,8 +61,15 @@ def test_predict_on_two_processes_writes_every_input_once(tmp_path):
     # both processes ran, each its own share: 8 inputs -> 4 + 4
     assert reports == [f"process 1/2: 4 image(s) written to {out}", f"process 2/2: 4 image(s) written to {out}"], \
         run.stderr[-2000:]
-    written, want = sorted(os.listdir(out)), sorted(os.listdir(alone))
+    written = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    want = sorted(f for f in os.listdir(alone) if f.endswith(".png"))
     assert len(want) == len(names) and written == want  # none missing, none extra, same names as alone
+    # the run file: one per process (each knows its share), together the lone run's records
+    assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["masks-1of2.json", "masks-2of2.json"]
+    shares = [json.loads((out / f"masks-{k}of2.json").read_text()) for k in (1, 2)]
+    lone = json.loads((alone / "masks.json").read_text())
+    key = lambda rec: json.dumps(rec, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, shares[0] + shares[1])) == sorted(map(key, lone)) and all(shares)
     assert not [f for f in written if f.startswith(".")]  # no temporary file left
     for f in want:
         a, b = np.array(Image.open(alone / f)), np.array(Image.open(out / f))
