@@ -31,6 +31,8 @@ from .base import (  # noqa: E402
 )
 from .io import FORMAT, AdapterFormatError, adapter_state_dict, inspect, load, save  # noqa: E402
 from .kinds import DECODER_POLICIES  # noqa: E402
+from .kinds.classes import has_class_head, semantic_logits  # noqa: E402
+from .mixed import RowRoute, route  # noqa: E402
 from .parts import remove_from_slot  # noqa: E402
 from .registry import (
     DECODER_KINDS,
@@ -48,10 +50,13 @@ __all__ = [
     "is_valid_name",
     "config", "attach", "activate", "active", "attached", "detach", "merge", "unmerge", "trainable_summary",
     "set_trainable", "adapter_parameters", "info", "save", "load", "inspect", "adapter_state_dict", "AdapterBank",
+    "semantic_logits", "has_class_head",
     "AdapterError", "AdapterFormatError", "IncompatibleAdapterError", "KINDS", "KindSpec", "register_kind",
     "DECODER_POLICIES", "DECODER_KINDS", "FORMAT", "ENTRY_POINT_GROUP", "load_plugins", "unregister_kind",
     # what a third-party kind builds on
     "Injected", "AdapterSlot", "block_indices", "module_tensors", "remove_from_slot",
+    # mixed-adapter encoder batches
+    "route", "RowRoute",
 ]
 
 from .peft_linear_view import register as _register_linear_view  # noqa: E402

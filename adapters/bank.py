@@ -174,6 +174,31 @@ class AdapterBank:
             del self._cache[key]
         self.stats["evictions"] += 1
 
+    def preload(self, name: str) -> None:
+        """Make adapter `name` resident now (loaded from its file if it is not), as a request for it would.
+
+        Raises:
+            AdapterError: no such adapter, or its file does not fit this core.
+        """
+        with self._lock:
+            self._ensure(name)
+
+    def evict(self, name: str) -> bool:
+        """Unload adapter `name` (loaded from a file; adapters attached by the caller stay) and drop its
+        cached embeddings. Returns whether it was resident.
+
+        Example:
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> adapters.AdapterBank(build_sam("tiny")).evict("absent")
+            False
+        """
+        with self._lock:
+            if name not in self._loaded:
+                return False
+            self._evict(name)
+            return True
+
     def resident(self) -> List[str]:
         """Names of the adapters on the core now: those attached by the caller, then the loaded ones
         from least to most recently used.
@@ -237,26 +262,140 @@ class AdapterBank:
         """
         return self.predict_batch([dict(prompts, image=image, adapter=adapter, image_id=image_id)])[0]
 
-    def predict_batch(self, items: Sequence[Dict[str, Any]]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Many requests at once; items may name different adapters. Items are grouped by
-        adapter, each group's missing embeddings are computed in one encoder batch, and results
-        come back in the order given.
+    def predict_batch(self, items: Sequence[Dict[str, Any]],
+                      mode: str = "mixed") -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Many requests at once; items may name different adapters; results come back in the order given.
+
+        Every embedding not in the cache is computed in one encoder pass over all the items, each
+        adapter's modules on its own items' rows only (`adapters.mixed`); then each item's prompts
+        are decoded under its adapter (its decoder copy or decoder LoRA included).
+
+        Args:
+            items: dicts with `image` (H x W x 3 uint8), optional `adapter` (None: the plain core),
+                `image_id`, and `SamPredictor.predict`'s prompts.
+            mode: `mixed` (one encoder pass), `grouped` (one pass per adapter) or `single` (one pass
+                per image); all three give the same results (the last two are for comparison). A batch
+                naming more adapter files than `capacity` runs in parts of at most `capacity` adapters.
+
+        Returns:
+            one (masks, scores, low-res logits) per item.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> sam = build_sam("tiny")
+            >>> adapters.attach(sam, adapters.config("bottleneck"), name="b")
+            >>> bank = adapters.AdapterBank(sam)
+            >>> im = np.zeros((64, 64, 3), np.uint8)
+            >>> out = bank.predict_batch([dict(image=im, adapter="b", box=[8, 8, 40, 40]),
+            ...                           dict(image=im, box=[4, 4, 30, 30])])
+            >>> [m.shape for m, _, _ in out]
+            [(3, 64, 64), (3, 64, 64)]
         """
-        results: List[Any] = [None] * len(items)
-        groups: Dict[Optional[str], List[int]] = {}
+        if mode not in ("mixed", "grouped", "single"):
+            raise AdapterError(f"predict_batch mode={mode!r} is not one of 'mixed', 'grouped', 'single'")
         for i, it in enumerate(items):
             if "image" not in it:
                 raise AdapterError(f"request {i} has no 'image'")
-            groups.setdefault(it.get("adapter"), []).append(i)
         with self._lock:
-            for name, idx in groups.items():
-                version = self._ensure(name)
-                keys = [items[i].get("image_id") or image_key(items[i]["image"]) for i in idx]
-                entries = self._embeddings([items[i]["image"] for i in idx], keys, name, version)
-                for i, entry in zip(idx, entries):
-                    prompts = {k: v for k, v in items[i].items() if k not in ("image", "adapter", "image_id")}
-                    results[i] = self._decode(name, entry, prompts)
+            names = [it.get("adapter") for it in items]
+            loaded = [n for n in dict.fromkeys(names) if n is not None and n not in self._pinned]
+            if len(loaded) > self.capacity:  # more adapter files than fit at once: in parts that fit
+                part_of = {n: k // self.capacity for k, n in enumerate(loaded)}
+                parts: Dict[int, List[int]] = {}
+                for i, n in enumerate(names):
+                    parts.setdefault(part_of.get(n, 0), []).append(i)
+                results: List[Any] = [None] * len(items)
+                for idx in parts.values():
+                    for i, r in zip(idx, self.predict_batch([items[i] for i in idx], mode=mode)):
+                        results[i] = r
+                return results
+            # every adapter resident for the pass: at most `capacity` distinct ones, so loading one never
+            # evicts another of this batch (each use moves it to the recent end)
+            versions = {name: self._ensure(name) for name in dict.fromkeys(names)}
+            keys = [it.get("image_id") or image_key(it["image"]) for it in items]
+            entries = self._embeddings_mixed([it["image"] for it in items], keys, names, versions, mode)
+            results = []
+            for it, name, entry in zip(items, names, entries):
+                prompts = {k: v for k, v in it.items() if k not in ("image", "adapter", "image_id")}
+                results.append(self._decode(name, entry, prompts))
         return results
+
+    def _embeddings_mixed(self, images: Sequence[np.ndarray], keys: Sequence[str], names: Sequence[Optional[str]],
+                          versions: Dict[Optional[str], Any], mode: str) -> list:
+        """One `ImageEmbedding` per item under its own adapter; the misses are encoded in one mixed
+        pass (`mode="mixed"`), one pass per adapter (`grouped`) or one per image (`single`).
+        """
+        from .mixed import route
+
+        out: List[Any] = [None] * len(images)
+        todo: Dict[Tuple[str, Optional[str], Any], List[int]] = {}  # one encoding per (image, adapter)
+        for i, (key, name) in enumerate(zip(keys, names)):
+            ck = (key, name, versions[name])
+            if ck in self._cache:
+                self._cache.move_to_end(ck)
+                out[i] = self._cache[ck]
+                self.stats["cache_hits"] += 1
+            else:
+                todo.setdefault(ck, []).append(i)
+        if not todo:
+            return out
+        self.stats["cache_misses"] += len(todo)
+        # adapters in contiguous runs: each adapter's rows are then one slice of every routed tensor
+        order = sorted(todo, key=lambda ck: (ck[1] is not None, ck[1] or ""))
+        if mode == "mixed":
+            batches = [order]
+        elif mode == "grouped":
+            batches = [[ck for ck in order if ck[1] == n] for n in dict.fromkeys(ck[1] for ck in order)]
+        else:
+            batches = [[ck] for ck in order]
+        for batch in batches:
+            imgs = [images[todo[ck][0]] for ck in batch]
+            owners = [ck[1] for ck in batch]
+            with torch.inference_mode():
+                if len(set(owners)) == 1:  # one adapter: the ordinary pass
+                    activate(self.sam, owners[0])
+                    made = self._predictor.encode(imgs)
+                else:
+                    with route(self.sam, owners):
+                        made = self._predictor.encode(imgs)
+            for ck, emb in zip(batch, made):
+                emb.features = emb.features.clone()  # its own storage, not a view of the batch
+                self._cache[ck] = emb
+                for i in todo[ck]:
+                    out[i] = emb
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def has_embedding(self, image: np.ndarray, adapter: Optional[str] = None, image_id: Optional[str] = None) -> bool:
+        """Whether `image`'s embedding under `adapter` is cached now (a prompt on it needs no encoder
+        pass). Answers without waiting on a running model call: a hint, true or stale by a moment.
+
+        Example:
+            >>> import numpy as np
+            >>> from samadapt import adapters
+            >>> from samadapt.sam_core import build_sam
+            >>> bank, im = adapters.AdapterBank(build_sam("tiny")), np.zeros((32, 32, 3), np.uint8)
+            >>> before = bank.has_embedding(im); _ = bank.embedding(im); before, bank.has_embedding(im)
+            (False, True)
+        """
+        if adapter is None or adapter in self._pinned:
+            version: Any = 0
+        else:
+            path = self.path_of(adapter)
+            loaded = self._loaded.get(adapter)
+            if path is None or loaded is None:
+                return False
+            try:
+                st = path.stat()
+            except OSError:
+                return False
+            version = (st.st_mtime_ns, st.st_size)
+            if loaded != version:
+                return False
+        return (image_id or image_key(image), adapter, version) in self._cache
 
     def embedding(self, image: np.ndarray, adapter: Optional[str] = None,
                   image_id: Optional[str] = None) -> torch.Tensor:

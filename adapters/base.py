@@ -81,6 +81,8 @@ class AdapterState:
     merge_stash: Dict[str, Tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
     # kinds attached here that follow activation by a call (`KindSpec.on_activate`), by kind label
     on_activate: Dict[str, Callable] = field(default_factory=dict)
+    # the row route of a mixed-adapter encoder pass (`adapters.mixed.route`), None otherwise
+    route: Any = None
 
 
 def state_of(sam: nn.Module, create: bool = True) -> Optional[AdapterState]:

@@ -34,16 +34,26 @@ def user_errors() -> tuple:
     checkpoint errors, and OS path errors (missing, not a folder, a folder). Disk full, read-only and no
     permission are turned into a line with the fix by `main` itself (`checkpointing.OS_FIXES`).
     """
-    from samadapt.adapters import AdapterError
-    from samadapt.sam_core import CheckpointError
+    errors = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    # only modules already imported can have raised their errors: importing them here would cost torch's
+    # import (seconds) to a command that never needed it (`inspect`)
+    if "samadapt.adapters" in sys.modules:
+        from samadapt.adapters import AdapterError
 
-    return (UserError, AdapterError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+        errors.append(AdapterError)
+    if "samadapt.sam_core" in sys.modules:
+        from samadapt.sam_core import CheckpointError
+
+        errors.append(CheckpointError)
+    return tuple(errors)
 
 
 # The optional extras and the top-level modules each brings: a command that needs a missing one says so.
 EXTRAS = {
     "train": ("accelerate", "albumentations", "albucore", "scipy", "tensorboard"),
-    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"),
+    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart", "fastapi_offline"),
+    "medical": ("nibabel", "pydicom"),
+    "coco": ("pycocotools",),
 }
 
 
@@ -66,69 +76,56 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_recipe(args.recipe, args.set)
-    train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet)
+    if cfg["volume"]["enabled"]:  # volumes and a K-class head: recipes/volumes.py
+        from .volumes import train_volumes
+
+        train_volumes(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume,
+                      progress=not args.quiet, allow_random_base=args.allow_random_base)
+        return 0
+    train(cfg, out_dir=args.out, data_root=args.data, base=args.base, resume=args.resume, progress=not args.quiet,
+          allow_random_base=args.allow_random_base)
     return 0
 
 
 def cmd_demo(args) -> int:
-    """`samadapt demo`."""
+    """`samadapt demo [organs]`."""
+    if args.which == "organs":  # multi-organ CT phantoms: recipes/demo_organs.py
+        from .demo_organs import run_organs_demo
+
+        return run_organs_demo(out_dir=args.out or "runs/demo_organs", quick=args.quick, overrides=args.set)
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, quick=args.quick, overrides=args.set)
+    return run_demo(out_dir=args.out or "runs/demo", quick=args.quick, overrides=args.set)
 
 
 def cmd_eval(args) -> int:
     """`samadapt eval`."""
+    from .config import load_recipe
     from .evaluate import run_eval
+
+    cfg = load_recipe(args.recipe, args.set)
+    if cfg["volume"]["enabled"]:  # per-class, per-volume metrics: recipes/volumes.py
+        from .volumes import run_volume_eval
+
+        return run_volume_eval(args, cfg)
 
     return run_eval(args)
 
 
 def cmd_inspect(args) -> int:
-    """`samadapt inspect FILE`: an adapter file's metadata as a table (or `--json`)."""
-    from samadapt import adapters
+    """`samadapt inspect FILE`: an adapter file's metadata as a table (or `--json`), read without torch."""
+    from .inspect import format_table, inspect_file
 
-    info = adapters.inspect(args.file)
+    info = inspect_file(args.file)
     if args.json:
+        if not args.tensors:
+            info.pop("tensor_list", None)
         print(json.dumps(info, indent=2, default=str))
         return 0
-    rows = []
-    for k in ("name", "format", "domain", "prompt_mode", "samadapt_version", "dtype"):
-        if k in info:
-            rows.append((k, str(info[k])))
-    base = info.get("base", {})
-    rows.append(("base", f"{base.get('arch')} @ {base.get('image_size')} px, fingerprint {base.get('fingerprint')}"))
-    if base.get("checkpoint"):
-        rows.append(("base file", f"{base['checkpoint']} (sha256 {base.get('checkpoint_sha256', '?')})"))
-    dec = info.get("decoder", {})
-    rows.append(("decoder", f"{dec.get('policy')}" + (f" (r={dec.get('r')})" if dec.get("policy") == "lora" else "")))
-    for c in info.get("config", []):
-        settings = ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind")
-        rows.append((f"kind {c.get('kind')}", settings))
-    rows.append(("tensors", f"{info['tensors']} tensors, {info['parameters']:,} parameters"))
-    for k, v in sorted(info["parameters_by_kind"].items()):
-        rows.append((f"  {k}", f"{v:,} parameters"))
-    rows.append(
-        ("size", f"{info['file_bytes']:,} bytes ({info['tensor_bytes']:,} tensor + {info['header_bytes']:,} header)")
-    )
-    metrics = info.get("metrics")
-    if isinstance(metrics, dict):
-        flat = metrics.get("eval", metrics)
-        if isinstance(flat, dict):
-            rows.append(
-                (
-                    "metrics",
-                    "  ".join(f"{k}={v:.4f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in flat.items()),
-                )
-            )
+    print(format_table(info, tensors=args.tensors))
     if info.get("non_finite"):
-        rows.append(("WARNING", f"{len(info['non_finite'])} tensors hold NaN/infinity (e.g. {info['non_finite'][0]}); "
-                                "this file will not load"))
-    if info.get("recipe"):
-        rows.append(("recipe", f"{len(info['recipe'].splitlines())} lines of resolved YAML (--json shows it)"))
-    width = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+        print(f"warning: {args.file}: {len(info['non_finite'])} tensor(s) hold NaN/infinity; it will not load",
+              file=sys.stderr)
     return 0
 
 
@@ -155,50 +152,76 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train a camouflage adapter on the tiny core and compare it with the frozen core")
-    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument("which", nargs="?", default="camouflage", choices=["camouflage", "organs"],
+                   help="camouflage (default) or organs (multi-organ CT phantoms, per-class Dice)")
+    d.add_argument("--out", default=None, help="run directory (default runs/demo, runs/demo_organs for organs)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train an adapter from a YAML recipe")
     builtin = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "configs").glob("*.yaml")))
-    t.add_argument("recipe", help=f"recipe YAML path or built-in name ({builtin})")
-    t.add_argument("--data", nargs="+", help="dataset folder(s) (overrides data.root)")
-    t.add_argument("--base", help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
-    t.add_argument("--out", help="run directory (default: output.dir or runs/<name>)")
+    t.add_argument("recipe", metavar="RECIPE", help=f"recipe YAML path or built-in name ({builtin})")
+    t.add_argument("--data", nargs="+", metavar="DIR", help="dataset folder(s) (overrides data.root)")
+    t.add_argument("--base", metavar="CKPT",
+                   help="SAM checkpoint (Meta .pth, .safetensors, or a Hugging Face SamModel folder)")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: output.dir or runs/<name>)")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-4"
     )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--allow-random-base", action="store_true",
+                   help="train on a randomly initialised full-size core when no --base is given (else refused)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate the frozen core and an adapter on a dataset")
-    e.add_argument("--adapter", help="adapter .safetensors (omit: the frozen core only)")
-    e.add_argument("--base", help="SAM checkpoint (default: the recipe's base)")
-    e.add_argument("--recipe", default="demo", help="recipe for data/prompt/metric settings")
-    e.add_argument("--data", nargs="+", help="dataset folder(s)")
+    e.add_argument("--adapter", metavar="FILE", help="adapter .safetensors (omit: the frozen core only)")
+    e.add_argument("--base", metavar="CKPT", help="SAM checkpoint (default: the recipe's base)")
+    e.add_argument("--recipe", default="demo", metavar="RECIPE", help="recipe for data/prompt/metric settings")
+    e.add_argument("--data", nargs="+", metavar="DIR", help="dataset folder(s)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--json", help="write the metrics here as JSON")
+    e.add_argument("--json", metavar="FILE", help="write the metrics here as JSON")
+    e.add_argument("--allow-random-base", action="store_true",
+                   help="evaluate a randomly initialised full-size core when no --base is given (else refused)")
     e.add_argument("--allow-base-mismatch", action="store_true",
-                    help="load the adapter even if it was made for other base weights")
+                   help="load the adapter even if it was made for other base weights")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="masks for images with a base and an optional adapter")
-    pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--base", help="SAM checkpoint (default: the pretrained tiny core)")
-    pr.add_argument("--adapter", help="adapter .safetensors")
-    pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--box", help="x0,y0,x1,y1 box prompt")
-    pr.add_argument("--point", action="append", default=[], help="x,y[,label] point prompt (repeatable)")
-    pr.add_argument("--prompts", help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}")
+    pr = sub.add_parser("predict", help="masks for images (or label maps for volumes) with a base and an adapter")
+    pr.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="image files or folders; NIfTI files or DICOM folders for volumes")
+    pr.add_argument("--base", metavar="CKPT", help="SAM checkpoint (default: the pretrained tiny core)")
+    pr.add_argument("--adapter", metavar="FILE", help="adapter .safetensors")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pr.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt, in image pixels")
+    pr.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                    help="point prompt, label 1 (default) or 0 (repeatable)")
+    pr.add_argument("--prompts", metavar="FILE",
+                    help="JSON file: {image name: {box: [...], points: [[x, y, label], ...]}}, or COCO boxes")
     pr.add_argument("--auto", action="store_true", help="automatic mask generation (point grid)")
-    pr.add_argument("--points-per-side", type=int, default=32, help="--auto grid: 1 to 64 points a side")
-    pr.add_argument("--max-pixels", type=int, default=None,
+    pr.add_argument("--points-per-side", type=int, default=32, metavar="N", help="--auto grid: 1 to 64 points a side")
+    pr.add_argument("--pred-iou-thresh", type=float, default=None, metavar="T",
+                    help="--auto: keep masks whose predicted IoU is above this (default 0.88)")
+    pr.add_argument("--stability-score-thresh", type=float, default=None, metavar="T",
+                    help="--auto: keep masks at least this stable (default 0.95)")
+    pr.add_argument("--box-nms-thresh", type=float, default=None, metavar="T",
+                    help="--auto: box IoU above which the lower-scoring duplicate is dropped (default 0.7)")
+    pr.add_argument("--min-mask-region-area", type=int, default=None, metavar="PX",
+                    help="--auto: remove holes and islands under this many pixels (default 0: off)")
+    pr.add_argument("--crop-n-layers", type=int, default=None, metavar="N",
+                    help="--auto: also run on 4^k crops for k = 1..N (default 0: the whole image only)")
+    pr.add_argument("--multimask", action="store_true",
+                    help="three candidate masks per prompt set (SAM's ambiguity outputs), each with its score")
+    pr.add_argument("--format", default="png", choices=["png", "coco", "both"],
+                    help="png: mask PNGs; coco: coco.json (RLE, needs pycocotools); both (default png)")
+    pr.add_argument("--max-pixels", type=int, default=None, metavar="N",
                     help="refuse (that image only) images over this many pixels (default 4096 x 4096)")
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
-    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per encoder batch (default 8)")
+    # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz
+    # (recipes/predict_volume.py); --probs adds one probability volume per class, --batch-size is slices per forward
     pr.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                     help="image encoder on a CPU: auto (bf16 where the CPU has native bf16, else fp32), or force "
                          "one (default: $SAMADAPT_PRECISION, else auto)")
@@ -207,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="show an adapter file's metadata and tensors (no model needed)")
-    i.add_argument("file")
+    i.add_argument("file", metavar="FILE", help="an adapter .safetensors file (other files: says what they are)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--tensors", action="store_true", help="also list every tensor's name, shape and dtype")
     i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("serve", help="HTTP API and interactive page: one frozen core, many adapters")
@@ -227,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a model request may take, waiting included (504/503 after; default 60)")
     s.add_argument("--max-queue", default=8, metavar="N",
                    help="model requests that may wait while one runs (503 with Retry-After beyond; default 8)")
+    s.add_argument("--engine", choices=["single", "ray"], default="single",
+                   help="single: one process (default); ray: the same API on Ray Serve with --replicas model "
+                        "replicas, adapters routed to the replicas that hold them (pip install 'samadapt[serve-ray]')")
+    s.add_argument("--replicas", default=2, metavar="N", help="model replicas with --engine ray (default 2)")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join with --engine ray (default: start a local Ray instance)")
+    s.add_argument("--max-batch", default=8, metavar="N",
+                   help="concurrent requests needing an image embedding that are embedded together, in one "
+                        "encoder pass across adapters (1: no batching; default 8)")
+    s.add_argument("--max-wait-ms", default=5.0, metavar="MS",
+                   help="longest such a request waits for others to batch with (default 5)")
     s.add_argument("--auto-budget", default=2**30, metavar="PIXEL_POINTS",
                    help="most width x height x points_per_side^2 one /api/auto may ask for (422 above; "
                         "default 1073741824)")

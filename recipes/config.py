@@ -1,3 +1,4 @@
+# why over 500 lines: the one recipe schema (defaults, types, choices, ranges) and its validation, kept together
 """Recipe files: YAML validated against one schema before anything runs.
 
 Every key has a default here; a recipe overrides some. An unknown key is an error that suggests
@@ -19,6 +20,8 @@ from samadapt.sam_core import ARCHS
 from .data import LAYOUTS
 from .data.augment import DOMAINS
 from .data.layouts import SPLITS
+from .data.medical import CHANNELS as VOLUME_CHANNELS
+from .data.medical import CT_WINDOWS, NORMALISE
 from .data.prompts import PROMPT_MODES
 from .data.synthetic import SYNTHETIC_DOMAINS
 from .errors import RecipeError
@@ -102,6 +105,26 @@ SCHEMA: Dict[str, Any] = {
         "samples": 4,  # overlays written per evaluation
         "batch_size": 8,
     },
+    # volumes (NIfTI/DICOM; the nnU-Net/MSD layout or image/label pairs) and K-class output: recipes/volumes.py
+    "volume": {
+        "enabled": False,  # the data are volumes: 2-D slices train a K-class head (class names from dataset.json)
+        "layout": "auto",  # auto | nnunet (dataset.json, imagesTr/, labelsTr/) | pairs (image/label NIfTI files)
+        "normalise": "auto",  # auto (CT: the window; other modalities: percentiles) | window | percentile | none
+        "window": "abdomen",  # CT window by name (data.medical.CT_WINDOWS) ...
+        "level": None,  # ... or by level and width in HU (both set: they win over the name)
+        "width": None,
+        "percentile_low": 0.5,  # MR and other modalities: clip to these percentiles of the volume, then [0, 1]
+        "percentile_high": 99.5,
+        "channels": "repeat",  # repeat (one slice made three channels) | 2.5d (slices k-1, k, k+1)
+        "empty_share": 0.1,  # share of the training slices drawn from slices without any labelled voxel
+        "ce": 0.2,  # K-class loss: cross-entropy weight (SAMed: 0.2) ...
+        "dice": 0.8,  # ... and Dice weight (SAMed: 0.8); the `loss` section weighs the prompted batches
+        "phantoms_train": 0,  # > 0: synthetic CT phantoms (data.medical) instead of data.root: this many for training
+        "phantoms_test": 4,  # ... and this many held out
+        "nsd_tolerance": 2.0,  # mm, for the NSD metric
+        "surface_metrics": True,  # HD95 and NSD in evaluations (false: Dice and IoU only, faster)
+        "slice_batch": 8,  # slices per forward at inference
+    },
     "output": {
         "dir": None,  # run directory (default runs/<name>)
         "dtype": "fp32",  # adapter file dtype: fp32 | fp16 | bf16
@@ -111,6 +134,7 @@ SCHEMA: Dict[str, Any] = {
 NULLABLE_TYPES = {
     ("base", "checkpoint"): str, ("base", "image_size"): int, ("data", "root"): (str, list),
     ("data", "synthetic"): str, ("augment", "domain"): str, ("train", "max_steps"): int, ("output", "dir"): str,
+    ("volume", "level"): float, ("volume", "width"): float,
 }
 # The allowed values of a key come from the registry that defines them, so a new arch, layout,
 # domain, prompt mode, adapter kind or metric is a valid recipe value without touching this file.
@@ -127,6 +151,10 @@ CHOICES = {
     ("train", "mixed_precision"): ["no", "bf16", "fp16"],
     ("train", "attention"): ["auto", "timm", "sdpa", "triton"],
     ("output", "dtype"): ["fp32", "fp16", "bf16"],
+    ("volume", "layout"): ["auto", "nnunet", "pairs"],
+    ("volume", "normalise"): list(NORMALISE),
+    ("volume", "window"): sorted(CT_WINDOWS),
+    ("volume", "channels"): list(VOLUME_CHANNELS),
 }
 
 class Range:
@@ -198,6 +226,17 @@ RANGES: Dict[tuple, Range] = {
     ("eval", "every_epochs"): Range(1, BIG),
     ("eval", "samples"): Range(0, 10000),
     ("eval", "batch_size"): Range(1, 65536),
+    ("volume", "level"): Range(-5000.0, 5000.0, hint="HU, e.g. 40 for the abdomen"),
+    ("volume", "width"): Range(0.0, 10000.0, lo_open=True, hint="HU, e.g. 400 for the abdomen"),
+    ("volume", "percentile_low"): Range(0.0, 100.0, hi_open=True, hint="e.g. 0.5"),
+    ("volume", "percentile_high"): Range(0.0, 100.0, lo_open=True, hint="e.g. 99.5"),
+    ("volume", "empty_share"): Range(0.0, 1.0, hi_open=True, hint="0.1: a tenth of the slices are empty"),
+    ("volume", "ce"): Range(0.0, 1e6, hint="0 disables the term"),
+    ("volume", "dice"): Range(0.0, 1e6, hint="0 disables the term"),
+    ("volume", "phantoms_train"): Range(0, 100000, hint="0: read data.root"),
+    ("volume", "phantoms_test"): Range(1, 100000),
+    ("volume", "nsd_tolerance"): Range(0.0, 1000.0, hint="mm"),
+    ("volume", "slice_batch"): Range(1, 4096),
 }
 # Names that end up in paths and module names: the run name (runs/<name>) and the adapter's name.
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -206,7 +245,8 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 ALIASES = {
     "learning_rate": "lr", "lr_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "epoch": "epochs",
     "steps": "max_steps", "num_steps": "max_steps", "bs": "batch_size", "batchsize": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum", "wd": "weight_decay",
+    "batch": "batch_size", "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum",
+    "wd": "weight_decay",
     "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
     "precision": "mixed_precision", "workers": "num_workers", "size": "image_size",
 }
@@ -374,8 +414,36 @@ def _cross_field(cfg: Dict[str, Any]) -> List[str]:
         errors.append(f"prompts: {e}")
     if p["mode"] in ("points", "box+points", "mixed") and p["n_pos"] + p["n_neg"] < 1:
         errors.append(f"prompts.mode={p['mode']!r} needs at least one point: set prompts.n_pos >= 1")
+    errors.extend(_volume_rules(cfg))
     if cfg["train"]["full_core"] and cfg["adapter"]["kinds"]:
         errors.append("train.full_core trains the whole core: remove adapter.kinds (or set full_core false)")
+    return errors
+
+
+def _volume_rules(cfg: Dict[str, Any]) -> List[str]:
+    """The `volume` section's rules between keys."""
+    v, errors = cfg["volume"], []
+    if (v["level"] is None) != (v["width"] is None):
+        errors.append("volume.level and volume.width go together (a CT window in HU, e.g. 40 and 400); set both "
+                      "or neither")
+    if v["percentile_low"] >= v["percentile_high"]:
+        errors.append(f"volume.percentile_low={v['percentile_low']} must be below volume.percentile_high="
+                      f"{v['percentile_high']}, e.g. 0.5 and 99.5")
+    if not v["enabled"]:
+        return errors
+    if v["ce"] + v["dice"] <= 0:
+        errors.append("volume.ce and volume.dice are both 0: the K-class head would learn nothing; e.g. 0.2 and 0.8")
+    if cfg["prompts"]["mode"] != "none":
+        errors.append(f"volume.enabled trains a promptless K-class head: set prompts.mode none (not "
+                      f"{cfg['prompts']['mode']!r}); prompts.keep_prompts keeps box and click prompts working")
+    if cfg["data"]["synthetic"] is not None:
+        errors.append("volume.enabled reads volumes: use volume.phantoms_train for synthetic CT instead of "
+                      "data.synthetic")
+    if any(isinstance(k, dict) and k.get("kind") == "classes" for k in cfg["adapter"]["kinds"] or []):
+        errors.append("adapter.kinds lists 'classes': with volume.enabled the class head is added from the "
+                      "dataset's labels; remove it from adapter.kinds")
+    if cfg["train"]["full_core"]:
+        errors.append("volume.enabled trains adapters and a class head; set train.full_core false")
     return errors
 
 
@@ -413,7 +481,8 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
                     adapters.config(k["kind"], **settings)
                 except (ValueError, TypeError) as e:
                     errors.append(f"adapter.kinds[{i}]: {e}")
-        if not cfg["train"]["full_core"] and not kinds and cfg["adapter"]["decoder"] == "frozen":
+        if (not cfg["train"]["full_core"] and not kinds and cfg["adapter"]["decoder"] == "frozen"
+                and not cfg["volume"]["enabled"]):  # volume recipes always train their class head
             errors.append("nothing to train: add adapter.kinds or set adapter.decoder to full or lora")
         if sum(cfg["loss"].values()) <= 0:
             errors.append(
@@ -424,10 +493,8 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
             errors.append(f"eval.metrics {bad} unknown; choose from {sorted(METRICS)}")
         if cfg["eval"]["select"] not in METRICS:
             errors.append(f"eval.select={cfg['eval']['select']!r} unknown; choose from {sorted(METRICS)}")
-        kp = cfg["prompts"]["keep_prompts"]
-        if not 0.0 <= kp <= 1.0:
-            errors.append(f"prompts.keep_prompts={kp} must be a share in [0, 1], e.g. 0.5")
-        elif kp > 0 and cfg["prompts"]["mode"] != "none":
+        kp = cfg["prompts"]["keep_prompts"]  # its range is in RANGES
+        if kp > 0 and cfg["prompts"]["mode"] != "none":
             errors.append("prompts.keep_prompts is for promptless recipes (prompts.mode none); "
                           "a prompted recipe keeps its prompts already: set it to 0")
         errors.extend(_cross_field(cfg))

@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -198,14 +199,19 @@ def run_eval(args) -> int:
     cfg = load_recipe(args.recipe, args.set)
     if args.json:
         check_writable_file(Path(args.json), "--json")  # before the evaluation, not after it
-    sam = load_base(args.base, cfg["base"]["image_size"]) if args.base else build_core(cfg)
+    sam = (load_base(args.base, cfg["base"]["image_size"]) if args.base
+           else build_core(cfg, allow_random_base=bool(getattr(args, "allow_random_base", False))))
     name = None
     if args.adapter:
         name = adapters.load(sam, args.adapter, allow_base_mismatch=getattr(args, "allow_base_mismatch", False))
         meta = adapters.inspect(args.adapter)
         # evaluate with the prompts the adapter was trained with
         cfg["prompts"]["mode"] = meta.get("prompt_mode", cfg["prompts"]["mode"]) or "none"
-    _, eval_ds = build_datasets(cfg, sam.image_size, args.data)
+    train_ds, eval_ds = build_datasets(cfg, sam.image_size, args.data)
+    from .data.pipeline import describe_datasets
+
+    for line in describe_datasets(cfg, train_ds, eval_ds, args.data)[1:]:  # eval reads the eval split only
+        print(line, file=sys.stderr)
     loader = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], collate_fn=collate_batch)
     accelerator = Accelerator()
     loader = accelerator.prepare(loader)
@@ -220,4 +226,5 @@ def run_eval(args) -> int:
             print(f"{k:<20}" + "".join(f"{out[c][k]:>10.4f}" for c in cols))
         if args.json:
             atomic_write_text(Path(args.json), json.dumps(out, indent=2))
+            print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -605,3 +605,174 @@ class MetricSuite:
             else:
                 out[name] = float(curve.mean() if name == "e_measure_mean" else curve.max())
         return out
+
+
+# --------------------------------------------------------------------------- #
+# Volume metrics: binary masks of any dimension with voxel spacing in mm
+# --------------------------------------------------------------------------- #
+# Empty masks, decided once for all four functions below:
+# * both empty (a class absent from this volume and not predicted): NaN -- there is nothing to score, and
+#   the means skip NaN (`nanmean`), so an absent organ neither helps nor hurts a volume (nnU-Net and MONAI
+#   do the same);
+# * one empty: Dice, IoU and NSD are 0 (no overlap, no boundary within tolerance: MONAI's NSD gives 0 too);
+#   HD95 is the volume's diagonal in mm, the largest distance the volume allows, so a missed organ counts
+#   as the worst boundary -- not as infinity, which would make every mean over volumes infinite, and not
+#   as an error (medpy raises there), which would stop an evaluation at its first missed organ.
+
+
+def _binary_volumes(pred, gt, spacing) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
+    p, g = np.asarray(pred), np.asarray(gt)
+    if p.shape != g.shape or p.ndim < 1:
+        raise ValueError(f"pred and gt must have the same shape, got {p.shape} and {g.shape}; resample the "
+                         "prediction to the ground truth's grid first")
+    for name, a in (("pred", p), ("gt", g)):
+        if a.dtype != np.bool_ and not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name} must be a binary mask (bool or 0/1); for a label map pass (labels == k)")
+    sp = (1.0,) * p.ndim if spacing is None else tuple(float(s) for s in np.broadcast_to(spacing, (p.ndim,)))
+    if any(not np.isfinite(s) or s <= 0 for s in sp):
+        raise ValueError(f"spacing={spacing!r} must be positive finite millimetres per axis, e.g. (0.8, 0.8, 3.0)")
+    return p.astype(bool), g.astype(bool), sp
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """The mask's surface voxels: the mask minus its erosion by the face-connected cross (medpy and MONAI
+    both take this border; voxels outside the array count as background).
+    """
+    from scipy.ndimage import binary_erosion, generate_binary_structure
+
+    return mask & ~binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), iterations=1)
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """For every border voxel of `a`, the distance in mm to the nearest border voxel of `b`."""
+    return distance_transform_edt(~_border(b), sampling=spacing)[_border(a)]
+
+
+def _diagonal(shape, spacing) -> float:
+    return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def hd95(pred, gt, spacing=None) -> float:
+    """The 95th percentile of the symmetric surface distances between two binary masks, in mm (as medpy's
+    `hd95`: both directions' distances pooled, then the percentile).
+
+    Args:
+        pred: binary mask (bool or 0/1) of any dimension.
+        gt: binary mask of the same shape.
+        spacing: voxel size per axis in mm (one number for all axes; None: 1).
+
+    Returns:
+        The distance in mm (lower is better); NaN when both masks are empty, the volume's diagonal when
+        only one is (see the note above this function).
+
+    Example:
+        >>> gt = np.zeros((1, 8, 8), bool); gt[0, 2:6, 2:6] = True
+        >>> hd95(np.roll(gt, 1, axis=2), gt, spacing=(3.0, 0.5, 0.5))
+        0.5
+    """
+    p, g, sp = _binary_volumes(pred, gt, spacing)
+    if not p.any() and not g.any():
+        return float("nan")
+    if not p.any() or not g.any():
+        return _diagonal(p.shape, sp)
+    return float(np.percentile(np.hstack([_surface_distances(p, g, sp), _surface_distances(g, p, sp)]), 95))
+
+
+def nsd(pred, gt, spacing=None, tolerance: float = 1.0) -> float:
+    """Normalised surface Dice: the share of both masks' surface voxels that lie within `tolerance` mm of
+    the other mask's surface (as MONAI's `compute_surface_dice` without subvoxels).
+
+    Args:
+        pred: binary mask (bool or 0/1) of any dimension.
+        gt: binary mask of the same shape.
+        spacing: voxel size per axis in mm (None: 1).
+        tolerance: the accepted boundary error in mm (>= 0).
+
+    Returns:
+        NSD in [0, 1] (higher is better); NaN when both masks are empty, 0 when only one is.
+
+    Example:
+        >>> gt = np.zeros((1, 8, 8), bool); gt[0, 2:6, 2:6] = True
+        >>> nsd(np.roll(gt, 1, axis=2), gt, spacing=(3.0, 0.5, 0.5), tolerance=0.5)
+        1.0
+    """
+    if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance={tolerance!r} must be a distance in mm >= 0, e.g. 1.0")
+    p, g, sp = _binary_volumes(pred, gt, spacing)
+    if not p.any() and not g.any():
+        return float("nan")
+    if not p.any() or not g.any():
+        return 0.0
+    d_pg, d_gp = _surface_distances(p, g, sp), _surface_distances(g, p, sp)
+    return float(((d_pg <= tolerance).sum() + (d_gp <= tolerance).sum()) / (d_pg.size + d_gp.size))
+
+
+def volume_dice(pred, gt) -> float:
+    """Dice of two binary masks of any dimension; NaN when both are empty (see the note above `hd95`).
+
+    Example:
+        >>> volume_dice(np.array([[1, 1, 0]]), np.array([[1, 0, 0]]))
+        0.6666666666666666
+    """
+    p, g, _ = _binary_volumes(pred, gt, None)
+    total = p.sum() + g.sum()
+    return float("nan") if total == 0 else float(2 * (p & g).sum() / total)
+
+
+def volume_iou(pred, gt) -> float:
+    """IoU of two binary masks of any dimension; NaN when both are empty.
+
+    Example:
+        >>> volume_iou(np.array([[1, 1, 0]]), np.array([[1, 0, 0]]))
+        0.5
+    """
+    p, g, _ = _binary_volumes(pred, gt, None)
+    union = (p | g).sum()
+    return float("nan") if union == 0 else float((p & g).sum() / union)
+
+
+VOLUME_METRICS = ("dice", "iou", "hd95", "nsd")
+
+
+def label_map_metrics(pred, gt, classes: Dict[int, str], spacing=None, tolerance: float = 1.0,
+                      surface: bool = True) -> Dict[str, Dict[str, float]]:
+    """Per-class metrics of two integer label maps (one volume), plus their mean over the foreground classes.
+
+    Args:
+        pred: integer label map (any dimension).
+        gt: integer label map of the same shape.
+        classes: label value -> class name; 0 (background) is skipped.
+        spacing: voxel size per axis in mm.
+        tolerance: NSD tolerance in mm.
+        surface: also compute HD95 and NSD (the slower two).
+
+    Returns:
+        {class name: {dice, iou, hd95, nsd}, ..., "mean": the NaN-skipping mean of each over the classes}.
+
+    Example:
+        >>> gt = np.zeros((2, 6, 6), np.uint8); gt[:, 1:3, 1:3] = 1; gt[:, 4:, 4:] = 2
+        >>> m = label_map_metrics(gt.copy(), gt, {0: "background", 1: "liver", 2: "spleen"}, spacing=(3, 1, 1))
+        >>> m["liver"]["dice"], m["mean"]["hd95"]
+        (1.0, 0.0)
+    """
+    p, g = np.asarray(pred), np.asarray(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"pred and gt label maps must have the same shape, got {p.shape} and {g.shape}")
+    out: Dict[str, Dict[str, float]] = {}
+    for value, name in sorted(classes.items()):
+        if int(value) == 0:
+            continue
+        pm, gm = p == int(value), g == int(value)
+        row = {"dice": volume_dice(pm, gm), "iou": volume_iou(pm, gm)}
+        if surface:
+            row["hd95"] = hd95(pm, gm, spacing)
+            row["nsd"] = nsd(pm, gm, spacing, tolerance)
+        out[str(name)] = row
+    keys = list(next(iter(out.values()))) if out else []
+    out["mean"] = {k: _nanmean([r[k] for r in out.values()]) for k in keys}
+    return out
+
+
+def _nanmean(values) -> float:
+    v = np.array([x for x in values if x == x], dtype=np.float64)
+    return float(v.mean()) if v.size else float("nan")

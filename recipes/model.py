@@ -18,6 +18,7 @@ from samadapt.sam_core import build_sam, load_sam
 from samadapt.sam_core.checkpoint import CheckpointError
 
 from .data.prompts import append_correction_clicks
+from .errors import UserError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_CORE = WEIGHTS_DIR / "tiny_generic.safetensors"
@@ -48,18 +49,26 @@ def load_base(base: Optional[str] = None, image_size: Optional[int] = None) -> n
     return load_sam(TINY_CORE, image_size=image_size)
 
 
-def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
+class RandomBaseError(UserError, ValueError):
+    """A full-size core would be built with random weights and `allow_random_base` was not given."""
+
+
+def build_core(cfg: Dict[str, Any], base: Optional[str] = None, allow_random_base: bool = False) -> nn.Module:
     """Build the frozen core a validated recipe names (`--base` overrides `base.checkpoint`).
 
     Args:
         cfg: a validated recipe (`samadapt.recipes.config.load_recipe`).
         base: the CLI's `--base` checkpoint, or None.
+        allow_random_base: build a full-size core (`vit_b`/`vit_l`/`vit_h`) with random weights when no
+            checkpoint is given; without it that is a `RandomBaseError` (adapting noise is never what
+            was meant). The tiny core may always be random (`base.pretrained_tiny=false`: tests).
 
     Returns:
         The core: loaded from the checkpoint, the pretrained tiny core, or randomly initialised.
 
     Raises:
         CheckpointError: the checkpoint holds another arch than the recipe's, or the tiny core is missing.
+        RandomBaseError: a full-size core without a checkpoint and without `allow_random_base`.
 
     Example:
         >>> from samadapt.recipes.config import load_recipe
@@ -85,6 +94,11 @@ def build_core(cfg: Dict[str, Any], base: Optional[str] = None) -> nn.Module:
                 f"the pretrained tiny core {TINY_CORE} is missing; reinstall samadapt or set "
                 "base.pretrained_tiny=false")
         return load_sam(TINY_CORE, image_size=b["image_size"])
+    if b["arch"] != "tiny" and not allow_random_base:
+        raise RandomBaseError(
+            f"recipe {cfg.get('name')!r} uses a {b['arch']} core and no checkpoint was given, so its weights would "
+            f"be random; pass --base CKPT (e.g. Meta's sam_{b['arch']}_*.pth), --set base.arch=tiny, or "
+            "--allow-random-base to train on random weights on purpose")
     return build_sam(b["arch"], image_size=b["image_size"])
 
 

@@ -16,10 +16,19 @@ Outputs (in `--out`, each written atomically: temporary name, then `os.replace`)
   several masks (several prompt sets for it) `<stem>_<k>.png`, k = 0, 1, ... in file order;
 * `<stem>_prob.png` (`<stem>_<k>_prob.png`) with `--probs`: sigmoid of the logits, 0..255;
 * `<stem>_overlay.png` unless `--no-overlay`: the masks tinted over the image;
+* `--multimask`: three candidate masks per prompt set (SAM's ambiguity outputs), named as several masks;
+* `masks.json`: one record per mask written, segment_anything's keys (`segmentation` as COCO RLE,
+  `area`, `bbox` [x, y, w, h], `predicted_iou`, `point_coords`, `stability_score`, `crop_box`) plus
+  `image`, `file` (the PNG, or null with `--format coco`), `prompt` (index of the prompt set) and
+  `candidate` (0..2 with `--multimask`);
+* `--format coco|both`: `coco.json`, a COCO instance-segmentation file (RLE through pycocotools,
+  categories from the adapter's `classes` or its domain, image ids and sizes); `coco` alone writes no
+  mask PNGs;
 * `--auto`: `<stem>_auto.png` (label map: pixel value i is entry i-1 of the JSON list; 16-bit
   when there are more than 255 masks; smaller masks painted over larger ones) and
-  `<stem>_auto.json` (list of {label, area, bbox [x, y, w, h], predicted_iou, stability_score},
-  largest first), plus the overlay.
+  `<stem>_auto.json` (segment_anything's records, largest first, RLE segmentation), plus the overlay;
+  segment_anything's thresholds are flags, and an image where no mask passes them gets a warning
+  naming the threshold to lower.
 
 Images are streamed: files are read a batch ahead in a background thread, each batch of
 `--batch-size` images is encoded in one `sam.encode_image` call, decoded per image and
@@ -48,6 +57,7 @@ from samadapt.adapters.io import atomic_file
 from .data import IMAGE_EXTENSIONS, list_images
 from .errors import ImageReadError, PredictError, PromptError
 from .limits import MAX_PIXELS, MAX_POINTS, MAX_POINTS_PER_SIDE
+from .shard import my_share, process_share
 
 __all__ = [
     "PredictError",
@@ -59,6 +69,7 @@ __all__ = [
     "collect_images",
 ]
 
+RUN_FILES = ("masks.json", "coco.json")  # written once per run; no image's outputs may take these names
 # tint colours of the overlays (RGB), one per mask, cycled
 PALETTE = np.array([
     (255, 40, 40), (40, 200, 255), (60, 230, 60), (255, 200, 0), (230, 60, 230), (255, 128, 0),
@@ -295,7 +306,7 @@ def output_files(stem: str, n_masks: int, probs: bool, overlay: bool, auto: bool
 
 
 def _output_stems(paths: Sequence[Path], n_masks: Sequence[int] = (), probs: bool = False, overlay: bool = True,
-                  auto: bool = False) -> List[str]:
+                  auto: bool = False, reserved: Sequence[str] = RUN_FILES) -> List[str]:
     """Output stems whose files never collide, whatever the input names: the file stem, qualified by the
     extension when two inputs share a stem, then a counter until none of the image's files (masks, k-th
     masks, probabilities, overlay; compared case-insensitively) is already another image's.
@@ -309,7 +320,7 @@ def _output_stems(paths: Sequence[Path], n_masks: Sequence[int] = (), probs: boo
     counts: Dict[str, int] = {}
     for p in paths:
         counts[p.stem.lower()] = counts.get(p.stem.lower(), 0) + 1
-    used: set = set()
+    used: set = {f.lower() for f in reserved}
     out = []
     for i, p in enumerate(paths):
         stem = p.stem if counts[p.stem.lower()] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower() or 'img'}"
@@ -342,7 +353,10 @@ def _atomic_write_text(text: str, path: Path) -> None:
 def _overlay(
     image: np.ndarray, masks: Sequence[np.ndarray], prompts: Sequence[Optional[PromptSet]] = ()
 ) -> np.ndarray:
-    """Masks tinted over the image (one palette colour each); boxes and points drawn on top."""
+    """Masks over the image, one palette colour each: a translucent fill and an opaque outline (seen on
+    objects of the mask's own colour too); boxes and points drawn on top.
+    """
+    import cv2
     from PIL import Image, ImageDraw
 
     out = image.astype(np.float32)
@@ -350,6 +364,12 @@ def _overlay(
         c = PALETTE[k % len(PALETTE)]
         out[m] = out[m] * (1 - OVERLAY_ALPHA) + c * OVERLAY_ALPHA
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    width = max(1, round(max(image.shape[:2]) / 300))
+    for k, m in enumerate(masks):
+        contours, _ = cv2.findContours(np.asarray(m, np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        c = tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+        out = np.ascontiguousarray(out)
+        cv2.drawContours(out, contours, -1, c, width)
     if not any(prompts):
         return out
     im = Image.fromarray(out)
@@ -438,6 +458,8 @@ class _Runner:
         self.stems = _output_stems(paths, n_masks, probs=bool(getattr(args, "probs", False)),
                                    overlay=not args.no_overlay, auto=bool(args.auto))
         self.failed: set = set()
+        self.records: Dict[int, List[Dict[str, Any]]] = {}  # image index -> its masks.json records
+        self.sizes: Dict[int, Tuple[int, int]] = {}  # image index -> (width, height)
         # disable=None: a bar when stderr is a terminal; none in logs/pipes, where its carriage
         # returns would glue themselves to the `error:` lines
         self.bar = tqdm(
@@ -478,16 +500,35 @@ class _Runner:
         return 1 if self.failed else 0
 
 
-def _write_masks(out: Path, stem: str, image: np.ndarray, logits: List[np.ndarray],
-                 prompts: List[Optional[PromptSet]], probs: bool, overlay: bool, threshold: float) -> None:
+def _write_masks(r: "_Runner", i: int, image: np.ndarray, logits: List[np.ndarray], scores: List[float],
+                 which: List[Tuple[int, int]], prompts: List[Optional[PromptSet]], threshold: float) -> None:
+    """One image's mask PNGs (unless --format coco), probabilities, overlay and masks.json records.
+
+    `which[j]` is (prompt set index, candidate index) of mask j (candidates 0..2 with --multimask).
+    """
+    from .coco import json_record, json_rle_mode, mask_record
+
+    out, stem, args = r.out, r.stems[i], r.args
+    pngs = getattr(args, "format", "png") in ("png", "both")
     masks = [lg > threshold for lg in logits]
-    for name, m, lg in zip(mask_names(stem, len(masks)), masks, logits):
-        _atomic_save_png(m.astype(np.uint8) * 255, out / f"{name}.png")
-        if probs:
+    records = []
+    for name, m, lg, sc, (k, c) in zip(mask_names(stem, len(masks)), masks, logits, scores, which):
+        if pngs:
+            _atomic_save_png(m.astype(np.uint8) * 255, out / f"{name}.png")
+        if args.probs:
             p = 1.0 / (1.0 + np.exp(-np.clip(lg.astype(np.float64), -60, 60)))
             _atomic_save_png(np.round(p * 255).astype(np.uint8), out / f"{name}_prob.png")
-    if overlay:
-        _atomic_save_png(_overlay(image, masks, prompts), out / f"{stem}_overlay.png")
+        ps = prompts[k]
+        pts = ps["points"].tolist() if ps is not None and ps["points"] is not None else []
+        rec = json_record(mask_record(m, sc, pts), json_rle_mode(), image=r.paths[i].name,
+                          file=f"{name}.png" if pngs else None, prompt=k, candidate=c)
+        if ps is not None and ps["box"] is not None:
+            rec["box"] = [float(v) for v in ps["box"]]
+        records.append(rec)
+    if not args.no_overlay:
+        shown = [prompts[k] for k, _ in which]
+        _atomic_save_png(_overlay(image, masks, shown), out / f"{stem}_overlay.png")
+    r.records[i] = records  # one key per image: no two writer threads touch the same entry
 
 
 def _prompt_arrays(ps: Optional[PromptSet]) -> Dict[str, Any]:
@@ -519,15 +560,22 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
     decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samadapt-decode")
     pending: List[Any] = []  # the previous batch's decode: at most one waits, so memory stays bounded
 
+    multi = bool(getattr(args, "multimask", False))
+
     def decode(batch: List[Tuple[int, np.ndarray]], embeddings: List[Any]) -> None:
         for (i, img), emb in zip(batch, embeddings):
             try:
                 decoder.set_embedding(emb)
-                with torch.no_grad():
-                    logits = [decoder.predict(**_prompt_arrays(ps), multimask_output=False, return_logits=True)[0][0]
-                              for ps in jobs[i]]
-                r.submit_write(i, _write_masks, r.out, r.stems[i], img, logits, jobs[i], args.probs,
-                               not args.no_overlay, float(sam.mask_threshold))
+                logits, scores, which = [], [], []
+                for k, ps in enumerate(jobs[i]):
+                    with torch.no_grad():
+                        lg, sc, _ = decoder.predict(**_prompt_arrays(ps), multimask_output=multi, return_logits=True)
+                    for c in range(len(lg)):
+                        logits.append(lg[c])
+                        scores.append(float(sc[c]))
+                        which.append((k, c))
+                r.sizes[i] = (int(img.shape[1]), int(img.shape[0]))
+                r.submit_write(i, _write_masks, r, i, img, logits, scores, which, jobs[i], float(sam.mask_threshold))
             except Exception as e:
                 r.error(i, e)
             r.bar.update(1)
@@ -571,28 +619,77 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
         decoding.shutdown(wait=True)
 
 
-def _auto_outputs(out: Path, stem: str, image: np.ndarray, masks: List[Dict[str, Any]], overlay: bool) -> None:
+def _auto_outputs(r: "_Runner", i: int, image: np.ndarray, masks: List[Dict[str, Any]]) -> None:
+    from .coco import json_record, json_rle_mode
+
+    out, stem = r.out, r.stems[i]
     masks = sorted(masks, key=lambda m: -int(m["area"]))
     dtype = np.uint8 if len(masks) <= 255 else np.uint16
     labels = np.zeros(image.shape[:2], dtype)
     records = []
     for k, m in enumerate(masks):
         labels[np.asarray(m["segmentation"], bool)] = k + 1  # smaller masks (later) paint over larger ones
-        records.append({"label": k + 1, "area": int(m["area"]), "bbox": [float(v) for v in m["bbox"]],
-                        "predicted_iou": float(m["predicted_iou"]), "stability_score": float(m["stability_score"])})
+        records.append(json_record(m, json_rle_mode()))
     _atomic_save_png(labels, out / f"{stem}_auto.png")
     _atomic_write_text(json.dumps(records, indent=1), out / f"{stem}_auto.json")
-    if overlay:
+    if not r.args.no_overlay:
         _atomic_save_png(_overlay(image, [labels == k + 1 for k in range(len(masks))]), out / f"{stem}_overlay.png")
+    r.records[i] = [dict(rec, image=r.paths[i].name, file=f"{stem}_auto.png", label=k + 1)
+                    for k, rec in enumerate(records)]
+
+
+AUTO_FLAGS = {  # segment_anything's SamAutomaticMaskGenerator argument -> (flag, default)
+    "pred_iou_thresh": ("--pred-iou-thresh", 0.88), "stability_score_thresh": ("--stability-score-thresh", 0.95),
+    "box_nms_thresh": ("--box-nms-thresh", 0.7), "min_mask_region_area": ("--min-mask-region-area", 0),
+    "crop_n_layers": ("--crop-n-layers", 0),
+}
+
+
+def auto_settings(args) -> Dict[str, Any]:
+    """segment_anything's generator arguments from the `--auto` flags (their defaults when absent)."""
+    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else d for k, (_, d) in AUTO_FLAGS.items()}
+
+
+def _suggest(values: np.ndarray) -> float:
+    """A threshold the best candidate passes (its value rounded down to 0.01, less 0.01 for a strict '>')."""
+    return max(0.0, float(np.floor(values.max() * 100) / 100) - 0.01) if values.size else 0.0
+
+
+def why_no_masks(gen_open, image: np.ndarray, embedding, settings: Dict[str, Any]) -> str:
+    """Why no mask passed: the candidates of a generator without thresholds, against each threshold.
+
+    Returns:
+        A sentence naming the threshold that removed them and a value to try.
+    """
+    cands = gen_open.generate(image, embedding=embedding)
+    if not cands:
+        return "the model proposed no mask at all (even with every threshold at 0); try another adapter or core"
+    iou = np.array([m["predicted_iou"] for m in cands], dtype=float)
+    stab = np.array([m["stability_score"] for m in cands], dtype=float)
+    # an empty candidate's stability is 0/0: such candidates never pass, and say nothing of what would
+    stab = np.where(np.isfinite(stab), stab, 0.0)
+    iou = np.where(np.isfinite(iou), iou, 0.0)
+    pi, ss = settings["pred_iou_thresh"], settings["stability_score_thresh"]
+    n_iou, n_stab = int((iou > pi).sum()), int((stab >= ss).sum())
+    if n_iou <= n_stab:
+        suggest = _suggest(iou)
+        return (f"{len(cands)} candidates, {n_iou} with predicted IoU above --pred-iou-thresh {pi:g} "
+                f"(best {iou.max():.2f}); lower it, e.g. --pred-iou-thresh {suggest:g}")
+    suggest = _suggest(stab)
+    return (f"{len(cands)} candidates, {n_stab} with stability at least --stability-score-thresh {ss:g} "
+            f"(best {stab.max():.2f}); lower it, e.g. --stability-score-thresh {suggest:g}")
 
 
 def _run_auto(r: _Runner) -> None:
     import torch
 
-    from samadapt.sam_core import SamAutomaticMaskGenerator
+    from samadapt.sam_core import SamAutomaticMaskGenerator, SamPredictor
 
+    settings = auto_settings(r.args)
     gen = SamAutomaticMaskGenerator(r.sam, points_per_side=int(r.args.points_per_side),
-                                    precision=getattr(r.args, "precision", None))
+                                    precision=getattr(r.args, "precision", None), **settings)
+    gen_open = None
+    predictor = SamPredictor(r.sam, precision=getattr(r.args, "precision", None))
     for i, got in _read_ahead(r.paths, window=2, max_pixels=_max_pixels(r.args)):
         if isinstance(got, BaseException):
             r.error(i, got)
@@ -600,11 +697,48 @@ def _run_auto(r: _Runner) -> None:
             continue
         try:
             with torch.no_grad():
-                masks = gen.generate(got)
-            r.submit_write(i, _auto_outputs, r.out, r.stems[i], got, masks, not r.args.no_overlay)
+                emb = predictor.encode([got])[0]
+                masks = gen.generate(got, embedding=emb)
+                if not masks:
+                    if gen_open is None:  # built on first need: the diagnosis runs only where nothing passed
+                        gen_open = SamAutomaticMaskGenerator(
+                            r.sam, points_per_side=int(r.args.points_per_side),
+                            **dict(settings, pred_iou_thresh=0.0, stability_score_thresh=0.0))
+                    r.warn(f"{r.paths[i]}: 0 masks passed the thresholds: "
+                           + why_no_masks(gen_open, got, emb, settings))
+            r.sizes[i] = (int(got.shape[1]), int(got.shape[0]))
+            r.submit_write(i, _auto_outputs, r, i, got, masks)
         except Exception as e:
             r.error(i, e)
         r.bar.update(1)
+
+
+def _write_run_files(r: _Runner, fmt: str, info: Dict[str, Any], suffix: str = "") -> None:
+    """masks.json (every record, image order) and, with --format coco/both, coco.json (`suffix` before the
+    extension: one file per process of a sharded run).
+    """
+    from .coco import coco_file
+
+    done = [i for i in range(len(r.paths)) if i in r.records and i not in r.failed]
+    records = [rec for i in done for rec in r.records[i]]
+    _atomic_write_text(json.dumps(records, indent=1), r.out / f"masks{suffix}.json")
+    if fmt == "png":
+        return
+    names = [p.name for p in r.paths]
+    unique = len({n.lower() for n in names}) == len(names)
+    images = [{"id": i + 1, "file_name": names[i] if unique else str(r.paths[i]),
+               "width": r.sizes[i][0], "height": r.sizes[i][1]} for i in done]
+    anns = [{"image_id": i + 1, "segmentation": rec["segmentation"], "score": rec["predicted_iou"]}
+            for i in done for rec in r.records[i]]
+    classes = info.get("classes")
+    if isinstance(classes, str):  # stored as JSON text in the file's metadata
+        try:
+            classes = json.loads(classes)
+        except json.JSONDecodeError:
+            classes = None
+    classes = [str(c) for c in classes] if isinstance(classes, list) and classes else None
+    coco = coco_file(images, anns, classes=classes, default_class=str(info.get("domain") or "object"))
+    _atomic_write_text(json.dumps(coco), r.out / f"coco{suffix}.json")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -664,8 +798,14 @@ def run_predict(args) -> int:
         >>> main(["predict", os.path.join(d, "a.png"), "--base", core, "--out", out, "--box", "10,10,50,40"])
         0
         >>> sorted(os.listdir(out))
-        ['a.png', 'a_overlay.png']
+        ['a.png', 'a_overlay.png', 'masks.json']
     """
+    from .data.volumes import is_volume_input
+
+    if any(is_volume_input(p) for p in args.images):  # NIfTI files, DICOM folders: K-class labels (predict_volume)
+        from .predict_volume import run_volume_predict
+
+        return run_volume_predict(args)
     # 1. everything that can be checked cheaply: prompts, sizes, images
     if int(args.batch_size) < 1:
         raise PredictError(f"--batch-size {args.batch_size}: use 1 or more")
@@ -674,6 +814,27 @@ def run_predict(args) -> int:
                            f"the grid is its square of prompts)")
     if _max_pixels(args) < 1:
         raise PredictError(f"--max-pixels {args.max_pixels}: use 1 or more (default {MAX_PIXELS:,})")
+    fmt = getattr(args, "format", "png") or "png"
+    if fmt not in ("png", "coco", "both"):
+        raise PredictError(f"--format {fmt}: use png, coco or both")
+    if fmt != "png":
+        from .coco import _mask_api
+
+        _mask_api()  # pycocotools missing: one line naming the extra, before any work
+    if args.auto:
+        s = auto_settings(args)
+        for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+            if not (isinstance(s[k], (int, float)) and 0.0 <= float(s[k]) <= 1.0):
+                raise PredictError(f"{AUTO_FLAGS[k][0]} {s[k]}: use a number from 0 to 1 (default {AUTO_FLAGS[k][1]})")
+        if int(s["min_mask_region_area"]) < 0:
+            raise PredictError(f"--min-mask-region-area {s['min_mask_region_area']}: use 0 (off) or more pixels")
+        if not 0 <= int(s["crop_n_layers"]) <= 3:
+            raise PredictError(f"--crop-n-layers {s['crop_n_layers']}: use 0 (no crops) to 3")
+    elif any(getattr(args, k, None) is not None for k in AUTO_FLAGS):
+        raise PredictError("--pred-iou-thresh/--stability-score-thresh/--box-nms-thresh/--min-mask-region-area/"
+                           "--crop-n-layers are --auto settings; add --auto or drop them")
+    if args.auto and getattr(args, "multimask", False):
+        raise PredictError("--multimask is for prompts (three candidates each); --auto already keeps every mask")
     cli_prompt = args.box is not None or bool(args.point)
     if args.auto and (cli_prompt or args.prompts):
         raise PredictError("--auto generates its own point grid; drop --box/--point/--prompts")
@@ -721,9 +882,11 @@ def run_predict(args) -> int:
     from .model import load_base
 
     sam = load_base(args.base)
+    info: Dict[str, Any] = {}
     if args.adapter:
         adapters.load(sam, args.adapter, allow_base_mismatch=getattr(args, "allow_base_mismatch", False))
-        mode = adapters.inspect(args.adapter).get("prompt_mode") or "none"
+        info = adapters.inspect(args.adapter)
+        mode = info.get("prompt_mode") or "none"
         prompted = bool(jobs) and any(ps is not None for v in jobs.values() for ps in v)
         if mode == "none" and prompted:
             notes.append(f"{args.adapter} was trained promptless (prompt_mode none); using the given prompts anyway")
@@ -732,28 +895,40 @@ def run_predict(args) -> int:
                 f"{args.adapter} was trained with prompt_mode {mode!r}; running promptless as no prompt was given"
             )
     sam.eval()
+    rank, size = process_share()  # under `accelerate launch --num_processes N`: this process's share only
     if torch.cuda.is_available():
-        sam.to("cuda")
+        sam.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if size > 1 else "cuda")
 
     # 3. predict
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PredictError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    r = _Runner(sam, out, args, paths, [len(jobs.get(i, ())) for i in range(len(paths))])
-    r.bar.write(run_line(sam, getattr(args, "precision", None)), file=sys.stderr)
-    for n in notes:
+    per_set = 3 if getattr(args, "multimask", False) else 1
+    r = _Runner(sam, out, args, paths, [per_set * len(jobs.get(i, ())) for i in range(len(paths))])
+    if size > 1:  # names were made over every input (no two shares collide); now keep this process's share
+        mine = my_share(paths, rank, size)
+        r.paths, r.stems = [paths[i] for i in mine], [r.stems[i] for i in mine]
+        jobs = {k: jobs[i] for k, i in enumerate(mine) if i in jobs}
+        r.bar.total = len(mine)
+    if rank == 0:
+        r.bar.write(run_line(sam, getattr(args, "precision", None)), file=sys.stderr)
+    for n in notes if rank == 0 else ():
         r.warn(n)
     try:
         if args.auto:
             _run_auto(r)
         else:
-            skipped = len(paths) - len(jobs)
+            skipped = len(r.paths) - len(jobs)
             if skipped:
                 r.bar.update(skipped)
             _run_masks(r, jobs)
     finally:
         code = r.close()
-    n_ok = len(jobs if not args.auto else paths) - len(r.failed)
-    print(f"{n_ok} image(s) written to {out}" + (f", {len(r.failed)} failed" if r.failed else ""), file=sys.stderr)
+    # one run file per process when sharded (masks-1of2.json, ...): each process knows only its share
+    _write_run_files(r, fmt, info, suffix=f"-{rank + 1}of{size}" if size > 1 else "")
+    n_ok = len(jobs if not args.auto else r.paths) - len(r.failed)
+    who = f"process {rank + 1}/{size}: " if size > 1 else ""
+    print(f"{who}{n_ok} image(s) written to {out}" + (f", {len(r.failed)} failed" if r.failed else ""),
+          file=sys.stderr)
     return code

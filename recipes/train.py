@@ -33,7 +33,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .data import collate_batch
-from .data.pipeline import IndexedDataset, build_datasets, build_keep_prompts_data
+from .data.pipeline import IndexedDataset, build_datasets, build_keep_prompts_data, describe_datasets
 from .data.prompts import PromptSampler, one_component
 from .distributed import build_accelerator, describe, full_parameters, peer_failures
 from .errors import RecipeError, TrainingError
@@ -212,7 +212,7 @@ def log_overlays(accelerator, rows: Dict[str, np.ndarray], step: int) -> None:
 
 # ---------------------------------------------------------------------------- the run
 def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, base: Optional[str] = None,
-          resume: bool = False, progress: bool = True, log=print) -> Dict[str, Any]:
+          resume: bool = False, progress: bool = True, log=print, allow_random_base: bool = False) -> Dict[str, Any]:
     """Run a validated recipe.
 
     Args:
@@ -223,6 +223,8 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
         resume: continue from the run directory's latest checkpoint.
         progress: show a progress bar.
         log: where progress lines go.
+        allow_random_base: train on a randomly initialised full-size core when no checkpoint is given
+            (`--allow-random-base`; otherwise that is refused naming `--base`).
 
     Returns:
         The metrics dict also written to `metrics.json` (`baseline`, `adapted`, `history`).
@@ -244,9 +246,10 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     check_writable(run_dir)
     check_resume(run_dir, resume)
     set_seed(t["seed"])  # before the core is built: a randomly initialised core must be reproducible too
-    sam = build_core(cfg, base)
+    sam = build_core(cfg, base, allow_random_base=allow_random_base)
     fp32_fingerprint = sam.fingerprint
     train_ds, eval_ds = build_datasets(cfg, sam.image_size, data_root)
+    data_lines = describe_datasets(cfg, train_ds, eval_ds, data_root)
     keep_data = build_keep_prompts_data(cfg, sam.image_size) if cfg["prompts"]["keep_prompts"] > 0 else None
     loss_fn = CombinedLoss({k: v for k, v in cfg["loss"].items() if v > 0})
     mixed_precision = launched_mixed_precision(t["mixed_precision"])
@@ -286,6 +289,8 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     params = [p for p in model.parameters() if p.requires_grad]
     dist = describe(accelerator, model)
     if is_main:
+        for line in data_lines:
+            log(line)
         log(f"distributed: {dist['strategy']}, {dist['num_processes']} processes on {dist['num_machines']} "
             f"machines (backend {dist['backend']})")
 
@@ -303,6 +308,14 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
             metrics_log = _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, eval_ds,
                                sampler, loss_fn, params, cfg, run_dir, name, fp32_fingerprint, resume, progress,
                                log, step, start_epoch, skip, best, total_steps, epochs, keep_data, dist)
+    if is_main:
+        for f in ("core.safetensors" if t["full_core"] else "adapter.safetensors", "metrics.json", "recipe.yaml",
+                  "checkpoints", "samples", "logs"):
+            p = run_dir / f
+            if p.is_file():
+                log(f"wrote {p}  ({p.stat().st_size:,} bytes)")
+            elif p.is_dir():
+                log(f"wrote {p}{os.sep}  ({sum(1 for _ in p.rglob('*') if _.is_file())} files)")
     return metrics_log
 
 

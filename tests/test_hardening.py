@@ -33,7 +33,7 @@ from samadapt.sam_core import build_sam
 ROOT = Path(__file__).resolve().parents[1]
 settings.register_profile("ci", derandomize=True, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=500, deadline=None,
+settings.register_profile("fuzz", max_examples=500, deadline=60_000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
@@ -114,6 +114,9 @@ CHEAP_VALID = {
     "base.arch": st.just("tiny"), "train.compile": st.just(False), "base.checkpoint": st.none(),
     "data.root": st.none(), "output.dir": st.none(), "data.synthetic": st.sampled_from(["camouflage", "objects"]),
     "train.full_core": st.just(False),
+    # volume runs: a phantom or two of the cheapest kind (a volume run on phantoms is its own, longer test)
+    "volume.phantoms_train": st.integers(0, 1), "volume.phantoms_test": st.integers(1, 1),
+    "volume.slice_batch": st.integers(1, 4),
 }
 HOSTILE = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.sampled_from([0, -1, 2**63, 10**400]),

@@ -15,7 +15,7 @@ def _package_files():
 
 def _python_sources():
     for p in sorted(ROOT.rglob("*.py")):
-        if not {".venv", "build", ".git"} & set(p.relative_to(ROOT).parts):
+        if not {".venv", ".lsvenv", "build", ".git"} & set(p.relative_to(ROOT).parts):
             yield p, p.read_text(encoding="utf-8")
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]

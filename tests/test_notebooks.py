@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient", reason="notebook tests need nbclient 
 pytest.importorskip("ipykernel", reason="notebook tests need ipykernel (pip install -e '.[test]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_quickstart.ipynb", "02_swap_adapters.ipynb"]
+NOTEBOOKS = ["01_quickstart.ipynb", "02_swap_adapters.ipynb", "03_medical_volumes.ipynb"]
 TINY_CORE = ROOT / "recipes" / "weights" / "tiny_generic.safetensors"
 CELL_TIMEOUT = 300  # seconds per cell
 

@@ -29,7 +29,7 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     # built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
     src = out / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".lsvenv", "build", "runs", "*.egg-info",
                                                              "__pycache__", ".pytest_cache"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)])
     wheels = list(out.glob("samadapt-*.whl"))

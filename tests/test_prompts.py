@@ -257,7 +257,7 @@ def test_keep_prompts_recipe_checks():
     from samadapt.recipes.config import load_recipe
     from samadapt.recipes.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"keep_prompts=1.5 must be a share in \[0, 1\]"):
+    with pytest.raises(RecipeError, match=r"keep_prompts=1.5 must be in \[0.0, 1.0\] \(a share of batches"):
         load_recipe("demo", ["prompts.keep_prompts=1.5"])
     with pytest.raises(RecipeError, match="for promptless recipes"):
         load_recipe("demo", ["prompts.keep_prompts=0.5", "prompts.mode=box"])

@@ -312,10 +312,12 @@ def test_auto_equals_generator(env, client, image_id, adapter):
     want = sorted(gen.generate(IMG), key=lambda m: -m["predicted_iou"])
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
-        assert g["rle"]["counts"] == w["segmentation"]["counts"] and g["rle"]["size"] == [96, 128]
-        assert g["bbox"] == w["bbox"] and g["area"] == w["area"] == int(rle_to_mask(g["rle"]).sum())
-        assert g["score"] == pytest.approx(w["predicted_iou"], abs=0)
-    assert [m["score"] for m in got] == sorted((m["score"] for m in got), reverse=True)
+        assert set(g) == set(w)  # segment_anything's keys, no more, no fewer
+        assert g["segmentation"] == w["segmentation"] and g["segmentation"]["size"] == [96, 128]
+        assert g["bbox"] == w["bbox"] and g["area"] == w["area"] == int(rle_to_mask(g["segmentation"]).sum())
+        assert g["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=0)
+        assert g["point_coords"] == w["point_coords"] and g["crop_box"] == list(w["crop_box"])
+    assert [m["predicted_iou"] for m in got] == sorted((m["predicted_iou"] for m in got), reverse=True)
     capped = client.post("/api/auto", json=dict(body, max_masks=1)).json()["masks"]
     assert len(capped) == 1 and capped[0] == got[0]
 

@@ -145,10 +145,10 @@ def test_page_in_browser(tmp_path):
             page.wait_for_function("() => S.box === null && document.body.dataset.state === 'ready'")
             assert page.evaluate("() => S.points.length") == 3
 
-            # segment everything: a status line with the number of masks
+            # segment everything: a status line with the number of masks, or which slider to lower when none passed
             page.click("#auto")
             page.wait_for_function(
-                "() => /masks \\(everything\\)/.test(document.querySelector('#status').textContent)"
+                "() => /masks \\(everything\\)|^0 masks passed/.test(document.querySelector('#status').textContent)"
             )
 
             # another candidate mask from the chips, then clear

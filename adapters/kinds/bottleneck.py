@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..mixed import add_rows
 from ..parts import MAX_WIDTH, remove_from_slot
 
 POSITIONS = ("attn", "mlp")
@@ -84,6 +85,13 @@ class BlockAdapters(nn.Module):
 
 def _attn_hook(block, state):
     def hook(module, args, output):
+        if state.route is not None:  # a mixed batch: each adapter on its rows (windowed: batch x windows)
+            for name in state.route.names():
+                a = block.samadapt_bottleneck[name] if name in block.samadapt_bottleneck else None
+                rows = state.route.rows(name, output.shape[0]) if a is not None and a.attn is not None else None
+                if rows is not None:
+                    output = add_rows(output, rows, a.attn(output[rows]))
+            return output
         for name in state.active:
             if name in block.samadapt_bottleneck and block.samadapt_bottleneck[name].attn is not None:
                 return output + block.samadapt_bottleneck[name].attn(output)
@@ -93,6 +101,13 @@ def _attn_hook(block, state):
 
 def _mlp_hook(block, state):
     def hook(module, args, output):
+        if state.route is not None:
+            for name in state.route.names():
+                a = block.samadapt_bottleneck[name] if name in block.samadapt_bottleneck else None
+                rows = state.route.rows(name, output.shape[0]) if a is not None and a.mlp is not None else None
+                if rows is not None:
+                    output = add_rows(output, rows, a.scale * a.mlp(args[0][rows]))
+            return output
         for name in state.active:
             if name in block.samadapt_bottleneck and block.samadapt_bottleneck[name].mlp is not None:
                 a = block.samadapt_bottleneck[name]

@@ -13,11 +13,12 @@ both against peft's `inject_adapter_in_model` and `get/set_peft_model_state_dict
 """
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from ..base import AdapterError, Injected, KindSpec, block_indices, register_kind
+from ..mixed import add_rows, set_rows
 from ..parts import MAX_WIDTH
 
 # target name -> attribute path inside an encoder block
@@ -95,6 +96,7 @@ class LoraHandle:
     """The layers holding one adapter's LoRA: (module path, peft LoRA layer)."""
 
     layers: List[Tuple[str, nn.Module]] = field(default_factory=list)
+    hooks: List[Any] = field(default_factory=list)  # the mixed-batch routing hooks (encoder LoRA only)
 
 
 def add_lora(sam: nn.Module, paths: List[str], name: str, peft_cfg) -> Injected:
@@ -144,14 +146,45 @@ def remove_lora(sam: nn.Module, name: str, handle: LoraHandle) -> None:
     handle.layers = []
 
 
+def _routed(layer: nn.Module, name: str, state):
+    """A forward hook adding LoRA `name`'s update to its own rows of a mixed-adapter batch.
+
+    During a mixed pass (`adapters.mixed.route`) no adapter is active, so peft's layer returns the
+    frozen layer's output over the whole batch; this adds `name`'s part to its rows only, as
+    peft's forward would for that adapter alone (its DoRA variant included, handed the rows'
+    frozen output as peft hands it the whole batch's).
+    """
+    def hook(module, args, output):
+        route = state.route
+        if route is None or layer.merged or layer.disable_adapters or name not in layer.lora_A:
+            return None
+        rows = route.rows(name, output.shape[0])
+        if rows is None:
+            return None
+        x = args[0][rows].to(layer.lora_A[name].weight.dtype)
+        if name in layer.lora_variant:
+            return set_rows(output, rows, layer.lora_variant[name].forward(
+                layer, active_adapter=name, x=x, result=output[rows]))
+        delta = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+        return add_rows(output, rows, delta)
+    return hook
+
+
 def inject(sam: nn.Module, cfg: LoraConfig, name: str, state, init: bool = True) -> Injected:
-    """LoRA `name` on the encoder layers `cfg` targets (the kind's `inject`)."""
+    """LoRA `name` on the encoder layers `cfg` targets (the kind's `inject`), with the hooks that
+    route it in mixed-adapter batches.
+    """
     peft_cfg = peft_config(cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora, init=init)
-    return add_lora(sam, encoder_targets(sam, cfg), name, peft_cfg)
+    part = add_lora(sam, encoder_targets(sam, cfg), name, peft_cfg)
+    part.handle.hooks = [layer.register_forward_hook(_routed(layer, name, state)) for _, layer in part.handle.layers]
+    return part
 
 
 def remove(sam: nn.Module, name: str, state, handle: LoraHandle) -> None:
     """Undo `inject` (the kind's `remove`)."""
+    for h in handle.hooks:
+        h.remove()
+    handle.hooks = []
     remove_lora(sam, name, handle)
 
 

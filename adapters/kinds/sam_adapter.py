@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterError, AdapterSlot, Injected, KindSpec, block_indices, module_tensors, register_kind
+from ..mixed import add_rows
 from ..parts import MAX_WIDTH, remove_from_slot
 
 
@@ -128,6 +129,13 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
             ctx.feats = {}
 
         def on_patch_embed_output(module, args, output):
+            if state.route is not None:  # a mixed batch: each generator's features from its own items
+                for nm in state.route.names():
+                    if nm in enc.samadapt_sam_adapter:
+                        rows = state.route.rows(nm, output.shape[0])
+                        ctx.feats[nm] = enc.samadapt_sam_adapter[nm].features(ctx.image[rows], output[rows])
+                ctx.image = None
+                return None
             for nm in state.active:
                 if nm in enc.samadapt_sam_adapter:
                     ctx.feats[nm] = enc.samadapt_sam_adapter[nm].features(ctx.image, output)
@@ -136,6 +144,14 @@ def inject(sam: nn.Module, cfg: SamAdapterConfig, name: str, state, init: bool =
 
         def block_hook(i):
             def pre(module, args):
+                if state.route is not None:
+                    x, slot = args[0], enc.samadapt_sam_adapter
+                    for nm in state.route.names():
+                        if nm in slot and nm in ctx.feats and i in slot[nm].block_index:
+                            gen = slot[nm]
+                            x = add_rows(x, state.route.rows(nm, x.shape[0]), gen.prompt(gen.block_index[i],
+                                                                                            ctx.feats[nm]))
+                    return (x,) + tuple(args[1:])
                 for nm in state.active:
                     slot = enc.samadapt_sam_adapter
                     if nm in slot and nm in ctx.feats and i in slot[nm].block_index:

@@ -86,11 +86,46 @@ def _decode_cv2(p: Path) -> Optional[np.ndarray]:
     return np.ascontiguousarray(arr)
 
 
+def exif_orientation(path: PathLike) -> int:
+    """The EXIF orientation tag (1..8) of an image file; 1 (as stored) when it has none or is unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                v = im.getexif().get(0x0112, 1)
+    except Exception:  # not Pillow's format: no EXIF to honour
+        return 1
+    return v if isinstance(v, int) and 1 <= v <= 8 else 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """`arr` (H x W[ x C]) turned the way EXIF `orientation` says a viewer shows it: the transform of
+    `PIL.ImageOps.exif_transpose`, on arrays of any dtype (16-bit, masks, what OpenCV decoded).
+
+    Example:
+        >>> a = np.arange(6).reshape(2, 3)
+        >>> apply_orientation(a, 6).tolist()  # 6: the camera was turned 90 degrees clockwise
+        [[3, 0], [4, 1], [5, 2]]
+    """
+    ops = {
+        2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
+
+
 def _decode(path: PathLike) -> np.ndarray:
-    """Decode a file to H x W, H x W x 2 (gray+alpha), H x W x 3 (RGB) or H x W x 4 (RGBA).
+    """Decode a file to H x W, H x W x 2 (gray+alpha), H x W x 3 (RGB) or H x W x 4 (RGBA), turned as
+    its EXIF orientation says (what a viewer shows, and what `samadapt serve` reads from an upload).
 
     The dtype is bool (1-bit), uint8, uint16, int32 or float32.
     """
+    return apply_orientation(_decode_stored(path), exif_orientation(path))
+
+
+def _decode_stored(path: PathLike) -> np.ndarray:
+    """`_decode` without the EXIF orientation: the pixels as stored."""
     p = _check_file(path)
     try:
         with warnings.catch_warnings():

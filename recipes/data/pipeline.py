@@ -2,7 +2,8 @@
 
 Shared by `samadapt train` and `samadapt eval`.
 """
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List
 
 import torch
 from torch.utils.data import Dataset
@@ -102,6 +103,49 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
     if cfg["augment"]["enabled"]:
         aug = build_augmentation(domain if domain in DOMAINS else "generic", image_size, train=True)
     return AugmentedItems(train_raw, aug, image_size, seed), AugmentedItems(eval_raw, None, image_size, seed)
+
+
+def describe_datasets(cfg: Dict[str, Any], train_ds, eval_ds, data_root=None) -> List[str]:
+    """Lines saying how many train and eval images a run uses and where they came from.
+
+    Args:
+        cfg: the validated recipe.
+        train_ds: the train dataset `build_datasets` returned.
+        eval_ds: its eval dataset.
+        data_root: the `--data` folder(s), if given.
+
+    Returns:
+        One line for each split, plus a warning line when the eval split is too small to trust.
+
+    Example:
+        >>> from samadapt.recipes.config import load_recipe
+        >>> cfg = load_recipe("demo", ["data.synthetic_train_size=3", "data.synthetic_eval_size=2"])
+        >>> tr, ev = build_datasets(cfg, 64)
+        >>> print(describe_datasets(cfg, tr, ev)[0])
+        data: 3 train images, synthetic camouflage (data.synthetic_train_size)
+    """
+    from .layouts import LAYOUTS
+
+    d = cfg["data"]
+    n_tr, n_ev = len(train_ds), len(eval_ds)
+    lines = []
+    root = data_root or d["root"]
+    if root:
+        roots = [root] if isinstance(root, (str, Path)) else list(root)
+        layouts = getattr(getattr(train_ds, "base", None), "layouts", None) or ["?"] * len(roots)
+        where = ", ".join(f"{r} (layout {lay})" for r, lay in zip(roots, layouts))
+        lines.append(f"data: {n_tr} train images from {where}, split {d['train_split']!r}")
+        held = [lay for lay in layouts if lay in LAYOUTS and LAYOUTS[lay].test is None]
+        how = (f"held out of the same folder(s): data.val_fraction={d['val_fraction']}, seed {cfg['train']['seed']}"
+               if held else f"the layout's own {d['eval_split']!r} split")
+        lines.append(f"data: {n_ev} eval images, {how}")
+    else:
+        lines.append(f"data: {n_tr} train images, synthetic {d['synthetic']} (data.synthetic_train_size)")
+        lines.append(f"data: {n_ev} eval images, synthetic {d['synthetic']} (data.synthetic_eval_size, other seeds)")
+    if n_ev < 5:
+        lines.append(f"warning: only {n_ev} eval image(s): its metrics are noise; add images, raise "
+                     "data.val_fraction, or give a folder with a test split")
+    return lines
 
 
 def build_keep_prompts_data(cfg: Dict[str, Any], image_size: int):

@@ -11,7 +11,7 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -139,10 +139,11 @@ class SegmentRequest(BaseModel):
 
 
 class Rle(BaseModel):
-    """An uncompressed COCO run-length encoding."""
+    """A COCO run-length encoding: uncompressed (a list of counts) or compressed (pycocotools' string)."""
 
     size: Tuple[int, int] = Field(description="[height, width]")
-    counts: List[int] = Field(description="column-major run lengths, starting with a run of zeros")
+    counts: Union[List[int], str] = Field(description="column-major run lengths starting with a run of zeros "
+                                                      "(uncompressed_rle), or the COCO compressed string (coco_rle)")
 
 
 class SegmentResponse(BaseModel):
@@ -169,17 +170,23 @@ class AutoRequest(BaseModel):
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this")
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
     max_masks: int = Field(200, ge=1, le=1000, description="return at most this many masks (highest score first)")
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="box IoU above which duplicates are dropped")
+    output_mode: Literal["uncompressed_rle", "coco_rle"] = Field(
+        "uncompressed_rle", description="segment_anything's output_mode for `segmentation`")
 
 
 class AutoMask(BaseModel):
-    """One automatic mask with its box, area and scores."""
+    """One automatic mask: segment_anything's record (the same keys as `SamAutomaticMaskGenerator.generate`,
+    `samadapt predict --auto`'s JSON and the Python API).
+    """
 
-    rle: Rle
-    bbox: List[float] = Field(description="[x, y, w, h]")
+    segmentation: Rle
     area: int
-    score: float = Field(description="predicted IoU")
+    bbox: List[float] = Field(description="[x, y, w, h]")
+    predicted_iou: float
+    point_coords: List[List[float]] = Field(description="[[x, y]]: the grid point that produced it")
     stability_score: float
-    point: List[float] = Field(description="the grid point [x, y] that produced it")
+    crop_box: List[int] = Field(description="[x, y, w, h] of the crop it came from")
 
 
 class AutoResponse(BaseModel):

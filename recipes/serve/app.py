@@ -8,7 +8,8 @@ One `AdapterBank` over a folder of adapter files serves every request:
     GET  /api/adapters   adapter files in the folder now, with their metadata
     POST /api/images     upload an image (multipart field `file`) -> {image_id, width, height}
     POST /api/segment    {image_id, adapter, points, box, multimask, format} -> {masks, scores, best}
-    POST /api/auto       {image_id, adapter, points_per_side} -> masks for everything (RLE, bbox, area, score)
+    POST /api/auto       {image_id, adapter, points_per_side, thresholds} -> masks for everything (segment_anything's
+                         records: segmentation RLE, area, bbox, predicted_iou, point_coords, stability_score, crop_box)
 
 Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limits); the OpenAPI
 schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
@@ -79,7 +80,9 @@ from .api import (
     mask_png,
     masks_rle,
 )
+from .batching import EmbedBatcher
 from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
+from .offline_docs import add_offline_docs
 from .work import Cancelled, ModelRunner
 
 STATIC = Path(__file__).with_name("static")
@@ -96,7 +99,8 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
                body_timeout: Optional[float] = 30.0, catalogue: Optional[Union[str, os.PathLike, dict]] = None,
-               allow_base_mismatch: bool = False, precision: Optional[str] = None) -> FastAPI:
+               allow_base_mismatch: bool = False, max_batch: int = 8, max_wait_ms: float = 5.0,
+               precision: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
     Args:
@@ -116,6 +120,9 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         catalogue: a catalogue file or mapping (adapter name -> path, URL or hf:// source [+ sha256]),
             served besides (or, with `adapters_dir` None, instead of) the folder.
         allow_base_mismatch: serve adapters made for other base weights too.
+        max_batch: most concurrent requests embedded together in one mixed-adapter encoder pass
+            (1: each request alone); requests on a cached embedding are never held back.
+        max_wait_ms: longest a request needing an embedding waits for others to batch with.
         precision: the image encoder's precision on a CPU: `auto`, `bf16` or `fp32` (None:
             `$SAMADAPT_PRECISION`, else `auto`); `/api/health` shows the route under `encoder`.
 
@@ -145,6 +152,9 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                        catalogue=catalogue, allow_base_mismatch=allow_base_mismatch, precision=precision)
     images = ImageStore(image_cache)
     runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
+    # dynamic batching: concurrent embedding requests share one mixed-adapter encoder pass
+    batcher = EmbedBatcher(bank.predict_batch, lambda item: bank.predict(**item), max_batch=max_batch,
+                           max_wait_s=max_wait_ms / 1000.0, max_adapters=capacity) if int(max_batch) > 1 else None
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
     fingerprint = str(sam.fingerprint)  # the core is frozen: hash its weights once, not per request
     pinned = set(attached(sam))  # the bank serves these besides the folder's files
@@ -152,7 +162,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
     limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
                     auto_budget=int(auto_budget), request_timeout_s=runner.timeout, max_queue=runner.max_queue,
                     body_timeout_s=body_timeout)
-    app = FastAPI(title="samadapt serve", version=_version(),
+    app = FastAPI(title="samadapt serve", version=_version(), docs_url=None, redoc_url=None,  # offline_docs
                   description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
                               "files. Upload an image, then ask for masks from points and boxes under any adapter. "
                               f"Model requests run one at a time: at most {runner.max_queue} wait (503 with "
@@ -161,6 +171,8 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                               "more is refused with 422. Requests must name this server in Host (421 otherwise); "
                               "writes from pages of other origins get 403.")
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
+    app.state.batcher = batcher
+    add_offline_docs(app)  # /docs and /redoc with local assets: they work offline
     app.add_middleware(
         BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
         body_timeout=body_timeout,
@@ -312,15 +324,18 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         h, w = image.shape[:2]
         prompts = check_prompts(req, w, h)
 
-        def work() -> Response:
+        def work(model: Optional[Callable[[], Any]] = None) -> Response:
             masks, scores, _ = model_call(
-                name, image, lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts))
+                name, image, model or (lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts)))
             encoded = [mask_png(m) for m in masks] if req.format == "png" else masks_rle(masks)
             return json_response(SegmentResponse(
                 masks=encoded, scores=[finite(s) for s in scores], best=int(np.argmax(scores)), width=w, height=h,
                 adapter=name, elapsed_ms=1000 * (time.perf_counter() - t0)))
 
-        return await runner.run(work, request.receive, "the segment request")
+        if batcher is not None and not bank.has_embedding(image, name, image_id=req.image_id):
+            item = dict(prompts, image=image, adapter=name, image_id=req.image_id)
+            return await runner.run(work, request.receive, "the segment request", batch=(batcher, item))
+        return await runner.run(work, request.receive, "the segment request")  # cached: decode at once
 
     @app.post("/api/auto", response_model=AutoResponse, responses=ERRORS,
               summary="Masks for everything in the image (a grid of point prompts)",
@@ -349,11 +364,14 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
             found = model_call(name, image, lambda: bank.generate(
                 image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
                 points_per_batch=batch, pred_iou_thresh=req.pred_iou_thresh,
-                stability_score_thresh=req.stability_score_thresh, output_mode="uncompressed_rle"))
+                stability_score_thresh=req.stability_score_thresh, box_nms_thresh=req.box_nms_thresh,
+                output_mode=req.output_mode))
             found.sort(key=lambda m: -m["predicted_iou"])
-            masks = [AutoMask(rle=m["segmentation"], bbox=[float(v) for v in m["bbox"]], area=int(m["area"]),
-                              score=finite(m["predicted_iou"]), stability_score=finite(m["stability_score"]),
-                              point=[float(v) for v in m["point_coords"][0]]) for m in found[:req.max_masks]]
+            masks = [AutoMask(segmentation=m["segmentation"], bbox=[float(v) for v in m["bbox"]],
+                              area=int(m["area"]), predicted_iou=finite(m["predicted_iou"]),
+                              stability_score=finite(m["stability_score"]),
+                              point_coords=[[float(v) for v in p] for p in m["point_coords"]],
+                              crop_box=[int(v) for v in m["crop_box"]]) for m in found[:req.max_masks]]
             return json_response(AutoResponse(masks=masks, width=w, height=h, adapter=name,
                                               elapsed_ms=1000 * (time.perf_counter() - t0)))
 
@@ -550,6 +568,10 @@ def run_server(args) -> int:
 
     host = getattr(args, "host", None) or "127.0.0.1"
     port = port_number(getattr(args, "port", 8000))
+    if getattr(args, "engine", "single") == "ray":  # the same API on Ray Serve, N model replicas
+        from .ray_app import run_ray_server
+
+        return run_ray_server(args, host, port)
     request_timeout = _positive("--request-timeout", getattr(args, "request_timeout", 60.0), "60")
     header_timeout = _positive("--header-timeout", getattr(args, "header_timeout", 10.0), "10")
     body_timeout = _positive("--body-timeout", getattr(args, "body_timeout", 30.0), "30")
@@ -557,6 +579,12 @@ def run_server(args) -> int:
     auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
     if max_queue != int(max_queue) or auto_budget != int(auto_budget):
         raise UserError("--max-queue and --auto-budget take whole numbers")
+    max_batch = _positive("--max-batch", getattr(args, "max_batch", 8), "8")
+    max_wait_ms = _positive("--max-wait-ms", getattr(args, "max_wait_ms", 5.0), "5", allow_zero=True)
+    if max_batch != int(max_batch):
+        raise UserError(f"--max-batch {getattr(args, 'max_batch', 8)} must be a whole number, such as 8 "
+                        f"(1: no batching)")
+    max_batch = int(max_batch)
     try:
         hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
     except ValueError as e:
@@ -579,7 +607,7 @@ def run_server(args) -> int:
                      request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
                      body_timeout=body_timeout, catalogue=catalogue,
                      allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)),
-                     precision=precision)
+                     max_batch=max_batch, max_wait_ms=max_wait_ms, precision=precision)
     try:
         sock = bind_socket(host, port)
     except OSError as e:

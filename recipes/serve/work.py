@@ -16,7 +16,7 @@ import asyncio
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -206,14 +206,59 @@ class ModelRunner:
             with self._state:
                 self._tokens.discard(token)
 
-    async def run(self, fn: Callable[[], Any], receive: Optional[Callable] = None, what: str = "the request") -> Any:
+    def _call_batched(self, token: CancelToken, batcher: Any, item: Dict[str, Any]) -> Any:
+        """`item`'s answer through `batcher` (`batching.EmbedBatcher`): wait for company, then either
+        run a batch as the model holder or find the answer made by another holder's batch.
+        """
+        p = batcher.join(item, token)
+        try:
+            batcher.wait_for_company(p)
+            while not p.done.is_set():
+                if not self._gate.acquire(timeout=0.05):
+                    token.check()  # waiting counts against the time limit, and a cancel ends the wait
+                    continue
+                try:
+                    batch = batcher.take(p)
+                    if not batch:
+                        continue  # another holder ran it: the answer is ready
+                    for q in batch:
+                        q.token.started = True
+                    with self._state:
+                        self._running += 1
+                    self._local.token = BatchToken([q.token for q in batch])
+                    t0 = time.monotonic()
+                    try:
+                        batcher.run(batch)
+                    finally:
+                        self._local.token = None
+                        self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - t0)
+                        with self._state:
+                            self._running -= 1
+                finally:
+                    self._gate.release()
+        except BaseException:
+            batcher.leave(p)
+            raise
+        finally:
+            with self._state:
+                self._tokens.discard(token)
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    async def run(self, fn: Callable[..., Any], receive: Optional[Callable] = None, what: str = "the request",
+                  batch: Optional[Tuple[Any, Dict[str, Any]]] = None) -> Any:
         """Run `fn` (blocking model work) in a worker thread under the limits; returns its result.
 
         Args:
             fn: the model call (it runs with this request's cancel token checked at every model step).
+                With `batch`, `fn(model)` instead, where `model()` returns the item's answer from the
+                batcher (so the work after it, such as encoding the answer, runs outside the model).
             receive: the request's ASGI `receive` after its body was read; an `http.disconnect` from it
                 cancels the work (the client went away).
             what: the request's name in error messages.
+            batch: (`batching.EmbedBatcher`, bank item): the model work is this item, run in a batch
+                with other requests' (dynamic batching); the same limits hold for each request.
 
         Returns:
             whatever `fn` returns; its exceptions are raised here.
@@ -232,7 +277,14 @@ class ModelRunner:
 
         def worker() -> None:
             try:
-                result = (True, self._call(token, fn))
+                if batch is None:
+                    result = (True, self._call(token, fn))
+                else:
+                    try:
+                        result = (True, fn(lambda: self._call_batched(token, *batch)))
+                    finally:  # also when fn never asked for the model
+                        with self._state:
+                            self._tokens.discard(token)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's coroutine
                 result = (False, e)
             try:
@@ -288,3 +340,38 @@ async def _wait_disconnect(receive: Callable) -> None:
         message = await receive()
         if message.get("type") == "http.disconnect":
             return
+
+
+class BatchToken:
+    """The cancel token of a batch: `check` raises only when every member request is cancelled (or
+    past its deadline), so one impatient client does not stop the others' work.
+
+    Example:
+        >>> import time
+        >>> a, b = CancelToken(time.monotonic() + 60), CancelToken(time.monotonic() + 60)
+        >>> t = BatchToken([a, b]); a.cancel("disconnect"); t.check()
+        >>> b.cancel("timeout"); t.cancelled
+        True
+    """
+
+    def __init__(self, tokens: Sequence[CancelToken]) -> None:
+        self.tokens = list(tokens)
+        self.started = True
+
+    @property
+    def cancelled(self) -> bool:
+        return all(is_cancelled(t) for t in self.tokens)
+
+    def check(self) -> None:
+        """Raise `Cancelled` when no member still wants the answer."""
+        if self.cancelled:
+            raise Cancelled(self.tokens[0].reason or "timeout", True)
+
+
+def is_cancelled(token: CancelToken) -> bool:
+    """Whether `token` is cancelled or past its deadline (its `check` raises)."""
+    try:
+        token.check()
+    except Cancelled:
+        return True
+    return False
