@@ -28,6 +28,7 @@ Example:
     True
 """
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 from .api import (
     AdapterList,
     ApiError,
+    EncoderRoute,
     Health,
     ImageInfo,
     ImageStore,
@@ -154,7 +156,8 @@ def build_app(adapters_dir: Union[str, os.PathLike], base: Optional[str] = None,
         def info(self) -> Dict[str, Any]:
             return {"arch": str(self.sam.arch), "image_size": int(self.sam.image_size),
                     "fingerprint": str(self.sam.fingerprint), "replica": self.replica, "pid": self.pid,
-                    "resident": self.bank.resident(), "capacity": int(capacity)}
+                    "resident": self.bank.resident(), "capacity": int(capacity),
+                    "encoder": dataclasses.asdict(self.bank.route)}  # the replica's encoder route
 
         @serve.multiplexed(max_num_models_per_replica=int(capacity))
         async def adapter(self, name: str) -> "_Resident":
@@ -256,7 +259,8 @@ def build_app(adapters_dir: Union[str, os.PathLike], base: Optional[str] = None,
             return Health(arch=core["arch"], image_size=core["image_size"], fingerprint=core["fingerprint"],
                           adapters=len(_listing(folder, core["fingerprint"])), resident=resident,
                           images=len(self.images), max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                          limits=self.limits, work=WorkState(queued=0, **counts, **self.work))
+                          limits=self.limits, work=WorkState(queued=0, **counts, **self.work),
+                          encoder=EncoderRoute(**core["encoder"]))
 
         @api.get("/api/adapters", response_model=AdapterList)
         async def list_adapters(self) -> AdapterList:
