@@ -13,10 +13,11 @@ Nothing here waits on the model to answer a question about it: `ModelRunner.stat
 counters only, so `/api/health` answers while a heavy request runs.
 """
 import asyncio
+import contextlib
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -189,22 +190,30 @@ class ModelRunner:
             try:
                 token.check()
                 token.started = True
-                with self._state:
-                    self._running += 1
-                self._local.token = token
-                t0 = time.monotonic()
-                try:
+                with self._holding(token):
                     return fn()
-                finally:
-                    self._local.token = None
-                    self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - t0)
-                    with self._state:
-                        self._running -= 1
             finally:
                 self._gate.release()
         finally:
             with self._state:
                 self._tokens.discard(token)
+
+    @contextlib.contextmanager
+    def _holding(self, token: Any) -> Iterator[None]:
+        """While the model runs for `token` (one request's, or a batch's): counted as running, its token
+        the one the model's cancel hooks check, and its time fed to the recent-duration estimate.
+        """
+        with self._state:
+            self._running += 1
+        self._local.token = token
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._local.token = None
+            self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - t0)
+            with self._state:
+                self._running -= 1
 
     def _call_batched(self, token: CancelToken, batcher: Any, item: Dict[str, Any]) -> Any:
         """`item`'s answer through `batcher` (`batching.EmbedBatcher`): wait for company, then either
@@ -223,17 +232,8 @@ class ModelRunner:
                         continue  # another holder ran it: the answer is ready
                     for q in batch:
                         q.token.started = True
-                    with self._state:
-                        self._running += 1
-                    self._local.token = BatchToken([q.token for q in batch])
-                    t0 = time.monotonic()
-                    try:
+                    with self._holding(BatchToken([q.token for q in batch])):
                         batcher.run(batch)
-                    finally:
-                        self._local.token = None
-                        self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - t0)
-                        with self._state:
-                            self._running -= 1
                 finally:
                     self._gate.release()
         except BaseException:
