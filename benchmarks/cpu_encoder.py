@@ -121,6 +121,7 @@ def cmd_set_image(args) -> dict:
             times[k].append(time.perf_counter() - t)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if len(v) == r + 1),
               flush=True)
+    times = {k: v for k, v in times.items() if v}  # --hf-rounds 0 leaves transformers out
     med = {k: statistics.median(v) for k, v in times.items()}
     p_ours.set_image(image), p_fp32.set_image(image), p_ref.set_image(image)
     e_ref = p_ref.get_image_embedding()
@@ -128,7 +129,7 @@ def cmd_set_image(args) -> dict:
     emb_err = {k: float((p.get_image_embedding() - e_ref).norm() / e_ref.norm())
                for k, p in (("ours", p_ours), ("ours_fp32", p_fp32))}
     rows = [["path", "median s", "ratio to anchor", "runs", "worst mask agreement", "embedding rel. err"]]
-    for k in fns:
+    for k in times:
         worst = f"{min(agree[k].values()) * 100:.2f} %" if k in agree else "-"
         rows.append([k, f"{med[k]:.2f}", f"{med[k] / med['anchor']:.3f}", str(len(times[k])), worst,
                      f"{emb_err[k]:.4f}" if k in emb_err else "-"])
