@@ -46,7 +46,7 @@ from ..limits import MAX_PIXELS
 from .api import ImageStore
 from .batching import EmbedBatcher
 from .guard import LOOPBACK_NAMES, allowed_hosts_for, header_timeout_protocol
-from .routes import AUTO_BUDGET, CoreInfo, LocalModel, build_api, check_limits, split_adapters_arg
+from .routes import AUTO_BUDGET, CoreInfo, LocalModel, build_api, check_limits, package_version, split_adapters_arg
 from .work import ModelRunner
 
 LOOPBACK = set(LOOPBACK_NAMES)
@@ -118,22 +118,13 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                     pinned=attached(sam),  # the bank serves these besides the folder's files
                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
                     request_timeout=runner.timeout, max_queue=runner.max_queue, auto_budget=auto_budget,
-                    body_timeout=body_timeout, version=_version())
+                    body_timeout=body_timeout, version=package_version())
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
     app.state.batcher = batcher
     return app
 
 
 # ----------------------------------------------------------------------------- running it
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("samadapt")
-    except Exception:  # noqa: BLE001
-        return "0+unknown"
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on `(host, port)`; port 0 picks a free one.
 

@@ -39,7 +39,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from .api import ApiError, ImageStore
-from .routes import AUTO_BUDGET, CoreInfo, FileListing, build_api, check_limits, resolve_catalogue, split_adapters_arg
+from .routes import (
+    AUTO_BUDGET,
+    CoreInfo,
+    FileListing,
+    build_api,
+    check_limits,
+    package_version,
+    resolve_catalogue,
+    split_adapters_arg,
+)
 
 WHAT = {"segment": "the segment request", "auto": "the automatic-mask request"}
 
@@ -206,14 +215,12 @@ def build_app(adapters_dir: Optional[Union[str, os.PathLike]] = None, base: Opti
             self.model = model
 
         async def __serve_build_asgi_app__(self):
-            from .app import _version
-
             info = await self.model.info.remote()  # the core the replicas serve (waits for the first one up)
             core = CoreInfo(arch=info["arch"], image_size=info["image_size"], fingerprint=info["fingerprint"],
                             encoder=info["encoder"])
             side = _ReplicaModel(self.model, float(request_timeout), int(replicas))
             return build_api(core, side, FileListing(folder, sources), ImageStore(image_cache), hosts,
-                             version=_version(), **settings)
+                             version=package_version(), **settings)
 
     model = SamadaptModel.options(num_replicas=int(replicas)).bind()
     return SamadaptIngress.bind(model)

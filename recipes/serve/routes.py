@@ -202,6 +202,16 @@ def check_limits(request_timeout: float, max_queue: int, auto_budget: int, body_
         raise ValueError(f"body_timeout={body_timeout!r} must be a positive number of seconds (or None)")
 
 
+def package_version() -> str:
+    """The installed samadapt's version (the OpenAPI schema's), or `0+unknown` in a bare checkout."""
+    try:
+        from importlib.metadata import version
+
+        return version("samadapt")
+    except Exception:  # noqa: BLE001
+        return "0+unknown"
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -211,8 +221,8 @@ def thin_image(image: np.ndarray, image_size: int) -> Optional[str]:
     """Why the core cannot take `image` (a side that rounds to 0 px at the model size), or None.
 
     Example:
-        >>> thin_image(np.zeros((1, 4000, 3), np.uint8), 256)[:20]
-        'the image is 4000x1 '
+        >>> thin_image(np.zeros((80, 100, 3), np.uint8), 256) is None
+        True
     """
     from samadapt.sam_core.transforms import ResizeLongestSide
 
