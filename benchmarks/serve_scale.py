@@ -229,8 +229,9 @@ def part_ray(clients: int, per_client: int) -> bool:
                 port = s.getsockname()[1]
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for replicas in (1, 2):
+                # the single process's settings: batching off, a queue that holds every client
                 serve.run(build_app(folder, base=str(ckpt), replicas=replicas, capacity=4, threads=1,
-                                    image_cache=clients * per_client + 8),
+                                    image_cache=clients * per_client + 8, max_batch=1, max_queue=4 * clients),
                           name="samadapt", route_prefix="/")
                 res[replicas] = load(f"http://127.0.0.1:{port}/", clients, per_client, seed0=0)
                 serve.delete("samadapt")

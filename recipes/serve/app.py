@@ -1,4 +1,3 @@
-# why over 500 lines: the routes, their limits (budget, queue, time limit) and the server lifecycle in one place
 """The `samadapt serve` app: an HTTP API and an interactive page over one frozen core and adapter files.
 
 One `AdapterBank` over a folder of adapter files serves every request:
@@ -15,7 +14,8 @@ Errors are JSON `{"detail": "..."}` with a 4xx status (503/504 for the work limi
 schema is at /openapi.json and /docs. Image embeddings are computed once per (image, adapter) and
 cached by the bank. Every request passes the Host allowlist and, for writes, the origin check
 (`guard`); model requests run through the `ModelRunner` (`work`), so health and the listing
-never wait on the model.
+never wait on the model. The routes themselves are `routes.build_api` over a `routes.LocalModel`:
+the Ray engine (`ray_app`) serves the same routes, with the model work on its replicas.
 
 The bank is driven only through its public calls (`AdapterBank.predict`, `AdapterBank.generate`,
 `AdapterBank.available`, `AdapterBank.resident`).
@@ -35,62 +35,21 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
-import numpy as np
-from fastapi import FastAPI, File, Request, UploadFile
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI
 from torch import nn
 
-from samadapt.adapters import (
-    AdapterBank,
-    AdapterError,
-    AdapterFormatError,
-    IncompatibleAdapterError,
-    attached,
-    is_valid_name,
-)
-from samadapt.adapters import inspect as inspect_adapter
+from samadapt.adapters import AdapterBank, attached
 
 from ..limits import MAX_PIXELS
-from .api import (
-    ERRORS,
-    READ_ERRORS,
-    AdapterList,
-    ApiError,
-    AutoMask,
-    AutoRequest,
-    AutoResponse,
-    BodyLimit,
-    EncoderRoute,
-    Health,
-    ImageInfo,
-    ImageStore,
-    Limits,
-    SegmentRequest,
-    SegmentResponse,
-    WorkState,
-    adapter_info,
-    check_prompts,
-    decode_image,
-    finite,
-    mask_png,
-    masks_rle,
-)
+from .api import ImageStore
 from .batching import EmbedBatcher
-from .guard import LOOPBACK_NAMES, HostGuard, allowed_hosts_for, header_timeout_protocol
-from .offline_docs import add_offline_docs
-from .work import Cancelled, ModelRunner
+from .guard import LOOPBACK_NAMES, allowed_hosts_for, header_timeout_protocol
+from .routes import AUTO_BUDGET, CoreInfo, LocalModel, build_api, check_limits, package_version, split_adapters_arg
+from .work import ModelRunner
 
-STATIC = Path(__file__).with_name("static")
-PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
-            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 LOOPBACK = set(LOOPBACK_NAMES)
-AUTO_BUDGET = 2**30  # pixel-points: 1024 x 1024 at 32 points per side, 2048 x 2048 at 16
-AUTO_BATCH_BYTES = 256 * 2**20  # memory for one batch of automatic-mask logits (points_per_batch follows)
 GRACEFUL_SHUTDOWN_S = 5
 
 
@@ -143,11 +102,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
         >>> health["status"], health["arch"], health["adapters"]
         ('ok', 'tiny', 0)
     """
-    if int(auto_budget) < 1:
-        raise ValueError(f"auto_budget={auto_budget!r} must be a positive number of pixel-points, "
-                         f"such as {AUTO_BUDGET}")
-    if body_timeout is not None and not body_timeout > 0:
-        raise ValueError(f"body_timeout={body_timeout!r} must be a positive number of seconds (or None)")
+    check_limits(request_timeout, max_queue, auto_budget, body_timeout)
     bank = AdapterBank(sam, adapters_dir, capacity=capacity, cache_size=max(32, 4 * image_cache),
                        catalogue=catalogue, allow_base_mismatch=allow_base_mismatch, precision=precision)
     images = ImageStore(image_cache)
@@ -156,245 +111,20 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
     batcher = EmbedBatcher(bank.predict_batch, lambda item: bank.predict(**item), max_batch=max_batch,
                            max_wait_s=max_wait_ms / 1000.0, max_adapters=capacity) if int(max_batch) > 1 else None
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
-    fingerprint = str(sam.fingerprint)  # the core is frozen: hash its weights once, not per request
-    pinned = set(attached(sam))  # the bank serves these besides the folder's files
-    resident = {"names": bank.resident()}  # as of the last model call: health never takes the model's lock
-    limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
-                    auto_budget=int(auto_budget), request_timeout_s=runner.timeout, max_queue=runner.max_queue,
-                    body_timeout_s=body_timeout)
-    app = FastAPI(title="samadapt serve", version=_version(), docs_url=None, redoc_url=None,  # offline_docs
-                  description="Segment Anything with swappable domain adapters: one frozen core, many small adapter "
-                              "files. Upload an image, then ask for masks from points and boxes under any adapter. "
-                              f"Model requests run one at a time: at most {runner.max_queue} wait (503 with "
-                              f"Retry-After beyond), each within {runner.timeout:g} s (504 after). /api/auto may ask "
-                              f"for at most {int(auto_budget):,} pixel-points (width x height x points_per_side^2); "
-                              "more is refused with 422. Requests must name this server in Host (421 otherwise); "
-                              "writes from pages of other origins get 403.")
+    # the core is frozen: hash its weights once, not per request
+    core = CoreInfo(arch=str(sam.arch), image_size=int(sam.image_size), fingerprint=str(sam.fingerprint),
+                    encoder=dataclasses.asdict(bank.route))
+    app = build_api(core, LocalModel(bank, runner, batcher), bank, images, hosts,
+                    pinned=attached(sam),  # the bank serves these besides the folder's files
+                    max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_json_bytes=max_json_bytes,
+                    request_timeout=runner.timeout, max_queue=runner.max_queue, auto_budget=auto_budget,
+                    body_timeout=body_timeout, version=package_version())
     app.state.bank, app.state.images, app.state.runner = bank, images, runner
     app.state.batcher = batcher
-    add_offline_docs(app)  # /docs and /redoc with local assets: they work offline
-    app.add_middleware(
-        BodyLimit, limit_for=lambda path: max_upload_bytes + 2**20 if path == "/api/images" else max_json_bytes,
-        body_timeout=body_timeout,
-    )
-    app.add_middleware(HostGuard, allowed_hosts=hosts)  # outermost: a forged Host reaches nothing
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-        ]
-        parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
-        return JSONResponse(
-            status_code=422,
-            content=jsonable_encoder({"detail": "invalid request: " + "; ".join(parts), "errors": errors}),
-        )
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}: {exc})"})
-
-    def file_entry(path: Path) -> Dict[str, Any]:
-        try:
-            return inspect_adapter(path)
-        except Exception as e:  # noqa: BLE001 -- AdapterFormatError, or whatever else one odd file raises
-            return {"error": f"{type(e).__name__}: {_first_line(e)}" if not isinstance(e, AdapterError)
-                    else _first_line(e)}
-
-    def catalogue() -> Dict[str, Dict[str, Any]]:
-        """`bank.available()`, or, when one file breaks the library's listing, the same listing made
-        file by file with that file's error as its entry.
-        """
-        try:
-            return bank.available()
-        except Exception:  # noqa: BLE001 -- one bad file must not take the listing down for every client
-            out: Dict[str, Dict[str, Any]] = {n: {"source": "attached"} for n in sorted(pinned)}
-            for name, path in bank.files().items():
-                if name not in out:
-                    out[name] = file_entry(path)
-            return out
-
-    app.state.catalogue = catalogue
-
-    def check_adapter(name: Optional[str]) -> Optional[str]:
-        """400 for a name that could not come from the listing, 404 for one not in it now, 409 for a
-        file the listing calls unreadable (before any model work).
-        """
-        if name is None:
-            return None
-        if not is_valid_name(name):
-            shown = name if len(name) <= 80 else name[:80] + "..."
-            raise ApiError(400, f"adapter name {shown!r} is not valid (letters, digits, _ and -, starting with a "
-                                f"letter); use a name from GET /api/adapters or null for the plain core")
-        path = bank.path_of(name)
-        if name in pinned:
-            return name
-        if path is None or not path.is_file():
-            names = sorted(catalogue())
-            raise ApiError(
-                404, f"no adapter named {name!r}; available: {names[:20]}{' ...' if len(names) > 20 else ''}"
-            )
-        info = adapter_info(name, file_entry(path), fingerprint)
-        if info.error:
-            raise ApiError(409, f"adapter {name!r} cannot be used with this core: {info.error}")
-        return name
-
-    def thin_image(image: np.ndarray) -> Optional[str]:
-        """Why the core cannot take `image` (a side that rounds to 0 px at the model size), or None."""
-        from samadapt.sam_core.transforms import ResizeLongestSide
-
-        h, w = image.shape[:2]
-        rh, rw = ResizeLongestSide.get_preprocess_shape(h, w, int(sam.image_size))
-        if min(rh, rw) >= 1:
-            return None
-        return (f"the image is {w}x{h} px: resized to the model's {int(sam.image_size)} px its short side is "
-                f"{min(rh, rw)} px; upload an image whose short side is at least "
-                f"{math.ceil(max(h, w) / (2 * int(sam.image_size)))} px")
-
-    def model_call(name: Optional[str], image: np.ndarray, fn: Callable[[], Any]) -> Any:
-        """Run `fn` (a bank call) in the runner's worker; its failures become the client's 4xx where
-        they are the request's fault.
-        """
-        try:
-            return fn()
-        except (Cancelled, ApiError):
-            raise
-        except (IncompatibleAdapterError, AdapterFormatError) as e:
-            raise ApiError(409, f"adapter {name!r} cannot be used with this core: {_first_line(e)}") from None
-        except AdapterError as e:
-            raise ApiError(404 if "no adapter named" in str(e) else 400, _first_line(e)) from None
-        except Exception as e:  # noqa: BLE001 -- sorted below: the request's fault -> 4xx, ours -> 500
-            thin = thin_image(image)
-            if thin:
-                raise ApiError(422, thin) from None
-            if name is not None and name not in bank.resident():  # the file did not load
-                raise ApiError(409, f"adapter {name!r} cannot be used with this core: the file did not load "
-                                    f"({type(e).__name__}: {_first_line(e)})") from None
-            raise
-        finally:
-            resident["names"] = bank.resident()  # the gate is ours: the bank's lock is free
-
-    def json_response(model: Any) -> Response:
-        # serialised in the worker thread: a large answer never stalls the event loop (health stays instant)
-        return Response(model.model_dump_json().encode(), media_type="application/json")
-
-    # ------------------------------------------------------------------ routes
-    @app.get("/", include_in_schema=False)
-    def page() -> HTMLResponse:
-        html = (STATIC / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                           "Cache-Control": "no-cache"})
-
-    @app.get("/api/health", response_model=Health, responses=READ_ERRORS,
-             summary="Server status: core, resident adapters, limits, model work",
-             description="Never waits on the model: it answers at once while a heavy request runs.")
-    def health() -> Health:
-        return Health(arch=str(sam.arch), image_size=int(sam.image_size), fingerprint=fingerprint,
-                      adapters=len(catalogue()), resident=list(resident["names"]), images=len(images),
-                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, limits=limits,
-                      work=WorkState(**runner.state()), encoder=EncoderRoute(**dataclasses.asdict(bank.route)))
-
-    @app.get("/api/adapters", response_model=AdapterList, responses=READ_ERRORS,
-             summary="Adapters in the folder now, with their metadata",
-             description="The folder is re-listed on every call: a file dropped in appears, a removed one disappears. "
-                         "A file that cannot be read is listed with compatible false and its error. Never waits on "
-                         "the model.")
-    def list_adapters() -> AdapterList:
-        return AdapterList(core=f"{sam.arch}@{sam.image_size} {fingerprint}",
-                           adapters=[adapter_info(n, m, fingerprint) for n, m in catalogue().items()])
-
-    @app.post("/api/images", response_model=ImageInfo, responses=ERRORS, summary="Upload an image; returns its id",
-              description="Any format and mode PIL reads; converted to RGB (EXIF orientation applied). The id is a "
-                          "hash of the pixels; the most recent images are kept.")
-    def upload_image(file: UploadFile = File(..., description="the image file")) -> ImageInfo:
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise ApiError(413, f"the file is over the upload limit of {max_upload_bytes:,} bytes")
-        rgb, mode, fmt = decode_image(data, max_pixels)
-        return ImageInfo(image_id=images.add(rgb), width=rgb.shape[1], height=rgb.shape[0], mode=mode, format=fmt)
-
-    @app.post("/api/segment", response_model=SegmentResponse, responses=ERRORS,
-              summary="Masks from point and box prompts under an adapter",
-              description="points [[x, y, label], ...] and box [x0, y0, x1, y1] are in image pixels; with neither, "
-                          "the model's promptless masks. adapter null: the plain frozen core.")
-    async def segment(req: SegmentRequest, request: Request) -> SegmentResponse:
-        t0 = time.perf_counter()
-        image = images.get(req.image_id)
-        name = check_adapter(req.adapter)
-        h, w = image.shape[:2]
-        prompts = check_prompts(req, w, h)
-
-        def work(model: Optional[Callable[[], Any]] = None) -> Response:
-            masks, scores, _ = model_call(
-                name, image, model or (lambda: bank.predict(image, adapter=name, image_id=req.image_id, **prompts)))
-            encoded = [mask_png(m) for m in masks] if req.format == "png" else masks_rle(masks)
-            return json_response(SegmentResponse(
-                masks=encoded, scores=[finite(s) for s in scores], best=int(np.argmax(scores)), width=w, height=h,
-                adapter=name, elapsed_ms=1000 * (time.perf_counter() - t0)))
-
-        if batcher is not None and not bank.has_embedding(image, name, image_id=req.image_id):
-            item = dict(prompts, image=image, adapter=name, image_id=req.image_id)
-            return await runner.run(work, request.receive, "the segment request", batch=(batcher, item))
-        return await runner.run(work, request.receive, "the segment request")  # cached: decode at once
-
-    @app.post("/api/auto", response_model=AutoResponse, responses=ERRORS,
-              summary="Masks for everything in the image (a grid of point prompts)",
-              description="Runs the automatic mask generator on the cached embedding; masks as RLE with bbox "
-                          "[x, y, w, h], area and predicted IoU, highest score first. The work asked for, width x "
-                          f"height x points_per_side^2, may be at most {int(auto_budget):,} pixel-points (422 "
-                          "above, naming the largest points_per_side that fits).")
-    async def auto(req: AutoRequest, request: Request) -> AutoResponse:
-        t0 = time.perf_counter()
-        image = images.get(req.image_id)
-        h, w = image.shape[:2]
-        cost = h * w * req.points_per_side ** 2
-        if cost > auto_budget:
-            fits = math.isqrt(int(auto_budget) // (h * w))
-            hint = (f"use points_per_side <= {fits} for this image, or a smaller image" if fits >= 1
-                    else "this image is too large for automatic masks here; upload a smaller one")
-            raise ApiError(422, f"automatic masks for this {w}x{h} image at points_per_side={req.points_per_side} "
-                                f"are {cost:,} pixel-points of work, over the server's budget of "
-                                f"{int(auto_budget):,} (--auto-budget); {hint}")
-        name = check_adapter(req.adapter)
-        # bound the memory of one batch of candidate logits: 3 per point, each upscaled to the image
-        per_point = 12 * (h * w + int(sam.image_size) ** 2)
-        batch = int(min(64, max(1, AUTO_BATCH_BYTES // per_point)))
-
-        def work() -> Response:
-            found = model_call(name, image, lambda: bank.generate(
-                image, adapter=name, image_id=req.image_id, points_per_side=req.points_per_side,
-                points_per_batch=batch, pred_iou_thresh=req.pred_iou_thresh,
-                stability_score_thresh=req.stability_score_thresh, box_nms_thresh=req.box_nms_thresh,
-                output_mode=req.output_mode))
-            found.sort(key=lambda m: -m["predicted_iou"])
-            masks = [AutoMask(segmentation=m["segmentation"], bbox=[float(v) for v in m["bbox"]],
-                              area=int(m["area"]), predicted_iou=finite(m["predicted_iou"]),
-                              stability_score=finite(m["stability_score"]),
-                              point_coords=[[float(v) for v in p] for p in m["point_coords"]],
-                              crop_box=[int(v) for v in m["crop_box"]]) for m in found[:req.max_masks]]
-            return json_response(AutoResponse(masks=masks, width=w, height=h, adapter=name,
-                                              elapsed_ms=1000 * (time.perf_counter() - t0)))
-
-        return await runner.run(work, request.receive, "the automatic-mask request")
-
     return app
 
 
 # ----------------------------------------------------------------------------- running it
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("samadapt")
-    except Exception:  # noqa: BLE001
-        return "0+unknown"
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on `(host, port)`; port 0 picks a free one.
 
@@ -547,12 +277,80 @@ def _positive(flag: str, value: Any, example: str, allow_zero: bool = False) -> 
     return number
 
 
+def serve_settings(args, host: str) -> Dict[str, Any]:
+    """The `samadapt serve` flags both engines take, checked: the keyword arguments of `create_app`
+    (and `ray_app.build_app`) apart from the core and the adapters.
+
+    Args:
+        args: the parsed CLI arguments.
+        host: the address the server binds (its names are always allowed in Host).
+
+    Returns:
+        `capacity`, `allowed_hosts`, `request_timeout`, `max_queue`, `auto_budget`, `body_timeout`,
+        `allow_base_mismatch`, `max_batch`, `max_wait_ms`, `precision` (resolved: `$SAMADAPT_PRECISION`
+        read here, so every model replica gets the same choice).
+
+    Raises:
+        UserError: a flag out of range.
+
+    Example:
+        >>> import argparse
+        >>> serve_settings(argparse.Namespace(max_queue=3), "127.0.0.1")["max_queue"]
+        3
+    """
+    from samadapt.sam_core.fast import resolve_precision
+
+    from ..errors import UserError
+
+    request_timeout = _positive("--request-timeout", getattr(args, "request_timeout", 60.0), "60")
+    body_timeout = _positive("--body-timeout", getattr(args, "body_timeout", 30.0), "30")
+    max_queue = _positive("--max-queue", getattr(args, "max_queue", 8), "8", allow_zero=True)
+    auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
+    if max_queue != int(max_queue) or auto_budget != int(auto_budget):
+        raise UserError("--max-queue and --auto-budget take whole numbers")
+    max_batch = _positive("--max-batch", getattr(args, "max_batch", 8), "8")
+    max_wait_ms = _positive("--max-wait-ms", getattr(args, "max_wait_ms", 5.0), "5", allow_zero=True)
+    if max_batch != int(max_batch):
+        raise UserError(f"--max-batch {getattr(args, 'max_batch', 8)} must be a whole number, such as 8 "
+                        f"(1: no batching)")
+    try:
+        hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
+        precision = resolve_precision(getattr(args, "precision", None))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return dict(capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts, request_timeout=request_timeout,
+                max_queue=int(max_queue), auto_budget=int(auto_budget), body_timeout=body_timeout,
+                allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)), max_batch=int(max_batch),
+                max_wait_ms=max_wait_ms, precision=precision)
+
+
+def adapters_arg(value: Any):
+    """`--adapters` as (folder, None) or (None, catalogue file).
+
+    Raises:
+        UserError: it is neither a folder nor a .yaml/.json catalogue.
+
+    Example:
+        >>> import tempfile
+        >>> adapters_arg(tempfile.mkdtemp())[1] is None
+        True
+    """
+    from ..errors import UserError
+
+    directory, catalogue = split_adapters_arg(value)
+    if directory is None and catalogue is None:
+        raise UserError(f"adapter folder {value} does not exist; create it or pass another --adapters "
+                        f"(a folder, or a .yaml/.json catalogue)")
+    return directory, catalogue
+
+
 def run_server(args) -> int:
     """The `samadapt serve` command: load the core, bind (127.0.0.1 unless `--host`), print the URL, serve.
 
     Args:
         args: the parsed CLI arguments (`adapters`, `base`, `capacity`, `host`, `port`, `allowed_host`,
-            `request_timeout`, `max_queue`, `auto_budget`, `header_timeout`, `body_timeout`, `log_level`).
+            `request_timeout`, `max_queue`, `auto_budget`, `header_timeout`, `body_timeout`, `log_level`,
+            `engine`, `replicas`, `address`, `max_batch`, `max_wait_ms`, `precision`, `allow_base_mismatch`).
 
     Returns:
         0 when the server stops.
@@ -568,46 +366,15 @@ def run_server(args) -> int:
 
     host = getattr(args, "host", None) or "127.0.0.1"
     port = port_number(getattr(args, "port", 8000))
+    header_timeout = _positive("--header-timeout", getattr(args, "header_timeout", 10.0), "10")
+    settings = serve_settings(args, host)
+    directory, catalogue = adapters_arg(args.adapters)
     if getattr(args, "engine", "single") == "ray":  # the same API on Ray Serve, N model replicas
         from .ray_app import run_ray_server
 
-        return run_ray_server(args, host, port)
-    request_timeout = _positive("--request-timeout", getattr(args, "request_timeout", 60.0), "60")
-    header_timeout = _positive("--header-timeout", getattr(args, "header_timeout", 10.0), "10")
-    body_timeout = _positive("--body-timeout", getattr(args, "body_timeout", 30.0), "30")
-    max_queue = _positive("--max-queue", getattr(args, "max_queue", 8), "8", allow_zero=True)
-    auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
-    if max_queue != int(max_queue) or auto_budget != int(auto_budget):
-        raise UserError("--max-queue and --auto-budget take whole numbers")
-    max_batch = _positive("--max-batch", getattr(args, "max_batch", 8), "8")
-    max_wait_ms = _positive("--max-wait-ms", getattr(args, "max_wait_ms", 5.0), "5", allow_zero=True)
-    if max_batch != int(max_batch):
-        raise UserError(f"--max-batch {getattr(args, 'max_batch', 8)} must be a whole number, such as 8 "
-                        f"(1: no batching)")
-    max_batch = int(max_batch)
-    try:
-        hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    directory: Optional[Path] = Path(args.adapters)
-    catalogue = None
-    if directory.is_file() and directory.suffix.lower() in (".yaml", ".yml", ".json"):
-        directory, catalogue = None, Path(args.adapters)  # a catalogue: name -> path, URL or hf:// source
-    elif not directory.is_dir():
-        raise UserError(f"adapter folder {directory} does not exist; create it or pass another --adapters "
-                        f"(a folder, or a .yaml/.json catalogue)")
-    from samadapt.sam_core.fast import resolve_precision
-
-    try:
-        precision = resolve_precision(getattr(args, "precision", None))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        return run_ray_server(args, host, port, directory, catalogue, settings)
     sam = load_base(getattr(args, "base", None))
-    app = create_app(sam, directory, capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts,
-                     request_timeout=request_timeout, max_queue=int(max_queue), auto_budget=int(auto_budget),
-                     body_timeout=body_timeout, catalogue=catalogue,
-                     allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)),
-                     max_batch=max_batch, max_wait_ms=max_wait_ms, precision=precision)
+    app = create_app(sam, directory, catalogue=catalogue, **settings)
     try:
         sock = bind_socket(host, port)
     except OSError as e:
@@ -620,7 +387,8 @@ def run_server(args) -> int:
     print(f"samadapt serve: encoder {app.state.bank.route.describe()}", flush=True)
     if host not in LOOPBACK:
         print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server; "
-              f"it answers to Host {', '.join(sorted(hosts))} (add names with --allowed-host)", flush=True)
+              f"it answers to Host {', '.join(sorted(settings['allowed_hosts']))} (add names with --allowed-host)",
+              flush=True)
     server = uvicorn_server(app, log_level=getattr(args, "log_level", "info"), header_timeout=header_timeout)
     server.run(sockets=[sock])
     app.state.runner.cancel_all("shutdown", close=True)
