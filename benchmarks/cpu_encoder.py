@@ -20,9 +20,10 @@ Three parts, each its own subcommand (run them one at a time; each prints a tabl
              vit_b weights; images/minute, alternating rounds.
   threads    the tiny core's demo training (the demo recipe's adapters on the pretrained tiny core,
              batch 8 at 256 px, AdamW, random batches) in child processes: quiet and beside one
-             competing busy process (a Python loop), before (OpenMP's default wait policy) and after
-             the thread change (`recipes.threads.configure_openmp`, what the CLI does at start);
-             steps/s, slowdown = quiet / busy. Configurations alternate within each round.
+             competing busy process (a Python loop), under four wait policies: OpenMP's default,
+             passive, what the CLI sets at start (`recipes.threads.configure_openmp`) and active;
+             steps/s, slowdown = quiet / busy, and each against the best policy for that load.
+             Configurations alternate within each round.
 
 Threads: `--threads` (default 2) for set_image and predict. The machine may be shared: compare
 ratios (both sides run in the same process, alternating), not absolute times.
@@ -204,7 +205,7 @@ def cmd_predict(args) -> dict:
 
 CHILD = r"""
 import sys, time
-if sys.argv[2] == "after":
+if sys.argv[2] == "cli":
     from samadapt.recipes.threads import configure_openmp
     configure_openmp()
 import torch
@@ -231,10 +232,20 @@ print(n / (time.perf_counter() - t))
 """
 
 
+POLICIES = {  # name -> (extra environment, label)
+    "default": ({}, "OpenMP's default (before any change)"),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE (the CLI's first change)"),
+    "cli": ({}, "the CLI now (recipes.threads.SETTINGS)"),
+    "active": ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+}
+
+
 def cmd_threads(args) -> dict:
+    from samadapt.recipes.threads import SETTINGS
+
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
                                                              "OMP_NUM_THREADS")}
-    configs = [(policy, load) for policy in ("before", "after") for load in ("quiet", "busy")]
+    configs = [(policy, load) for policy in POLICIES for load in ("quiet", "busy")]
     rates = {f"{p}/{ld}": [] for p, ld in configs}
     for r in range(args.rounds):
         for policy, load in configs:
@@ -243,8 +254,8 @@ def cmd_threads(args) -> dict:
                 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 time.sleep(0.5)
             try:
-                res = subprocess.run([sys.executable, "-c", CHILD, str(args.steps), policy], cwd=ROOT, env=env,
-                                     capture_output=True, text=True, timeout=1800)
+                res = subprocess.run([sys.executable, "-c", CHILD, str(args.steps), policy], cwd=ROOT,
+                                     env={**env, **POLICIES[policy][0]}, capture_output=True, text=True, timeout=1800)
             finally:
                 if busy is not None:
                     busy.kill()
@@ -254,13 +265,17 @@ def cmd_threads(args) -> dict:
             rates[f"{policy}/{load}"].append(float(res.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {policy} {load}: {rates[f'{policy}/{load}'][-1]:.2f} steps/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    rows = [["threads", "quiet steps/s", "busy steps/s", "slowdown (quiet / busy)"]]
-    for policy, label in (("before", "before: OpenMP default"), ("after", "after: OMP_WAIT_POLICY=PASSIVE (the CLI)")):
+    best = {ld: max(med[f"{p}/{ld}"] for p in POLICIES) for ld in ("quiet", "busy")}
+    rows = [["wait policy", "quiet steps/s", "busy steps/s", "slowdown (quiet / busy)", "quiet / best quiet",
+             "busy / best busy"]]
+    for policy, (_, label) in POLICIES.items():
         q, b = med[f"{policy}/quiet"], med[f"{policy}/busy"]
-        rows.append([label, f"{q:.2f}", f"{b:.2f}", f"{q / b:.1f}x"])
+        rows.append([label, f"{q:.2f}", f"{b:.2f}", f"{q / b:.1f}x", f"{q / best['quiet']:.2f}",
+                     f"{b / best['busy']:.2f}"])
     print(table(rows))
-    return {"steps": args.steps, "rates_steps_per_s": rates, "median": med,
-            "slowdown": {p: med[f"{p}/quiet"] / med[f"{p}/busy"] for p in ("before", "after")}}
+    print("the CLI's settings: " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()))
+    return {"steps": args.steps, "settings": SETTINGS, "rates_steps_per_s": rates, "median": med,
+            "slowdown": {p: med[f"{p}/quiet"] / med[f"{p}/busy"] for p in POLICIES}}
 
 
 def main() -> None:

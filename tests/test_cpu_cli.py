@@ -120,21 +120,24 @@ def _omp_report(argv, extra):
     env.update(OMP_DISPLAY_ENV="VERBOSE", **extra)
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     if "OPENMP DISPLAY ENVIRONMENT" not in r.stderr:
+        if "libgomp" in " ".join(p.name for p in (Path(torch.__file__).parent / "lib").iterdir()):
+            raise AssertionError(f"torch ships GNU OpenMP, yet {argv} printed no OpenMP report (did it load torch?)")
         pytest.skip("this torch's OpenMP runtime does not report its settings (not GNU OpenMP)")
     return r
 
 
-# `inspect` of a missing file imports the adapters (and torch) and exits 2: the cheapest torch-loading command
-INSPECT = ["-m", "samadapt.recipes.cli", "inspect", "no/such.safetensors"]
+# `predict` of a missing image loads torch and exits 2 before writing anything: the cheapest torch-loading
+# command (`inspect` no longer loads torch)
+PREDICT_MISSING = ["-m", "samadapt.recipes.cli", "predict", "no/such.png", "--out", "no/such/out"]
 
 
-def test_cli_starts_with_a_passive_wait_policy_unless_the_user_chose_one():
-    r = _omp_report(INSPECT, {})
+def test_cli_starts_with_a_short_spin_unless_the_user_chose_a_wait_policy():
+    r = _omp_report(PREDICT_MISSING, {})
     assert r.returncode == 2 and "error:" in r.stderr
-    assert "GOMP_SPINCOUNT = '0'" in r.stderr, r.stderr[-1500:]  # idle threads sleep at once
+    assert "GOMP_SPINCOUNT = '3000'" in r.stderr, r.stderr[-1500:]  # a short spin, then sleep
     # the user's choice is kept
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _omp_report(INSPECT, {"OMP_WAIT_POLICY": "ACTIVE"}).stderr
-    assert "GOMP_SPINCOUNT = '5000'" in _omp_report(INSPECT, {"GOMP_SPINCOUNT": "5000"}).stderr
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _omp_report(PREDICT_MISSING, {"OMP_WAIT_POLICY": "ACTIVE"}).stderr
+    assert "GOMP_SPINCOUNT = '5000'" in _omp_report(PREDICT_MISSING, {"GOMP_SPINCOUNT": "5000"}).stderr
     # torch imported without the CLI spins first (the runtime's default): the CLI made the change
     plain = _omp_report(["-c", "import torch"], {}).stderr
-    assert "GOMP_SPINCOUNT = '0'" not in plain and "GOMP_SPINCOUNT" in plain, plain[-1500:]
+    assert "GOMP_SPINCOUNT = '3000'" not in plain and "GOMP_SPINCOUNT" in plain, plain[-1500:]
