@@ -14,10 +14,11 @@ Three parts, each its own subcommand (run them one at a time; each prints a tabl
              Mask agreement of ours (both routes) with the anchor on the same weights: the share of
              pixels equal, for points, a box and box+points, multimask and single.
   predict    a folder of N (default 32) 768 x 1024 PNG images, one box each: `samadapt predict`
-             (in this process, through the CLI's `main`: read-ahead, batched encoder, decoding on a
-             thread beside encoding, PNG writing on writer threads) vs a loop over
-             segment_anything's SamPredictor (read, set_image, predict, write the PNG), on the same
-             vit_b weights; images/minute, alternating rounds.
+             (in this process, through the CLI's `main`: read-ahead, the encoder at its default
+             batch -- 1 on a CPU -- and at `--ours-batch` sizes, decoding on a thread beside encoding,
+             PNG writing on writer threads) vs a loop over segment_anything's SamPredictor (read,
+             set_image, predict, write the PNG), on the same vit_b weights; images/minute,
+             alternating rounds.
   threads    the tiny core's demo training (the demo recipe's adapters on the pretrained tiny core,
              batch 8 at 256 px, AdamW, random batches) in child processes: quiet and beside one
              competing busy process (a Python loop), under four wait policies: OpenMP's default,
@@ -29,7 +30,7 @@ Threads: `--threads` (default 2) for set_image and predict. The machine may be s
 ratios (both sides run in the same process, alternating), not absolute times.
 
     python benchmarks/cpu_encoder.py set_image [--rounds 3] [--json out.json]
-    python benchmarks/cpu_encoder.py predict [--images 32] [--rounds 1] [--json out.json]
+    python benchmarks/cpu_encoder.py predict [--images 32] [--rounds 1] [--ours-batch 8] [--json out.json]
     python benchmarks/cpu_encoder.py threads [--steps 10] [--rounds 2] [--json out.json]
 """
 import argparse
@@ -160,9 +161,9 @@ def cmd_predict(args) -> dict:
     box = "120,90,640,560"
     meta = MetaPredictor(ref)
 
-    def ours(out: Path) -> None:
+    def ours(out: Path, extra=()) -> None:
         code = cli_main(["predict", str(folder), "--base", str(ckpt), "--out", str(out), "--box", box,
-                         "--no-overlay"])
+                         "--no-overlay", *extra])
         assert code == 0, code
 
     def anchor(out: Path) -> None:
@@ -174,11 +175,15 @@ def cmd_predict(args) -> dict:
             Image.fromarray(m.astype(np.uint8) * 255).save(out / p.name)
 
     n_anchor = args.anchor_images or args.images
-    count = {"ours": args.images, "anchor": n_anchor}
-    times = {"ours": [], "anchor": []}
+    variants = [("ours", ours)] + [(f"ours_batch{b}", lambda out, b=b: ours(out, ("--batch-size", str(b))))
+                                   for b in args.ours_batch]
+    variants.append(("anchor", anchor))
+    count = {k: args.images for k, _ in variants}
+    count["anchor"] = n_anchor
+    times = {k: [] for k, _ in variants}
     outs = {}
     for r in range(args.rounds):
-        for k, fn in (("ours", ours), ("anchor", anchor)):
+        for k, fn in variants:
             out = work / f"out_{k}_{r}"
             t = time.perf_counter()
             fn(out)
@@ -191,10 +196,11 @@ def cmd_predict(args) -> dict:
              for p in sorted(outs["anchor"].glob("*.png"))]
     med = {k: statistics.median(v) for k, v in times.items()}
     ipm = {k: count[k] * 60 / v for k, v in med.items()}
-    rows = [["path", "images", "median s", "images/min", "ratio (images/min)"],
-            ["ours (samadapt predict)", str(count["ours"]), f"{med['ours']:.1f}", f"{ipm['ours']:.1f}",
-             f"{ipm['ours'] / ipm['anchor']:.2f}"],
-            ["anchor (loop over SamPredictor)", str(n_anchor), f"{med['anchor']:.1f}", f"{ipm['anchor']:.1f}", "1.00"]]
+    label = {"ours": "ours (samadapt predict, its default batch)", "anchor": "anchor (loop over SamPredictor)"}
+    rows = [["path", "images", "median s", "images/min", "ratio (images/min)"]]
+    for k, _ in variants:
+        rows.append([label.get(k, f"ours, --batch-size {k[len('ours_batch'):]}"), str(count[k]), f"{med[k]:.1f}",
+                     f"{ipm[k]:.1f}", f"{ipm[k] / ipm['anchor']:.2f}"])
     print(table(rows))
     print(f"mask agreement with the anchor over {len(agree)} images: min {min(agree) * 100:.2f} %, "
           f"mean {statistics.mean(agree) * 100:.2f} %")
@@ -292,6 +298,8 @@ def main() -> None:
                                           help="rounds that include transformers (its call is the slowest)")
     sub.choices["predict"].add_argument("--rounds", type=int, default=1)
     sub.choices["predict"].add_argument("--images", type=int, default=32)
+    sub.choices["predict"].add_argument("--ours-batch", type=int, nargs="*", default=[8], metavar="N",
+                                        help="also time samadapt predict with --batch-size N (default: 8)")
     sub.choices["predict"].add_argument("--anchor-images", type=int, default=0,
                                         help="the anchor's loop over the first N only (default: all)")
     sub.choices["threads"].add_argument("--rounds", type=int, default=2)

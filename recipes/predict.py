@@ -31,8 +31,11 @@ Outputs (in `--out`, each written atomically: temporary name, then `os.replace`)
   naming the threshold to lower.
 
 Images are streamed: files are read a batch ahead in a background thread, each batch of
-`--batch-size` images is encoded in one `sam.encode_image` call, decoded per image and
-written, so memory stays bounded whatever the number of images.
+`--batch-size` images is encoded in one `sam.encode_image` call, decoded per image on a thread
+while the next batch is encoded, and written on writer threads, so memory stays bounded whatever
+the number of images. The default batch is 1 image on a CPU (there a batch of 8 vit_b images at
+1024 px took 1.3-1.4x as long per image as one at a time, bf16 and fp32 alike, so batching only adds
+latency) and 8 on a GPU (`encoder_batch_size`).
 
 Errors: a bad base, adapter, output folder, image path or prompt exits 2 before anything is
 written. An image that cannot be read (or fails later) is reported as `error: <file>: ...` on
@@ -467,7 +470,7 @@ class _Runner:
         )
         self.writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="samadapt-write")
         self.writes: deque = deque()  # (image index, future)
-        self.max_pending = max(4, 2 * int(args.batch_size))
+        self.max_pending = max(4, 2 * encoder_batch_size(args, sam))
 
     def error(self, i: int, e: BaseException) -> None:
         if i in self.failed:
@@ -543,6 +546,32 @@ def _prompt_arrays(ps: Optional[PromptSet]) -> Dict[str, Any]:
     return out
 
 
+CPU_BATCH, GPU_BATCH = 1, 8
+
+
+def encoder_batch_size(args: Any, sam: Any) -> int:
+    """Images per encoder call: `--batch-size` if given, else 1 on a CPU and 8 on other devices.
+
+    On a CPU a batch gains nothing: the 2-core machine of benchmarks/RESULTS.md encoded vit_b at
+    1024 px in 1.8-2.1 s per image one at a time and 2.6-2.7 s per image in batches of 8 (bf16;
+    fp32 5.9-6.0 against 6.6 s in batches of 4): the batch's activations outgrow the caches. On a
+    GPU a batch fills the device.
+
+    Example:
+        >>> import argparse
+        >>> from samadapt.sam_core import build_sam
+        >>> encoder_batch_size(argparse.Namespace(batch_size=None), build_sam("tiny"))
+        1
+        >>> encoder_batch_size(argparse.Namespace(batch_size=4), build_sam("tiny"))
+        4
+    """
+    given = getattr(args, "batch_size", None)
+    if given is not None:
+        return int(given)
+    device = sam.pixel_mean.device.type if hasattr(sam, "pixel_mean") else "cpu"
+    return CPU_BATCH if device == "cpu" else GPU_BATCH
+
+
 def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
     """Encode the images in batches of `--batch-size`; each batch's prompts are decoded (and its files
     written, on the writer threads) on a decode thread while the next batch is read and encoded.
@@ -556,7 +585,7 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
     encoder = SamPredictor(sam, precision=precision)
     decoder = SamPredictor(sam, precision=precision)  # its own current image: used by the decode thread only
     todo = sorted(jobs)
-    bs = int(args.batch_size)
+    bs = encoder_batch_size(args, sam)
     decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samadapt-decode")
     pending: List[Any] = []  # the previous batch's decode: at most one waits, so memory stays bounded
 
@@ -603,7 +632,7 @@ def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:
 
     try:
         batch: List[Tuple[int, np.ndarray]] = []
-        for k, got in _read_ahead([r.paths[i] for i in todo], window=bs, max_pixels=_max_pixels(args)):
+        for k, got in _read_ahead([r.paths[i] for i in todo], window=max(2, bs), max_pixels=_max_pixels(args)):
             i = todo[k]
             if isinstance(got, BaseException):
                 r.error(i, got)
@@ -807,7 +836,7 @@ def run_predict(args) -> int:
 
         return run_volume_predict(args)
     # 1. everything that can be checked cheaply: prompts, sizes, images
-    if int(args.batch_size) < 1:
+    if getattr(args, "batch_size", None) is not None and int(args.batch_size) < 1:
         raise PredictError(f"--batch-size {args.batch_size}: use 1 or more")
     if args.auto and not 1 <= int(args.points_per_side) <= MAX_POINTS_PER_SIDE:
         raise PredictError(f"--points-per-side {args.points_per_side}: use 1 to {MAX_POINTS_PER_SIDE} (e.g. 32; "

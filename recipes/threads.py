@@ -14,9 +14,9 @@ passive equivalent, not measured here), set before torch (and with it the OpenMP
 reads them once when it loads) is imported, unless the user has chosen a wait policy themselves
 (`OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` or `KMP_BLOCKTIME` set). The tiny core's demo training on the
 2-core machine of benchmarks/RESULTS.md (`cpu_encoder.py threads`, steps/s idle / beside one busy
-process): OpenMP's default 7.9 / 1.1, passive 5.3 / 3.9, 3000 spins 7.0 / 3.1 -- within 11 % of the
-best idle rate and 22 % of the best busy one, where each extreme loses a third or more on the other
-side.
+process): OpenMP's default 7.80 / 0.97, passive 5.08 / 3.98, active 7.96 / 2.55, 3000 spins
+6.79 / 3.22 -- 0.85 of the best idle rate and 0.81 of the best busy one, where passive and active
+each keep only 0.64 on their weak side.
 
 The knobs: `OMP_WAIT_POLICY=ACTIVE samadapt ...` (dedicated cores), `OMP_WAIT_POLICY=PASSIVE`
 (cores shared with other heavy work), `GOMP_SPINCOUNT=N` for anything between, and
