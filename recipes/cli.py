@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=None, metavar="N",
-                    help="images per encoder batch (default: 1 on a CPU, where batching was slower per image; 8 on a GPU)")
+                    help="images per encoder batch (default: 1 on a CPU, where batching was slower per image; "
+                         "8 on a GPU)")
     # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz
     # (recipes/predict_volume.py); --probs adds one probability volume per class, --batch-size is slices per forward
     pr.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,

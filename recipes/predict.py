@@ -33,9 +33,9 @@ Outputs (in `--out`, each written atomically: temporary name, then `os.replace`)
 Images are streamed: files are read a batch ahead in a background thread, each batch of
 `--batch-size` images is encoded in one `sam.encode_image` call, decoded per image on a thread
 while the next batch is encoded, and written on writer threads, so memory stays bounded whatever
-the number of images. The default batch is 1 image on a CPU (there a batch of 8 vit_b images at
-1024 px took 1.3-1.4x as long per image as one at a time, bf16 and fp32 alike, so batching only adds
-latency) and 8 on a GPU (`encoder_batch_size`).
+the number of images. The default batch is 1 image on a CPU (there vit_b at 1024 px took 1.3-1.5x
+as long per image in batches of 8 under bf16, 1.1x in batches of 4 under fp32, so batching only
+adds latency) and 8 on a GPU (`encoder_batch_size`).
 
 Errors: a bad base, adapter, output folder, image path or prompt exits 2 before anything is
 written. An image that cannot be read (or fails later) is reported as `error: <file>: ...` on
