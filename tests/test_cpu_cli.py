@@ -89,6 +89,22 @@ def test_predict_decodes_while_the_next_batch_encodes(folder, tmp_path, monkeypa
     assert len(list((tmp_path / "o").glob("*_overlay.png"))) == 5
 
 
+def test_predict_encodes_one_image_per_call_on_a_cpu_by_default(folder, tmp_path, monkeypatch):
+    """Without --batch-size a CPU run encodes each image alone (batches were slower per image there:
+    `predict.encoder_batch_size`); --batch-size still batches (the test above)."""
+    d, _ = folder
+    sam = build_sam("tiny").eval()
+    monkeypatch.setattr(recipe_model, "load_base", lambda base=None, image_size=None: sam)
+    sizes = []
+    hook = sam.image_encoder.patch_embed.register_forward_pre_hook(lambda m, a: sizes.append(int(a[0].shape[0])))
+    try:
+        assert main(["predict", str(d), "--out", str(tmp_path / "o"), "--point", "30,20", "--no-overlay"]) == 0
+    finally:
+        hook.remove()
+    assert sizes == [1] * 5, sizes
+    assert len(list((tmp_path / "o").glob("*.png"))) == 5
+
+
 def test_predict_bad_precision_setting_exits_2(folder, tmp_path, capsys, monkeypatch):
     d, _ = folder
     monkeypatch.setenv(cpu_route.ENV_PRECISION, "fp8")
