@@ -64,22 +64,31 @@ def part_mixed(rounds: int) -> bool:
             "plain core, batch 8": (plain, "mixed"), "plain core, 8 x batch 1": (plain, "single")}
     times = {m: [] for m in runs}
     answers = {}
+    route = AdapterBank(sam).route.describe()
     for _ in range(rounds):
         for label, (its, mode) in runs.items():
             bank = AdapterBank(sam)  # empty embedding cache: every image is encoded
             t0 = time.perf_counter()
             answers[label] = bank.predict_batch(its, mode=mode)
             times[label].append(time.perf_counter() - t0)
-    diff = max(float(np.abs(a[2] - b[2]).max()) for a, b in zip(answers["mixed"], answers["single"]))
+
+    def largest_difference(a, b):
+        return max(float(np.abs(x[2] - y[2]).max()) for x, y in zip(a, b))
+
+    diff = largest_difference(answers["mixed"], answers["single"])
+    # the equality the mixed pass promises is an fp32 one (a batched bf16 product rounds differently)
+    exact = AdapterBank(sam, precision="fp32").predict_batch(items, mode="mixed")
+    diff32 = largest_difference(exact, AdapterBank(sam, precision="fp32").predict_batch(items, mode="single"))
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"\n## mixed-adapter batch: vit_b dims, 512 px, batch 8 over 4 adapters, {torch.get_num_threads()} "
-          f"thread(s), {rounds} interleaved rounds (medians)")
+          f"thread(s), {rounds} interleaved rounds (medians); encoder: {route}")
     print("| run | encoder passes | median s | vs mixed |\n|---|---|---|---|")
     for m, passes in (("mixed", 1), ("grouped", 4), ("single", 8), ("plain core, batch 8", 1),
                       ("plain core, 8 x batch 1", 8)):
         print(f"| {m} | {passes} | {med[m]:.2f} | {med[m] / med['mixed']:.2f}x |")
-    print(f"largest difference of the mixed answers (low-res logits) from one by one: {diff:.2e}")
-    return diff <= 1e-3
+    print(f"largest difference of the mixed answers (low-res logits) from one by one: {diff:.2e} on the route "
+          f"above, {diff32:.2e} in fp32 (bound 1e-5)")
+    return diff32 <= 1e-5
 
 
 # ----------------------------------------------------------------------------- load helpers
