@@ -28,6 +28,39 @@ def image_key(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def listed_files(directory: Optional[Path], sources: Dict[str, Path]) -> Dict[str, Path]:
+    """Adapter name -> local file: the catalogue's `sources`, then `directory`'s `<name>.safetensors`
+    (listed now; a catalogue name shadows a file of the same name). The listing of `AdapterBank.files`,
+    also used where no bank exists (the Ray engine's ingress).
+
+    Example:
+        >>> import tempfile
+        >>> listed_files(Path(tempfile.mkdtemp()), {})
+        {}
+    """
+    out = dict(sources)
+    if directory is not None:
+        for p in sorted(Path(directory).glob("*.safetensors")):
+            if is_valid_name(p.stem) and p.stem not in out:
+                out[p.stem] = p
+    return out
+
+
+def listed_file(directory: Optional[Path], sources: Dict[str, Path], name: str) -> Optional[Path]:
+    """The local file adapter `name` loads from under `listed_files`' rules, or None.
+
+    Example:
+        >>> listed_file(None, {"cod": Path("cod.safetensors")}, "cod").name
+        'cod.safetensors'
+    """
+    if name in sources:
+        return sources[name]
+    if directory is not None and is_valid_name(name):
+        p = Path(directory) / f"{name}.safetensors"
+        return p if p.is_file() else None
+    return None
+
+
 class AdapterBank:
     """Many named adapters resident on one frozen SAM; requests name the adapter they want.
 
@@ -119,21 +152,11 @@ class AdapterBank:
         """The local file of every adapter the bank can load, by name: the catalogue's, then the
         directory's (listed now).
         """
-        out = dict(self.sources)
-        if self.directory is not None:
-            for p in sorted(self.directory.glob("*.safetensors")):
-                if is_valid_name(p.stem) and p.stem not in out:
-                    out[p.stem] = p
-        return out
+        return listed_files(self.directory, self.sources)
 
     def path_of(self, name: str) -> Optional[Path]:
         """The local file adapter `name` would load from (catalogue or directory), or None."""
-        if name in self.sources:
-            return self.sources[name]
-        if self.directory is not None and is_valid_name(name):
-            p = self.directory / f"{name}.safetensors"
-            return p if p.is_file() else None
-        return None
+        return listed_file(self.directory, self.sources, name)
 
     def _file(self, name: str) -> Path:
         if not is_valid_name(name):

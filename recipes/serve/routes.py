@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from samadapt.adapters import AdapterError, AdapterFormatError, IncompatibleAdapterError, is_valid_name
 from samadapt.adapters import inspect as inspect_adapter
+from samadapt.adapters.bank import listed_file, listed_files
 
 from .api import (
     ERRORS,
@@ -140,20 +141,10 @@ class FileListing:
         self.sources = dict(sources or {})
 
     def files(self) -> Dict[str, Path]:
-        out = dict(self.sources)
-        if self.directory is not None:
-            for p in sorted(self.directory.glob("*.safetensors")):
-                if is_valid_name(p.stem) and p.stem not in out:
-                    out[p.stem] = p
-        return out
+        return listed_files(self.directory, self.sources)
 
     def path_of(self, name: str) -> Optional[Path]:
-        if name in self.sources:
-            return self.sources[name]
-        if self.directory is not None and is_valid_name(name):
-            p = self.directory / f"{name}.safetensors"
-            return p if p.is_file() else None
-        return None
+        return listed_file(self.directory, self.sources, name)
 
     def available(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
