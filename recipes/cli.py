@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also write probability maps")
     pr.add_argument("--no-overlay", action="store_true", help="do not write overlays")
     pr.add_argument("--batch-size", type=int, default=None, metavar="N",
-                    help="images per encoder batch (default: 1 on a CPU, where batching was slower per image; "
-                         "8 on a GPU)")
+                    help="images per encoder batch (default 8; 1 on a CPU from 512 px, where batching was "
+                         "slower per image)")
     # volumes (NIfTI files, DICOM folders) with a multi-class adapter: DIR/<name>_seg.nii.gz
     # (recipes/predict_volume.py); --probs adds one probability volume per class, --batch-size is slices per forward
     pr.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", default=2, metavar="N", help="model replicas with --engine ray (default 2)")
     s.add_argument("--address", default=None,
                    help="Ray cluster to join with --engine ray (default: start a local Ray instance)")
-    s.add_argument("--max-batch", default=8, metavar="N",
+    s.add_argument("--max-batch", default=None, metavar="N",
                    help="concurrent requests needing an image embedding that are embedded together, in one "
-                        "encoder pass across adapters (1: no batching; default 8)")
+                        "encoder pass across adapters (1: no batching; default 8, 1 on a CPU from 512 px)")
     s.add_argument("--max-wait-ms", default=5.0, metavar="MS",
                    help="longest such a request waits for others to batch with (default 5)")
     s.add_argument("--auto-budget", default=2**30, metavar="PIXEL_POINTS",

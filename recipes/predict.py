@@ -33,9 +33,9 @@ Outputs (in `--out`, each written atomically: temporary name, then `os.replace`)
 Images are streamed: files are read a batch ahead in a background thread, each batch of
 `--batch-size` images is encoded in one `sam.encode_image` call, decoded per image on a thread
 while the next batch is encoded, and written on writer threads, so memory stays bounded whatever
-the number of images. The default batch is 1 image on a CPU (there vit_b at 1024 px took 1.3-1.5x
-as long per image in batches of 8 under bf16, 1.1x in batches of 4 under fp32, so batching only
-adds latency) and 8 on a GPU (`encoder_batch_size`).
+the number of images. The default batch is 8 images, but 1 on a CPU from 512 px (there vit_b at
+1024 px took 1.3-1.5x as long per image in batches of 8 under bf16, 1.1x in batches of 4 under
+fp32, so batching only added latency; `sam_core.fast.encoder_batch`).
 
 Errors: a bad base, adapter, output folder, image path or prompt exits 2 before anything is
 written. An image that cannot be read (or fails later) is reported as `error: <file>: ...` on
@@ -546,30 +546,22 @@ def _prompt_arrays(ps: Optional[PromptSet]) -> Dict[str, Any]:
     return out
 
 
-CPU_BATCH, GPU_BATCH = 1, 8
-
-
 def encoder_batch_size(args: Any, sam: Any) -> int:
-    """Images per encoder call: `--batch-size` if given, else 1 on a CPU and 8 on other devices.
-
-    On a CPU a batch gains nothing: the 2-core machine of benchmarks/RESULTS.md encoded vit_b at
-    1024 px in 1.8-2.1 s per image one at a time and 2.6-2.7 s per image in batches of 8 (bf16;
-    fp32 5.9-6.0 against 6.6 s in batches of 4): the batch's activations outgrow the caches. On a
-    GPU a batch fills the device.
+    """Images per encoder call: `--batch-size` if given, else `sam_core.fast.encoder_batch` (8; 1 on a
+    CPU from 512 px, where a batch took longer per image than one image at a time).
 
     Example:
         >>> import argparse
         >>> from samadapt.sam_core import build_sam
-        >>> encoder_batch_size(argparse.Namespace(batch_size=None), build_sam("tiny"))
+        >>> encoder_batch_size(argparse.Namespace(batch_size=None), build_sam("tiny", image_size=1024))
         1
         >>> encoder_batch_size(argparse.Namespace(batch_size=4), build_sam("tiny"))
         4
     """
+    from samadapt.sam_core.fast import encoder_batch
+
     given = getattr(args, "batch_size", None)
-    if given is not None:
-        return int(given)
-    device = sam.pixel_mean.device.type if hasattr(sam, "pixel_mean") else "cpu"
-    return CPU_BATCH if device == "cpu" else GPU_BATCH
+    return int(given) if given is not None else encoder_batch(sam)
 
 
 def _run_masks(r: _Runner, jobs: Dict[int, List[Optional[PromptSet]]]) -> None:

@@ -89,11 +89,14 @@ def test_predict_decodes_while_the_next_batch_encodes(folder, tmp_path, monkeypa
     assert len(list((tmp_path / "o").glob("*_overlay.png"))) == 5
 
 
-def test_predict_encodes_one_image_per_call_on_a_cpu_by_default(folder, tmp_path, monkeypatch):
-    """Without --batch-size a CPU run encodes each image alone (batches were slower per image there:
-    `predict.encoder_batch_size`); --batch-size still batches (the test above)."""
+@pytest.mark.parametrize("size, calls", [(256, [5]), (512, [1] * 5)])
+def test_predict_batches_small_inputs_and_encodes_large_ones_alone_on_a_cpu(folder, tmp_path, monkeypatch, size,
+                                                                           calls):
+    """Without --batch-size a CPU run batches the encoder below 512 px and encodes each image alone from
+    512 px (a batch was slower per image there: `sam_core.fast.encoder_batch`); --batch-size still
+    batches (the test above)."""
     d, _ = folder
-    sam = build_sam("tiny").eval()
+    sam = build_sam("tiny", image_size=size).eval()
     monkeypatch.setattr(recipe_model, "load_base", lambda base=None, image_size=None: sam)
     sizes = []
     hook = sam.image_encoder.patch_embed.register_forward_pre_hook(lambda m, a: sizes.append(int(a[0].shape[0])))
@@ -101,7 +104,7 @@ def test_predict_encodes_one_image_per_call_on_a_cpu_by_default(folder, tmp_path
         assert main(["predict", str(d), "--out", str(tmp_path / "o"), "--point", "30,20", "--no-overlay"]) == 0
     finally:
         hook.remove()
-    assert sizes == [1] * 5, sizes
+    assert sizes == calls, sizes
     assert len(list((tmp_path / "o").glob("*.png"))) == 5
 
 

@@ -160,3 +160,15 @@ def test_batching_and_engine_flags_are_checked(tmp_path, capsys, flags, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(message), err
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("size, want", [(256, 8), (512, None)])
+def test_default_batch_follows_the_core_on_a_cpu(tmp_path, size, want):
+    """Without max_batch the server batches below 512 px and not from 512 px on a CPU, where a batch
+    costs more per image than one image at a time (`sam_core.fast.encoder_batch`); a given value wins."""
+    from samadapt.sam_core import build_sam
+
+    sam = build_sam("tiny", image_size=size).eval()
+    batcher = create_app(sam, tmp_path).state.batcher
+    assert (batcher.max_batch if batcher is not None else None) == want
+    assert create_app(sam, tmp_path, max_batch=4).state.batcher.max_batch == 4

@@ -41,6 +41,7 @@ from fastapi import FastAPI
 from torch import nn
 
 from samadapt.adapters import AdapterBank, attached
+from samadapt.sam_core.fast import encoder_batch
 
 from ..limits import MAX_PIXELS
 from .api import ImageStore
@@ -58,7 +59,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
                max_json_bytes: int = 2**20, allowed_hosts: Optional[Iterable[str]] = None,
                request_timeout: float = 60.0, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
                body_timeout: Optional[float] = 30.0, catalogue: Optional[Union[str, os.PathLike, dict]] = None,
-               allow_base_mismatch: bool = False, max_batch: int = 8, max_wait_ms: float = 5.0,
+               allow_base_mismatch: bool = False, max_batch: Optional[int] = None, max_wait_ms: float = 5.0,
                precision: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving `sam` with the adapters in `adapters_dir`.
 
@@ -80,7 +81,9 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
             served besides (or, with `adapters_dir` None, instead of) the folder.
         allow_base_mismatch: serve adapters made for other base weights too.
         max_batch: most concurrent requests embedded together in one mixed-adapter encoder pass
-            (1: each request alone); requests on a cached embedding are never held back.
+            (1: each request alone; None: `sam_core.fast.encoder_batch`, 8 but 1 on a CPU from
+            512 px, where a batch costs more per image); requests on a cached embedding are never
+            held back.
         max_wait_ms: longest a request needing an embedding waits for others to batch with.
         precision: the image encoder's precision on a CPU: `auto`, `bf16` or `fp32` (None:
             `$SAMADAPT_PRECISION`, else `auto`); `/api/health` shows the route under `encoder`.
@@ -108,6 +111,7 @@ def create_app(sam: nn.Module, adapters_dir: Optional[Union[str, os.PathLike]], 
     images = ImageStore(image_cache)
     runner = ModelRunner(sam, timeout=request_timeout, max_queue=max_queue)
     # dynamic batching: concurrent embedding requests share one mixed-adapter encoder pass
+    max_batch = encoder_batch(sam) if max_batch is None else int(max_batch)
     batcher = EmbedBatcher(bank.predict_batch, lambda item: bank.predict(**item), max_batch=max_batch,
                            max_wait_s=max_wait_ms / 1000.0, max_adapters=capacity) if int(max_batch) > 1 else None
     hosts = set(allowed_hosts) if allowed_hosts is not None else allowed_hosts_for(None)
@@ -308,11 +312,14 @@ def serve_settings(args, host: str) -> Dict[str, Any]:
     auto_budget = _positive("--auto-budget", getattr(args, "auto_budget", AUTO_BUDGET), str(AUTO_BUDGET))
     if max_queue != int(max_queue) or auto_budget != int(auto_budget):
         raise UserError("--max-queue and --auto-budget take whole numbers")
-    max_batch = _positive("--max-batch", getattr(args, "max_batch", 8), "8")
+    max_batch = getattr(args, "max_batch", None)
+    if max_batch is not None:  # None: the core's own (sam_core.fast.encoder_batch)
+        max_batch = _positive("--max-batch", max_batch, "8")
+        if max_batch != int(max_batch):
+            raise UserError(f"--max-batch {args.max_batch} must be a whole number, such as 8 "
+                            f"(1: no batching)")
+        max_batch = int(max_batch)
     max_wait_ms = _positive("--max-wait-ms", getattr(args, "max_wait_ms", 5.0), "5", allow_zero=True)
-    if max_batch != int(max_batch):
-        raise UserError(f"--max-batch {getattr(args, 'max_batch', 8)} must be a whole number, such as 8 "
-                        f"(1: no batching)")
     try:
         hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
         precision = resolve_precision(getattr(args, "precision", None))
@@ -320,7 +327,7 @@ def serve_settings(args, host: str) -> Dict[str, Any]:
         raise UserError(str(e)) from None
     return dict(capacity=getattr(args, "capacity", 8) or 8, allowed_hosts=hosts, request_timeout=request_timeout,
                 max_queue=int(max_queue), auto_budget=int(auto_budget), body_timeout=body_timeout,
-                allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)), max_batch=int(max_batch),
+                allow_base_mismatch=bool(getattr(args, "allow_base_mismatch", False)), max_batch=max_batch,
                 max_wait_ms=max_wait_ms, precision=precision)
 
 
@@ -384,7 +391,15 @@ def run_server(args) -> int:
     n = len(app.state.catalogue())
     print(f"samadapt serve: {url}  (core {sam.arch}@{sam.image_size}, {n} adapter(s) in {directory or catalogue}; "
           f"API docs at {url}docs; Ctrl+C stops)", flush=True)
-    print(f"samadapt serve: encoder {app.state.bank.route.describe()}", flush=True)
+    batcher = app.state.batcher
+    if batcher is not None:
+        batching = f"requests needing an embedding batched up to {batcher.max_batch}"
+    elif settings.get("max_batch"):
+        batching = "each request encoded alone (--max-batch 1)"
+    else:
+        batching = ("each request encoded alone (on a CPU from 512 px a batch costs more per image; "
+                    "--max-batch N batches)")
+    print(f"samadapt serve: encoder {app.state.bank.route.describe()}; {batching}", flush=True)
     if host not in LOOPBACK:
         print(f"warning: listening on {host}, not only this machine: anyone who can reach it can use the server; "
               f"it answers to Host {', '.join(sorted(settings['allowed_hosts']))} (add names with --allowed-host)",

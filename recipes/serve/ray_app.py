@@ -67,7 +67,7 @@ def build_app(adapters_dir: Optional[Union[str, os.PathLike]] = None, base: Opti
               max_upload_bytes: int = 25 * 2**20, max_pixels: Optional[int] = None, replica_cpus: float = 1.0,
               catalogue: Optional[Union[str, os.PathLike, dict]] = None, max_json_bytes: int = 2**20,
               allowed_hosts: Optional[Iterable[str]] = None, max_queue: int = 8, auto_budget: int = AUTO_BUDGET,
-              body_timeout: Optional[float] = 30.0, allow_base_mismatch: bool = False, max_batch: int = 8,
+              body_timeout: Optional[float] = 30.0, allow_base_mismatch: bool = False, max_batch: Optional[int] = None,
               max_wait_ms: float = 5.0, precision: Optional[str] = None):
     """The Ray Serve application: the HTTP ingress bound to `replicas` model replicas.
 
@@ -93,7 +93,8 @@ def build_app(adapters_dir: Optional[Union[str, os.PathLike]] = None, base: Opti
         auto_budget: most pixel-points one /api/auto may ask for (422 above).
         body_timeout: seconds a request body may take to arrive (408 after; None: no limit).
         allow_base_mismatch: serve adapters made for other base weights too.
-        max_batch: requests embedded together in one encoder pass on a replica (1: each alone).
+        max_batch: requests embedded together in one encoder pass on a replica (1: each alone; None:
+            the replica's core decides, `sam_core.fast.encoder_batch`).
         max_wait_ms: longest a request needing an embedding waits there for others.
         precision: the replicas' image-encoder precision on a CPU: `auto`, `bf16` or `fp32` (None:
             `$SAMADAPT_PRECISION` as read here, else `auto`); `/api/health` shows their route.
@@ -155,6 +156,7 @@ def build_app(adapters_dir: Optional[Union[str, os.PathLike]] = None, base: Opti
 
             from samadapt.adapters import AdapterBank
             from samadapt.recipes.model import load_base
+            from samadapt.sam_core.fast import encoder_batch
 
             from .batching import EmbedBatcher
             from .routes import LocalModel
@@ -166,9 +168,10 @@ def build_app(adapters_dir: Optional[Union[str, os.PathLike]] = None, base: Opti
                                     catalogue=bank_catalogue, allow_base_mismatch=allow_base_mismatch,
                                     precision=precision)
             runner = ModelRunner(self.sam, timeout=float(request_timeout), max_queue=int(max_queue))
+            batch = encoder_batch(self.sam) if max_batch is None else int(max_batch)
             batcher = (EmbedBatcher(self.bank.predict_batch, lambda item: self.bank.predict(**item),
-                                    max_batch=int(max_batch), max_wait_s=max_wait_ms / 1000.0,
-                                    max_adapters=int(capacity)) if int(max_batch) > 1 else None)
+                                    max_batch=batch, max_wait_s=max_wait_ms / 1000.0,
+                                    max_adapters=int(capacity)) if batch > 1 else None)
             self.local = LocalModel(self.bank, runner, batcher)
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.pid = os.getpid()

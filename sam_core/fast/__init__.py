@@ -32,6 +32,7 @@ from .cpu import (
     EncoderRoute,
     choose_route,
     cpu_features,
+    encoder_batch,
     encoder_route,
     native_bf16,
     resolve_precision,
@@ -55,6 +56,6 @@ __all__ = [
     "DecoderImageCache", "LinearView", "cache_dense_pe", "fast_decode", "fast_decoder_applies", "linear_views",
     "prepare_image_embedding", "register_linear_view", "remove_linear_view",
     "ENV_PRECISION", "MIN_BF16_IMAGE_SIZE", "PRECISIONS", "EncoderRoute", "choose_route", "cpu_features",
-    "encoder_route", "native_bf16", "resolve_precision",
+    "encoder_batch", "encoder_route", "native_bf16", "resolve_precision",
     "composed_postprocess_matrices", "interp_matrix", "postprocess_masks_fast",
 ]

@@ -41,14 +41,18 @@ from torch import nn
 from .attention import enable_fast_attention, fast_attention_enabled
 
 __all__ = [
-    "ENV_PRECISION", "MIN_BF16_IMAGE_SIZE", "PRECISIONS", "EncoderRoute", "choose_route", "cpu_features",
-    "encoder_route", "native_bf16", "resolve_precision",
+    "BATCH", "ENV_PRECISION", "MIN_BF16_IMAGE_SIZE", "MIN_SINGLE_IMAGE_SIZE", "PRECISIONS", "EncoderRoute",
+    "choose_route", "cpu_features", "encoder_batch", "encoder_route", "native_bf16", "resolve_precision",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ENV_PRECISION = "SAMADAPT_PRECISION"
 # below this input side the tiny core (and vit_b at 256 px) gained nothing from bf16 (module docstring)
 MIN_BF16_IMAGE_SIZE = 512
+# images per encoder call where batching pays; on a CPU from this input side one image per call is
+# faster (encoder_batch)
+BATCH = 8
+MIN_SINGLE_IMAGE_SIZE = 512
 
 
 def _cpuinfo_flags() -> set:
@@ -200,6 +204,26 @@ def choose_route(sam: nn.Module, precision: Optional[str] = None, fast: bool = T
         return EncoderRoute(device, "fp32", "factorised",
                             f"auto: the CPU has {have}, but at {size} px fp32 is faster")
     return EncoderRoute(device, "bf16", "factorised", f"auto: the CPU has {have}")
+
+
+def encoder_batch(sam: nn.Module) -> int:
+    """How many images to encode per call on `sam`'s device: `BATCH`, except 1 on a CPU from
+    `MIN_SINGLE_IMAGE_SIZE` px.
+
+    On the 2-core machine of benchmarks/RESULTS.md, per image, a batch of 8 against one at a time:
+    tiny at 256 px (fp32) 0.36-0.74x (the fixed cost per call dominates), vit_b at 256 px 1.01-1.02x,
+    tiny at 1024 px (bf16) 1.11-1.14x, vit_b at 512 px 1.19x and at 1024 px 1.3-1.5x (bf16): from 512 px
+    the batch's activations outgrow the caches. On a GPU a batch fills the device.
+
+    Example:
+        >>> from samadapt.sam_core import build_sam
+        >>> encoder_batch(build_sam("tiny")), encoder_batch(build_sam("tiny", image_size=512))
+        (8, 1)
+    """
+    device = sam.pixel_mean.device.type if hasattr(sam, "pixel_mean") else "cpu"
+    if device == "cpu" and int(getattr(sam, "image_size", 0)) >= MIN_SINGLE_IMAGE_SIZE:
+        return 1
+    return BATCH
 
 
 _LOCK = threading.Lock()
