@@ -26,3 +26,16 @@ def pretrained_tiny_path():
 
     assert TINY_CORE.is_file(), f"the pretrained tiny core is missing: {TINY_CORE}"
     return TINY_CORE
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A `FakeHub` on 127.0.0.1 (tests/fake_hub.py) that huggingface_hub in this process talks to, with
+    share_util's `TOKEN` (the sharing tests)."""
+    from fake_hub import FakeHub
+    from share_util import TOKEN, point_hub_here
+
+    h = FakeHub(token=TOKEN)
+    point_hub_here(monkeypatch, h.url, tmp_path / "hf_home")
+    yield h
+    h.close()

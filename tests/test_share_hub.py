@@ -45,13 +45,6 @@ def files(tmp_path_factory, pretrained_tiny_path):
     return sam, a, b, pretrained_tiny_path
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    h = FakeHub(token=TOKEN)
-    point_hub_here(monkeypatch, h.url, tmp_path / "hf_home")
-    yield h
-    h.close()
-
 
 def test_push_writes_file_and_model_card_parsed_by_modelcard(files, hub, tmp_path):
     from huggingface_hub import ModelCard

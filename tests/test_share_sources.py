@@ -18,7 +18,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fake_hub import FakeHub
 from share_util import TOKEN, file_server, make_adapter, point_hub_here
 
 from samadapt import adapters
@@ -51,13 +50,6 @@ def embedding(sam, source, **kw):
     adapters.detach(sam, name)
     return e
 
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    h = FakeHub(token=TOKEN)
-    point_hub_here(monkeypatch, h.url, tmp_path / "hf_home")
-    yield h
-    h.close()
 
 
 # ---------------------------------------------------------------------------- base checkpoint named
