@@ -106,6 +106,13 @@ def bank_kwargs(body: Dict) -> Dict:
     return kw
 
 
+def best_mask(bank, img: np.ndarray, adapter, points=(), box=None, multimask: bool = True):
+    """The bank's highest-scoring mask for a page's prompts (points as [x, y, label]) and how many it gave."""
+    masks, scores, _ = bank.predict(img, adapter=adapter,
+                                    **bank_kwargs({"points": list(points), "box": box, "multimask": multimask}))
+    return masks[int(np.argmax(scores))], len(scores)
+
+
 def assert_matches(resp: Dict, want: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     masks, scores, _ = want
     got = decode_masks(resp)

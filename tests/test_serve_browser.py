@@ -13,7 +13,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,7 +23,7 @@ if not os.path.exists(CHROMIUM):
                 allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
-from test_serve import NAMES, make_core_and_adapters, mask_hash, scene  # noqa: E402
+from test_serve import NAMES, best_mask, make_core_and_adapters, mask_hash, scene  # noqa: E402
 
 from samadapt.adapters import AdapterBank  # noqa: E402
 from samadapt.recipes.model import load_base  # noqa: E402
@@ -35,16 +34,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--no-first-run"]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_page.png"
 TIMEOUT_MS = 30_000
-
-
-def best_mask(bank, img, adapter, points, box=None):
-    kw = {}
-    if points:
-        kw.update(point_coords=np.array([p[:2] for p in points], float), point_labels=np.array([p[2] for p in points]))
-    if box is not None:
-        kw["box"] = np.array(box, float)
-    masks, scores, _ = bank.predict(img, adapter=adapter, **kw)
-    return masks[int(np.argmax(scores))], len(scores)
 
 
 def test_page_in_browser(tmp_path):

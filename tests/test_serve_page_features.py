@@ -18,7 +18,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} does not exist; install it with `apt-get install -y chromium`", allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
-from test_serve import NAMES, make_core_and_adapters, mask_hash, scene  # noqa: E402
+from test_serve import NAMES, best_mask, make_core_and_adapters, mask_hash, scene  # noqa: E402
 
 from samadapt.adapters import AdapterBank  # noqa: E402
 from samadapt.recipes.model import load_base  # noqa: E402
@@ -30,13 +30,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 def predict(bank, img, adapter, points=(), box=None, multimask=True):
-    kw = {}
-    if points:
-        kw.update(point_coords=np.array([p[:2] for p in points], float), point_labels=np.array([p[2] for p in points]))
-    if box is not None:
-        kw["box"] = np.array(box, float)
-    masks, scores, _ = bank.predict(img, adapter=adapter, multimask_output=multimask, **kw)
-    return masks[int(np.argmax(scores))]
+    return best_mask(bank, img, adapter, points, box, multimask)[0]
 
 
 def test_page_annotation_features(tmp_path):
