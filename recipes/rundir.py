@@ -28,7 +28,9 @@ RUN_OUTPUTS = ("adapter.safetensors", "metrics.json", "recipe.yaml", "checkpoint
 def run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold `run_dir/.lock` (an advisory `flock`) while a run uses the directory, so that a second
     run on the same folder stops with an error instead of interleaving checkpoints. The kernel drops
-    the lock when the process dies, so a killed run never leaves the folder locked.
+    the lock when the process dies, so a killed run never leaves the folder locked; its forked data
+    loader workers share the lock and may outlive it for a few seconds, so when the run the lock file
+    names has ended the next run waits for them (`ORPHAN_WAIT_S`) instead of calling it alive.
 
     Args:
         run_dir: the run directory (created if missing).
@@ -58,8 +60,13 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to finish or pass "
-                                "--out another folder") from None
+            if not _wait_for_orphans(f, holder, fcntl):
+                if _ended(holder):
+                    raise TrainingError(
+                        f"{run_dir} is still locked by processes the ended run ({holder}) started (its data "
+                        f"loader workers); stop them (e.g. `pkill -f samadapt`) or wait, then run again") from None
+                raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to finish or "
+                                    "pass --out another folder") from None
         try:
             f.seek(0)
             f.truncate()
@@ -71,8 +78,54 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+ORPHAN_WAIT_S = 20.0  # a killed run's data loader workers notice within about 5 s (torch checks its parent)
+
+
+def _ended(holder: str) -> bool:
+    """Whether the lock file names a process of this host that no longer exists.
+
+    Example:
+        >>> import os, socket
+        >>> _ended(f"pid {os.getpid()} on {socket.gethostname()}"), _ended("pid 1 on another-host")
+        (False, False)
+    """
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[2] != "on" or not parts[1].isdigit():
+        return False
+    if parts[3] != socket.gethostname():
+        return False  # another machine sharing the folder: its pids mean nothing here
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _wait_for_orphans(f, holder: str, fcntl) -> bool:
+    """A run killed outright (SIGKILL, out of memory) leaves its forked data loader workers for a few
+    seconds, and they share its `flock`: when the holder named in the file has ended, wait for them
+    (up to `ORPHAN_WAIT_S`) instead of calling a dead run alive. Returns whether the lock was taken.
+    """
+    import time
+
+    if not _ended(holder):
+        return False
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def lock_holder(run_dir: Path) -> Optional[str]:
-    """Who holds `run_dir`'s lock now ("pid N on HOST"), or None when no live run holds it.
+    """Who holds `run_dir`'s lock now ("pid N on HOST"), or None when no live run holds it (also when
+    only the forked workers of a run that has ended still hold it: `run_lock` waits for those).
 
     Example:
         >>> import tempfile, pathlib
@@ -96,7 +149,8 @@ def lock_holder(run_dir: Path) -> Optional[str]:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return f.read().strip() or "unknown"
+            holder = f.read().strip() or "unknown"
+            return None if _ended(holder) else holder
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 

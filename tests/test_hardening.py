@@ -389,6 +389,90 @@ def test_two_runs_on_one_out(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["history"][-1]["step"] == 300
 
 
+def test_resume_right_after_a_kill_is_exact(tmp_path):
+    """SIGKILL mid-run (the out-of-memory killer, a preempted job), with data loader workers: an immediate
+    --resume continues and ends with the adapter of a run that was never killed. (The forked workers share
+    the run's lock and may outlive it for a moment; `test_a_lock_left_to_a_dead_runs_children_is_waited_for`
+    covers that case deterministically.)"""
+    import signal
+
+    steps = ["train.max_steps=24", "train.checkpoint_every=2", "data.num_workers=2", "data.synthetic_train_size=8"]
+    out = tmp_path / "run"
+    first = cli(*train_args(out, *steps))
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*/position.json")):
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL  # the precondition: killed, not finished
+    resumed = cli(*train_args(out, *steps), "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    clean = cli(*train_args(tmp_path / "clean", *steps))
+    _, err = clean.communicate(timeout=600)
+    assert clean.returncode == 0, err[-2000:]
+    a = load_file(str(out / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_HOLD_THEN_DIE = """
+import os, sys, time
+from pathlib import Path
+from samadapt.recipes.rundir import run_lock
+with run_lock(Path(sys.argv[1])):
+    if os.fork() == 0:  # a child sharing the lock, like a data loader worker
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)  # not the caller's pipes: it reads up to the parent's exit only
+        time.sleep(float(sys.argv[2]))
+        os._exit(0)
+    print(os.getpid(), flush=True)
+    os._exit(0)  # the run dies without unlocking; its child still holds the lock
+"""
+
+
+def _locked(run_dir: Path) -> bool:
+    import fcntl
+
+    with open(run_dir / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.parametrize("child_lives", [2.0, 20.0])
+def test_a_lock_left_to_a_dead_runs_children_is_waited_for(tmp_path, monkeypatch, child_lives):
+    """The lock file names a dead run but its forked children still hold the lock: the next run waits for them
+    (up to `ORPHAN_WAIT_S`) instead of saying the folder is in use; past that it says who holds it."""
+    from samadapt.recipes import rundir
+
+    monkeypatch.setattr(rundir, "ORPHAN_WAIT_S", 8.0)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", _HOLD_THEN_DIE, str(out), str(child_lives)], capture_output=True,
+                       text=True, timeout=60)
+    dead = int(r.stdout.split()[0])
+    t0 = time.monotonic()
+    # the precondition: the named run is gone, and still the lock is held
+    assert not Path(f"/proc/{dead}").exists() and _locked(out)
+    assert (out / ".lock").read_text() == f"pid {dead} on {os.uname().nodename}"
+    assert rundir.lock_holder(out) is None  # no live run holds it: a pre-check (--resume's) lets it through
+    if child_lives < 8.0:
+        with rundir.run_lock(out):
+            assert (out / ".lock").read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
+        assert time.monotonic() - t0 > 1.0  # it did wait for the child
+    else:
+        from samadapt.recipes.errors import TrainingError
+
+        with pytest.raises(TrainingError, match=f"still locked by processes the ended run \\(pid {dead} on "):
+            with rundir.run_lock(out):
+                pass
+        assert _locked(out)
+
+
 def _mount_tmpfs(where: Path, options: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
