@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -67,6 +68,101 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.n
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Copy a tensor, or a batch's tensors, to `device` asynchronously (the loader pins its batches on
+    CUDA); other values pass through.
+
+    Example:
+        >>> b = to_device({"mask": torch.ones(1, 1, 2, 2), "name": ["a"]}, torch.device("cpu"))
+        >>> b["mask"].device.type, b["name"]
+        ('cpu', ['a'])
+    """
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if torch.is_tensor(x) else x
+
+
+class LossWatch:
+    """Non-finite losses noticed without reading anything back from the device at every step.
+
+    `see(loss, step)` keeps, on the loss's device, the first step whose loss was not finite and that
+    loss; `check(last_good)` reads it (one synchronisation) and raises. The loop checks before it logs,
+    writes a checkpoint, evaluates or exports, and at the end, so a non-finite step is reported with
+    its own step number and no file is written from the state it left behind.
+
+    Example:
+        >>> w = LossWatch()
+        >>> w.see(torch.tensor(0.5), 0); w.see(torch.tensor(float("nan")), 1); w.see(torch.tensor(1.0), 2)
+        >>> try:
+        ...     w.check(None)
+        ... except TrainingError as e:
+        ...     print(str(e).split(";")[0])
+        loss became nan at step 1
+    """
+
+    def __init__(self) -> None:
+        self.first: Optional[torch.Tensor] = None  # step of the first non-finite loss, -1 while none
+        self.value: Optional[torch.Tensor] = None
+
+    def see(self, loss: torch.Tensor, step: int) -> None:
+        """Note this step's loss (a few kernels on its device, no synchronisation)."""
+        loss = loss.detach().float()
+        if self.first is None:
+            self.first = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        new = (self.first < 0) & ~torch.isfinite(loss)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, last_good: Optional[Path]) -> None:
+        """Raise `TrainingError` when a loss seen so far was not finite (reads one value back)."""
+        if self.first is None or int(self.first) < 0:
+            return
+        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        raise TrainingError(f"loss became {float(self.value)} at step {int(self.first)}; {kept}; "
+                            "lower train.lr or check the data")
+
+
+class StepRate:
+    """The training rate, data loading included: images per second between synchronisation points the
+    loop has anyway (its log steps), leaving out the first `warmup` steps (compilation, cudnn's autotune)
+    and any span in which it evaluated or wrote a checkpoint.
+
+    Example:
+        >>> r = StepRate(images_per_step=4, warmup=1)
+        >>> r.mark(1, 0.0); r.mark(3, 1.0); r.mark(5, 2.0); r.result()
+        {'images_per_s': 8.0, 'steps': 4, 'seconds': 2.0, 'warmup_steps': 1}
+        >>> r.pause(); r.mark(7, 9.0); r.mark(9, 10.0); r.result()["images_per_s"]
+        8.0
+    """
+
+    def __init__(self, images_per_step: int, warmup: int = 5) -> None:
+        self.images_per_step, self.warmup = images_per_step, warmup
+        self.at: Optional[tuple] = None  # (step, time) of the last mark
+        self.steps, self.seconds = 0, 0.0
+
+    def mark(self, step: int, now: Optional[float] = None) -> None:
+        """A synchronisation point after `step` optimizer steps."""
+        now = time.perf_counter() if now is None else now
+        if step < self.warmup:
+            return
+        if self.at is not None and step > self.at[0]:
+            self.steps += step - self.at[0]
+            self.seconds += now - self.at[1]
+        self.at = (step, now)
+
+    def pause(self) -> None:
+        """The loop did something else (evaluation, a checkpoint): the next span starts at the next mark."""
+        self.at = None
+
+    def result(self) -> Dict[str, Any]:
+        """`images_per_s`, over `steps` steps and `seconds` seconds (empty when no span was timed)."""
+        if not self.steps or self.seconds <= 0:
+            return {}
+        return {"images_per_s": round(self.steps * self.images_per_step / self.seconds, 3), "steps": self.steps,
+                "seconds": round(self.seconds, 3), "warmup_steps": self.warmup}
 
 
 # ---------------------------------------------------------------------------- schedule and precision
@@ -271,8 +367,10 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
     bs = t["batch_size"]
     sampler = EpochSampler(len(train_ds), t["seed"])
+    # pinned host batches on CUDA: the loop's copies to the device are asynchronous (`to_device`)
     train_dl = DataLoader(IndexedDataset(train_ds), batch_size=bs, sampler=sampler, collate_fn=collate_batch,
-                          num_workers=cfg["data"]["num_workers"], drop_last=len(train_ds) >= bs)
+                          num_workers=cfg["data"]["num_workers"], drop_last=len(train_ds) >= bs,
+                          pin_memory=accelerator.device.type == "cuda")
     eval_dl = DataLoader(IndexedDataset(eval_ds), batch_size=cfg["eval"]["batch_size"], shuffle=False,
                          collate_fn=collate_batch, num_workers=cfg["data"]["num_workers"])
     steps_per_epoch = max(1, math.ceil(len(train_dl) / accelerator.num_processes / t["grad_accum"]))
@@ -284,7 +382,11 @@ def train(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=None, ba
 
     # -------- prepare
     model = TrainStep(sam)
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    # the training batches stay on the host until the loop copies them (`to_device`): prompts are drawn
+    # from the host copy, so nothing is read back from the device; prepared first, as it always was
+    # (the order of a checkpoint's loader states)
+    train_dl = accelerator.prepare_data_loader(train_dl, device_placement=False)
+    model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
     # FSDP2 replaces the parameters by sharded ones: clip the gradients the optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
     dist = describe(accelerator, model)
@@ -361,6 +463,9 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
                desc="train")
     last_good = latest_checkpoint(run_dir)
+    watch = LossWatch()  # the loop reads from the device only at its log steps, checkpoints and evaluations
+    rate = StepRate(t["batch_size"] * t["grad_accum"] * accelerator.num_processes, warmup=step + 5)
+    device = accelerator.device
     done = step >= total_steps
     for epoch in range(start_epoch, epochs):
         if done:
@@ -376,23 +481,25 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
             loader.set_epoch(epoch)
         batch_i = skip
         skip = 0
-        for batch in loader:
+        for host in loader:  # on the host: prompts are drawn here, then everything is copied over
             with accelerator.accumulate(model):
                 rng = np.random.default_rng([t["seed"], step, batch_i, accelerator.process_index])
-                target = batch["mask"]
+                target = host["mask"]
                 if sampler_prompts is not None:
-                    prompts = sampler_prompts(target, batch["input_size"], rng=rng)
+                    prompts = sampler_prompts(target, host["input_size"], rng=rng)
                 elif keep_sampler is not None and rng.random() < p["keep_prompts"]:
                     if keep_data is not None:  # a prompted batch of the keep_prompts data instead
-                        pick = rng.integers(0, len(keep_data), size=batch["image"].shape[0])
-                        other = collate_batch([keep_data[int(j)] for j in pick])
-                        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in other.items()}
-                        target = batch["mask"]
+                        pick = rng.integers(0, len(keep_data), size=host["image"].shape[0])
+                        host = collate_batch([keep_data[int(j)] for j in pick])
+                        target = host["mask"]
                     else:  # one object of this batch's own masks
                         target = one_component(target, rng)
-                    prompts = keep_sampler(target, batch["input_size"], rng=rng)
+                    prompts = keep_sampler(target, host["input_size"], rng=rng)
                 else:
                     prompts = no_prompts
+                batch = to_device(host, device)
+                target = batch["mask"] if target is host["mask"] else to_device(target, device)
+                prompts = to_device(prompts, device)
                 outs = model(batch["image"], prompts["point_coords"], prompts["point_labels"], prompts["boxes"],
                              gt=target, rounds=rounds, multimask=p["multimask"],
                              click_seed=hash((t["seed"], step, batch_i)) % (2**31))
@@ -405,10 +512,7 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                     part, terms = loss_fn(logits, target, iou.float().reshape(-1))
                     loss = loss + part
                 loss = loss / len(outs)
-                if not torch.isfinite(loss):
-                    msg = f"loss became {loss.item()} at step {step}"
-                    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(f"{msg}; {kept}; lower train.lr or check the data")
+                watch.see(loss, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t["max_grad_norm"]:
                     accelerator.clip_grad_norm_(params, t["max_grad_norm"])
@@ -421,16 +525,22 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                 step += 1
                 bar.update(1)
                 if step % t["log_every"] == 0 or step == 1:
+                    watch.check(last_good)  # reads back: the step's work is done
+                    rate.mark(step)
                     scalars = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                                **{f"loss/{k}": v.item() for k, v in terms.items()}}
                     accelerator.log(scalars, step=step)
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total_steps:
+                    watch.check(last_good)
                     last_good = checkpoint(epoch, batch_i)
+                    rate.pause()
                 if step >= total_steps:
                     done = True
                     break
         # -------- evaluation and export at the end of each epoch
+        watch.check(last_good)
+        rate.pause()
         last_epoch = done or epoch == epochs - 1
         if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last_epoch:
             with full_parameters(model):  # FSDP2: full tensors to evaluate and export, never one rank's shard
@@ -452,6 +562,16 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
         if not done:
             last_good = checkpoint(epoch + 1, 0)
     bar.close()
+    watch.check(last_good)
     last_good = checkpoint(epochs, 0)
+    speed = rate.result()
+    if speed:
+        if device.type == "cuda":  # the run's peak, evaluation included
+            speed["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+        metrics_log["speed"] = speed
+        if is_main:
+            log(f"training: {speed['images_per_s']:.2f} images/s over {speed['steps']} steps (data loading "
+                f"included; the first {speed['warmup_steps']} steps, evaluations and checkpoints left out)")
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
     accelerator.end_training()
     return metrics_log
