@@ -146,7 +146,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, run_dir: Path, step: int, epoch: int,
-                    batch_in_epoch: int, best: Optional[float], keep: int) -> Path:
+                    batch_in_epoch: int, best: Optional[float], keep: int,
+                    loop: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write `checkpoints/step_N/` and keep the newest `keep` checkpoints.
 
     The same files under every strategy (single process, DDP, FSDP2), so a checkpoint resumes under
@@ -166,6 +167,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, run_dir: Path, ste
         batch_in_epoch: batches of that epoch already consumed.
         best: the best selection metric so far (None: none yet).
         keep: how many checkpoints to keep (0: all).
+        loop: tensors a loop needs to continue exactly (e.g. its sampler's generator state at the start
+            of `epoch`), kept beside the scheduler and given back by `load_checkpoint` as `loop`.
 
     Returns:
         The checkpoint folder.
@@ -190,6 +193,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, run_dir: Path, ste
             save_file(trained, str(tmp / TRAINED))
             torch.save(osd, tmp / OPTIMIZER)
             extra = {"scheduler": getattr(scheduler, "scheduler", scheduler).state_dict()}
+            if loop:
+                extra["loop"] = dict(loop)
             if accelerator.scaler is not None:
                 extra["scaler"] = accelerator.scaler.state_dict()
             torch.save(extra, tmp / SCHEDULER)
@@ -228,7 +233,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Dic
     sends the others their part. Every process must call it.
 
     Returns:
-        The position: `step`, `epoch`, `batch_in_epoch`, `best`.
+        The position: `step`, `epoch`, `batch_in_epoch`, `best`, and `loop` (what `save_checkpoint` was
+        given as `loop`, or None).
 
     Raises:
         TrainingError: the checkpoint's tensors are not this run's trainable parameters.
@@ -284,4 +290,4 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Dic
     # process has none (the data order is (seed, epoch)-determined either way)
     rank = accelerator.process_index
     _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return position
+    return dict(position, loop=sched.get("loop"))

@@ -9,7 +9,8 @@ terms), so the same adapter keeps answering prompts with class-agnostic masks ->
 `volume.nsd_tolerance` mm) -> the best state exported with its classes and intensity settings.
 
 Held-out volumes: `labelsTs/` when the dataset has it, else `data.val_fraction` of the labelled cases
-(seeded). Resume is not offered for volume recipes: a run directory is refused when it holds a run.
+(seeded). Checkpoints and `--resume` work as for `train.py`'s runs (`checkpointing`); the sampler's
+generator state at the epoch's start travels in the checkpoint, so the slice order continues exactly.
 """
 import json
 import math
@@ -35,7 +36,7 @@ from .data.medical import (
     find_volume_dataset,
     write_phantom_dataset,
 )
-from .errors import RecipeError, TrainingError
+from .errors import RecipeError
 from .metrics import label_map_metrics
 from .predict_volume import segment_volume
 
@@ -219,29 +220,48 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
                   resume: bool = False, progress: bool = True, log=print,
                   allow_random_base: bool = False) -> Dict[str, Any]:
     """Run a validated volume recipe (see the module docstring); writes `adapter.safetensors`,
-    `metrics.json` (with per-volume metrics), `recipe.yaml` and `per_volume.json` in the run directory.
+    `metrics.json` (with per-volume metrics), `recipe.yaml`, `per_volume.json` and checkpoints (every
+    `train.checkpoint_every` steps and at each epoch's end) in the run directory.
+
+    Args:
+        cfg: the validated recipe (`volume.enabled`).
+        out_dir: the run directory (default `output.dir` or `runs/<name>`).
+        data_root: the dataset folder, overriding `data.root`.
+        base: a SAM checkpoint, overriding `base.checkpoint`.
+        resume: continue from the run directory's latest checkpoint; the result equals a run that was
+            never stopped (the slice order, the random states and the evaluation history are restored).
+        progress: show a progress bar.
+        log: where progress lines go.
+        allow_random_base: train on a randomly initialised full-size core (`--allow-random-base`).
 
     Raises:
-        RecipeError: `--resume`, or bad data.
-        TrainingError: the loss became non-finite.
+        RecipeError: bad data, or a resume that does not fit the run directory.
+        TrainingError: the loss became non-finite, or the run directory is in use.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from .checkpointing import atomic_write_text, check_resume, check_writable, run_lock
+    from .checkpointing import (
+        atomic_write_text,
+        check_resume,
+        check_writable,
+        clear_stale_temporaries,
+        latest_checkpoint,
+        load_checkpoint,
+        run_lock,
+        save_checkpoint,
+    )
     from .data.prompts import PromptSampler
     from .losses import CombinedLoss
     from .model import build_core
-    from .train import build_scheduler
+    from .train import LossWatch, build_scheduler
 
     cfg = recipe_config.validate(cfg)
-    if resume:
-        raise RecipeError("--resume is not supported for volume recipes (volume.enabled); start a new run directory")
     t, p = cfg["train"], cfg["prompts"]
     run_dir = Path(out_dir or cfg["output"]["dir"] or Path("runs") / cfg["name"])
     check_writable(run_dir)
-    check_resume(run_dir, False)
+    check_resume(run_dir, resume)
     set_seed(t["seed"])
     sam = build_core(cfg, base, allow_random_base=allow_random_base)
     fingerprint = sam.fingerprint
@@ -255,7 +275,7 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     name = attach_with_head(sam, cfg, classes)
     params = [q for q in sam.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-    g = torch.Generator().manual_seed(t["seed"])
+    g = torch.Generator().manual_seed(t["seed"])  # the slice order: its state at an epoch's start decides it
     dl = torch.utils.data.DataLoader(train_ds, batch_size=t["batch_size"], shuffle=True, generator=g,
                                      collate_fn=collate_slices, drop_last=len(train_ds) >= t["batch_size"])
     steps_per_epoch = max(1, math.ceil(len(dl) / t["grad_accum"]))
@@ -267,17 +287,44 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     v = cfg["volume"]
     metrics_log: Dict[str, Any] = {"classes": {str(k): n for k, n in classes.items()}, "history": []}
     with run_lock(run_dir):
-        atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
-        if cfg["eval"]["baseline"]:
-            # the adapter as attached changes nothing: the frozen core, its promptless mask for every class
-            metrics_log["baseline"] = evaluate_volumes(sam, held, cache, classes, cfg, name)
-            log("frozen core (untrained head) mean Dice: %.3f" % metrics_log["baseline"]["mean"]["dice"])
-        step, best, t0 = 0, None, time.time()
-        bar = tqdm(total=total, disable=not progress, desc="train")
+        check_resume(run_dir, resume, locked=True)  # again under the lock: another run may have started meanwhile
+        clear_stale_temporaries(run_dir)
+        step, start_epoch, skip, best, spent = 0, 0, 0, None, 0.0
+        if resume:
+            ck = latest_checkpoint(run_dir)
+            pos = load_checkpoint(accelerator, model, optimizer, scheduler, ck)  # trained, optimizer, RNG
+            step, start_epoch, skip, best = pos["step"], pos["epoch"], pos["batch_in_epoch"], pos["best"]
+            g.set_state((pos["loop"] or {})["generator"])
+            if (run_dir / "metrics.json").is_file():
+                metrics_log = json.loads((run_dir / "metrics.json").read_text())
+                spent = metrics_log.get("train_seconds", 0.0)
+            log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
+        else:
+            atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
+            if cfg["eval"]["baseline"]:
+                # the adapter as attached changes nothing: the frozen core, its promptless mask for every class
+                metrics_log["baseline"] = evaluate_volumes(sam, held, cache, classes, cfg, name)
+                log("frozen core (untrained head) mean Dice: %.3f" % metrics_log["baseline"]["mean"]["dice"])
+        t0 = time.time()
+        watch = LossWatch()  # read at log steps, checkpoints and evaluations only
+        last_good = latest_checkpoint(run_dir)
+
+        def checkpoint(epoch_, batch_, epoch_start):
+            watch.check(last_good)
+            metrics_log["train_seconds"] = round(spent + time.time() - t0, 1)
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+            return save_checkpoint(accelerator, model, optimizer, scheduler, run_dir, step, epoch_, batch_, best,
+                                   t["keep_checkpoints"], loop={"generator": epoch_start})
+
+        bar = tqdm(total=total, initial=step, disable=not progress, desc="train")
         epochs = math.ceil(total / steps_per_epoch)
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
+            if step >= total:
+                break
             model.train()
-            for batch_i, batch in enumerate(dl):
+            epoch_start = g.get_state()  # the sampler draws this epoch's order from g when iteration starts
+            loader = accelerator.skip_first_batches(dl, skip) if skip else dl
+            for batch_i, batch in enumerate(loader, start=skip):
                 rng = np.random.default_rng([t["seed"], step, batch_i])
                 with accelerator.accumulate(model):
                     images = batch["image"].float()
@@ -295,9 +342,7 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
                                                align_corners=False)
                         loss = (v["ce"] * F.cross_entropy(logits, labels.long())
                                 + v["dice"] * multiclass_dice_loss(logits, labels))
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"loss became {loss.item()} at step {step}; lower train.lr or check "
-                                            "the data")
+                    watch.see(loss, step)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t["max_grad_norm"]:
                         accelerator.clip_grad_norm_(params, t["max_grad_norm"])
@@ -309,9 +354,14 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
                     step += 1
                     bar.update(1)
                     if step % t["log_every"] == 0:
+                        watch.check(last_good)
                         bar.set_postfix(loss=f"{loss.item():.4f}")
+                    if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total:
+                        last_good = checkpoint(epoch, batch_i + 1, epoch_start)
                 if step >= total:
                     break
+            skip = 0
+            watch.check(last_good)
             last = step >= total or epoch == epochs - 1
             if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last:
                 res = evaluate_volumes(sam, held, cache, classes, cfg, name)
@@ -326,10 +376,10 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
                                   metrics={"eval": {f"{k}_mean": x for k, x in res["mean"].items()}},
                                   recipe=recipe_config.dump(cfg))
                     atomic_write_text(run_dir / "per_volume.json", json.dumps(res["per_volume"], indent=2))
-            if step >= total:
-                break
+            # the next epoch's order is drawn from g's state now
+            last_good = checkpoint(epoch + 1, 0, g.get_state())
         bar.close()
-        metrics_log["train_seconds"] = round(time.time() - t0, 1)
+        metrics_log["train_seconds"] = round(spent + time.time() - t0, 1)
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
     adapters.activate(sam, name)
     return metrics_log

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 nib = pytest.importorskip("nibabel", reason="volume tests need nibabel (pip install -e '.[test]')")
 
@@ -163,3 +164,48 @@ def test_predict_volume_errors(run, tmp_path, capsys):
     plain = adapters.save(sam, tmp_path / "plain.safetensors", name="plain")
     assert main(["predict", str(good), "--adapter", str(plain), "--out", str(out)]) == 2
     assert "has no class head" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_volume_run_resumes_exactly(tmp_path, monkeypatch):
+    """A volume run stopped after a mid-epoch checkpoint continues with --resume to the same adapter and the
+    same evaluation history as a run that never stopped (the slice order, the random states, the best)."""
+    from safetensors.torch import load_file
+
+    from samadapt.recipes import volumes as vol
+    from samadapt.recipes.checkpointing import latest_checkpoint
+
+    data = medical.write_phantom_dataset(tmp_path / "data", n_train=4, n_test=1, shape=(48, 48, 8),
+                                         name="Dataset901_Phantom")
+    cfg = load_recipe("organs", SETTINGS + ["train.max_steps=12", "train.checkpoint_every=3", "eval.every_epochs=1",
+                                            "eval.baseline=false", "train.warmup_steps=2"])
+    quiet = dict(progress=False, log=lambda *_: None, data_root=str(data))
+    whole = vol.train_volumes(cfg, out_dir=str(tmp_path / "whole"), **quiet)
+    assert len(whole["history"]) >= 2  # the precondition: more than one epoch, so the order across epochs counts
+
+    real, calls = vol.SemanticStep.forward, []
+
+    def stop_at_the_11th(self, *a, **k):  # the run dies at step 11, after the step-9 checkpoint
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(vol.SemanticStep, "forward", stop_at_the_11th)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        vol.train_volumes(cfg, out_dir=str(cut), **quiet)
+    monkeypatch.setattr(vol.SemanticStep, "forward", real)
+    ck = latest_checkpoint(cut)
+    position = json.loads((ck / "position.json").read_text())
+    assert position["step"] < 12 and position["batch_in_epoch"] > 0, position  # resumed mid-epoch
+    with pytest.raises(RecipeError, match="already holds checkpoints; pass --resume"):
+        vol.train_volumes(cfg, out_dir=str(cut), **quiet)
+    resumed = vol.train_volumes(cfg, out_dir=str(cut), resume=True, **quiet)
+    a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == whole["history"]
+    # the final states (the exported adapter is the best epoch's, which may precede the cut)
+    final_a, final_b = latest_checkpoint(tmp_path / "whole"), latest_checkpoint(cut)
+    assert final_a.name == final_b.name == "step_00000012"
+    a, b = load_file(str(final_a / "trained.safetensors")), load_file(str(final_b / "trained.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -51,6 +51,7 @@ def _marking(real):
     [],  # promptless (SAM-Adapter's camouflage and shadow recipes)
     ["prompts.mode=box+points", "prompts.n_pos=2", "prompts.n_neg=1"],
     ["prompts.keep_prompts=0.5", "prompts.keep_prompts_data=self"],  # one object of the batch's own masks
+    ["adapter.kinds=[{kind: lora, r: 4, use_dora: true}]", "adapter.decoder=lora"],  # peft's layers
 ])
 def test_the_loop_reads_from_the_device_only_where_it_logs(tmp_path, monkeypatch, setting):
     monkeypatch.setattr(OnDevice, "log", [])
