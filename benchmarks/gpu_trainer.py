@@ -8,9 +8,9 @@ its stdout/stderr kept under `--log-dir`; the trainer's own rate (`metrics.json`
 between its log steps, data loading included, the first 5 steps, evaluations and checkpoints left
 out) and its peak memory are read back. Parts, in this order, each skipped past `--budget` seconds:
 
-1. data and base: synthetic camouflage scenes at full size written as a PNG folder (the generic
-   layout; one folder per writer process, all passed to `--data`), and a random-weights vit_b
-   checkpoint (`.safetensors`) passed as `--base`.
+1. data and base: synthetic camouflage scenes at full size (the generic layout, JPEG images and PNG
+   masks as COD10K has them; one folder per writer process, all passed to `--data`), and a
+   random-weights vit_b checkpoint (`.safetensors`) passed as `--base`.
 2. `headline`: vit_b 1024 px, batch 4, LoRA r=4 on every qkv and on the decoder, bf16, compile on,
    checkpointing off, `--steps` steps; the loss's mean over the first and last thirds of its log
    steps (TensorBoard scalars).
@@ -62,10 +62,17 @@ ROOT = HERE.parent
 
 
 def _write_folder(args):
+    """One folder of the generic layout; the images re-encoded as JPEG (quality 95) beside PNG masks, as
+    COD10K and CAMO ship them (decoding a 1024 px PNG costs several times a JPEG's)."""
+    import cv2
+
     from samadapt.recipes.data.synthetic import write_synthetic_folder
 
     root, n, size, seed = args
     write_synthetic_folder("camouflage", root, n=n, image_size=size, seed=seed)
+    for png in sorted((Path(root) / "images").glob("*.png")):
+        cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        png.unlink()
     return str(root)
 
 

@@ -498,7 +498,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                 else:
                     prompts = no_prompts
                 batch = to_device(host, device)
-                target = batch["mask"] if target is host["mask"] else to_device(target, device)
+                # training masks come as uint8 (a quarter of the bytes): the losses take them as float
+                target = (batch["mask"] if target is host["mask"] else to_device(target, device)).float()
                 prompts = to_device(prompts, device)
                 outs = model(batch["image"], prompts["point_coords"], prompts["point_labels"], prompts["boxes"],
                              gt=target, rounds=rounds, multimask=p["multimask"],

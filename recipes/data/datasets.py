@@ -277,20 +277,24 @@ def _as_hw_mask(mask: Any, shape: Tuple[int, int]) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def sam_resize_pad(image: Any, mask: Any = None, image_size: int = 1024) -> Dict[str, torch.Tensor]:
+def sam_resize_pad(image: Any, mask: Any = None, image_size: int = 1024,
+                   dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
     """SAM pre-processing of one pair: longest side to `image_size`, zero-padded bottom/right to a square.
 
     The resize is `resize_longest` (SAM's rule and filter for the image, nearest neighbour for the
     mask); the image keeps 0..255 values (float32, normalisation is the model's job). This is what
-    the trainer applies to every item, after the augmentation.
+    the trainer applies to every item, after the augmentation; its training items are uint8 (the same
+    values, a quarter of the bytes to batch, pin and copy to the device).
 
     Args:
         image: H x W x 3 uint8 array (or 3 x H x W / H x W x 3 tensor of 0..255 values).
         mask: optional H x W mask (bool or 0/1).
         image_size: side of the square output.
+        dtype: the image's and mask's dtype, `torch.float32` or `torch.uint8` (the resized pixels and
+            the 0/1 mask are whole numbers either way).
 
     Returns:
-        dict with `"image"` float32 (3, S, S), `"mask"` float32 (1, S, S) (only if a mask was
+        dict with `"image"` float32 (or `dtype`) (3, S, S), `"mask"` float32 (or `dtype`) (1, S, S) (only if a mask was
         given), `"original_size"` int64 (2,) = (H, W) of the input and `"input_size"` int64 (2,) =
         (h, w) of the unpadded resized image.
 
@@ -306,20 +310,22 @@ def sam_resize_pad(image: Any, mask: Any = None, image_size: int = 1024) -> Dict
     """
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} must be a positive int (SAM uses 1024)")
+    if dtype not in (torch.float32, torch.uint8):
+        raise ValueError(f"dtype={dtype} must be torch.float32 or torch.uint8")
     img = _as_hwc_uint8(image)
     h, w = img.shape[:2]
     m = None if mask is None else _as_hw_mask(mask, (h, w))
     img, m = resize_longest(img, m, image_size)
     nh, nw = img.shape[:2]
-    out_img = torch.zeros(3, image_size, image_size, dtype=torch.float32)
-    out_img[:, :nh, :nw] = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).float()
+    out_img = torch.zeros(3, image_size, image_size, dtype=dtype)
+    out_img[:, :nh, :nw] = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)
     out: Dict[str, torch.Tensor] = {
         "image": out_img,
         "original_size": torch.tensor([h, w], dtype=torch.int64),
         "input_size": torch.tensor([nh, nw], dtype=torch.int64),
     }
     if m is not None:
-        out_mask = torch.zeros(1, image_size, image_size, dtype=torch.float32)
+        out_mask = torch.zeros(1, image_size, image_size, dtype=dtype)
         out_mask[0, :nh, :nw] = torch.from_numpy(np.require(m, requirements=["C", "W"]))
         out["mask"] = out_mask
     return out

@@ -21,10 +21,12 @@ class AugmentedItems(Dataset):
         aug: an augmentation from `augment.build_augmentation` (None: none).
         image_size: the core's input side.
         seed: the run's seed.
+        dtype: the items' image and mask dtype (`sam_resize_pad`): uint8 for training batches.
     """
 
-    def __init__(self, base, aug, image_size: int, seed: int) -> None:
+    def __init__(self, base, aug, image_size: int, seed: int, dtype: torch.dtype = torch.float32) -> None:
         self.base, self.aug, self.image_size, self.seed, self.epoch = base, aug, image_size, seed, 0
+        self.dtype = dtype
 
     def __len__(self):
         return len(self.base)
@@ -35,7 +37,7 @@ class AugmentedItems(Dataset):
         if self.aug is not None:
             self.aug.reseed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
             image, mask = self.aug(image, mask)
-        out = dict(sam_resize_pad(image, mask, self.image_size))
+        out = dict(sam_resize_pad(image, mask, self.image_size, dtype=self.dtype))
         out["name"] = item.get("name", str(i))
         return out
 
@@ -64,7 +66,8 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
         data_root: the CLI's `--data` folder(s), overriding `data.root`.
 
     Returns:
-        `(train, eval)`, both `AugmentedItems` (only train is augmented).
+        `(train, eval)`, both `AugmentedItems` (only train is augmented; its images and masks are
+        uint8, the same values as eval's float32 ones, cast on the device).
 
     Raises:
         RecipeError: no data is named.
@@ -102,7 +105,8 @@ def build_datasets(cfg: Dict[str, Any], image_size: int, data_root=None):
     aug = None
     if cfg["augment"]["enabled"]:
         aug = build_augmentation(domain if domain in DOMAINS else "generic", image_size, train=True)
-    return AugmentedItems(train_raw, aug, image_size, seed), AugmentedItems(eval_raw, None, image_size, seed)
+    return (AugmentedItems(train_raw, aug, image_size, seed, dtype=torch.uint8),
+            AugmentedItems(eval_raw, None, image_size, seed))
 
 
 def describe_datasets(cfg: Dict[str, Any], train_ds, eval_ds, data_root=None) -> List[str]:
