@@ -253,9 +253,10 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
         save_checkpoint,
     )
     from .data.prompts import PromptSampler
+    from .loop import LossWatch
     from .losses import CombinedLoss
     from .model import build_core
-    from .train import LossWatch, build_scheduler
+    from .train import build_scheduler
 
     cfg = recipe_config.validate(cfg)
     t, p = cfg["train"], cfg["prompts"]

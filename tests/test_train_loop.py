@@ -96,7 +96,9 @@ def test_non_finite_loss_is_named_with_its_own_step_although_checked_later(tmp_p
 
     monkeypatch.setattr(train_mod.CombinedLoss, "__call__", poisoned)
     cfg = load_recipe("demo", SMALL + ["train.log_every=5"])
-    with pytest.raises(train_mod.TrainingError) as e:
+    from samadapt.recipes.errors import TrainingError
+
+    with pytest.raises(TrainingError) as e:
         train_mod.train(cfg, out_dir=str(tmp_path / "run"), progress=False, log=lambda *a: None)
     assert str(e.value).startswith("loss became nan at step 2;"), str(e.value)  # the third step: 0-based 2
     assert "no checkpoint was written yet" in str(e.value)
