@@ -21,7 +21,7 @@ RUN_MARKER = ".samadapt-run"  # written first into every run directory: the fold
 # What a run (or the demo / a comparison around it) writes into its run directory; only these are ever
 # replaced or removed, and only in a folder that holds RUN_MARKER. Sub-folders holding it are runs too.
 RUN_OUTPUTS = ("adapter.safetensors", "metrics.json", "recipe.yaml", "checkpoints", "samples", "logs",
-               "compare.json", "demo.png", LOCK_NAME, RUN_MARKER)
+               "compare.json", "demo.png", "per_volume.json", "phantoms", LOCK_NAME, RUN_MARKER)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ from .data.medical import (
     write_phantom_dataset,
 )
 from .errors import RecipeError
-from .metrics import label_map_metrics
 from .predict_volume import segment_volume
+from .volume_eval import evaluate_volumes, format_class_table, prompt_ious
 
 
 # ---------------------------------------------------------------------------- data
@@ -55,10 +55,11 @@ def norm_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "percentiles": (v["percentile_low"], v["percentile_high"])}
 
 
-def volume_data(cfg: Dict[str, Any], data_root=None, work_dir: Optional[Path] = None):
+def volume_data(cfg: Dict[str, Any], data_root=None, work_dir: Optional[Path] = None, write: bool = True):
     """The dataset a volume recipe names: (train cases, held-out cases, classes, modality, cache).
 
-    Phantoms (`volume.phantoms_train` > 0) are written under `work_dir/phantoms` first.
+    Phantoms (`volume.phantoms_train` > 0) are written under `work_dir/phantoms` first (with `write`
+    false they are read from there: the other processes of a group, after the main one wrote them).
 
     Raises:
         RecipeError: no data given.
@@ -71,8 +72,10 @@ def volume_data(cfg: Dict[str, Any], data_root=None, work_dir: Optional[Path] = 
             raise RecipeError(f"a volume recipe reads one dataset folder, got {len(root)}: {list(root)}")
         root = root[0]
     if v["phantoms_train"] > 0 and root is None:
-        root = write_phantom_dataset(Path(work_dir or ".") / "phantoms", n_train=v["phantoms_train"],
-                                     n_test=v["phantoms_test"], seed=cfg["train"]["seed"], name="")
+        root = Path(work_dir or ".") / "phantoms"
+        if write:
+            root = write_phantom_dataset(root, n_train=v["phantoms_train"], n_test=v["phantoms_test"],
+                                         seed=cfg["train"]["seed"], name="")
     if root is None:
         raise RecipeError("no volumes: give --data DIR (nnU-Net/MSD layout or image/label NIfTI pairs) or set "
                           "volume.phantoms_train for synthetic CT phantoms")
@@ -146,58 +149,6 @@ def _one_organ(labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------- evaluation
-def evaluate_volumes(sam, cases: List[Case], cache: VolumeCache, classes: Dict[int, str], cfg: Dict[str, Any],
-                     adapter: Optional[str], progress: bool = False) -> Dict[str, Any]:
-    """Per-volume and per-class metrics of `adapter` on held-out volumes.
-
-    Returns:
-        {"per_volume": {case: {class: {dice, iou, hd95, nsd}, "mean": ...}}, "per_class": {class: mean over
-        volumes}, "mean": the mean over foreground classes}; NaN entries (a class absent and not
-        predicted) are skipped by the means.
-    """
-    v = cfg["volume"]
-    values = np.array(sorted(classes), dtype=np.int32)
-    adapters.activate(sam, adapter)
-    was = sam.training
-    sam.eval()
-    per_volume = {}
-    for c in cases:
-        pv = cache.get(c)
-        idx, _ = segment_volume(sam, pv.image.astype(np.float32), channels=v["channels"],
-                                batch_size=v["slice_batch"], progress=progress, desc=c.case_id)
-        per_volume[c.case_id] = label_map_metrics(values[idx], pv.labels, classes, spacing=pv.volume.spacing,
-                                                  tolerance=v["nsd_tolerance"], surface=v["surface_metrics"])
-    sam.train(was)
-    names = [classes[k] for k in sorted(classes) if k != 0]
-    keys = list(next(iter(per_volume.values()))["mean"]) if per_volume else []
-
-    def nanmean(xs):
-        xs = [x for x in xs if x == x]
-        return float(np.mean(xs)) if xs else float("nan")
-
-    per_class = {n: {k: nanmean([pv[n][k] for pv in per_volume.values()]) for k in keys} for n in names}
-    mean = {k: nanmean([per_class[n][k] for n in names]) for k in keys}
-    return {"per_volume": per_volume, "per_class": per_class, "mean": mean}
-
-
-def format_class_table(rows: Dict[str, Dict[str, Any]], names: List[str], metric: str = "dice") -> str:
-    """A per-class table: one row per model, one column per class plus the mean.
-
-    Example:
-        >>> print(format_class_table({"a": {"per_class": {"liver": {"dice": 0.5}}, "mean": {"dice": 0.5}}}, ["liver"]))
-        dice          liver   mean
-        a             0.500  0.500
-    """
-    width = max(7, *(len(n) + 1 for n in names))
-    head = f"{metric:<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'mean':>{width}}"
-    lines = [head]
-    for label, res in rows.items():
-        vals = [res["per_class"][n][metric] for n in names] + [res["mean"][metric]]
-        lines.append(f"{label:<12}" + "".join(f"{x:>{width}.3f}" for x in vals))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- the run
 def attach_with_head(sam, cfg: Dict[str, Any], classes: Dict[int, str]) -> str:
     """The recipe's adapter kinds plus the class head (names and values from the dataset), attached."""
@@ -238,7 +189,8 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
         RecipeError: bad data, or a resume that does not fit the run directory.
         TrainingError: the loss became non-finite, or the run directory is in use.
     """
-    from accelerate import Accelerator
+    import contextlib
+
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -253,10 +205,11 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
         save_checkpoint,
     )
     from .data.prompts import PromptSampler
+    from .distributed import build_accelerator, describe, full_parameters, peer_failures
     from .loop import LossWatch
     from .losses import CombinedLoss
     from .model import build_core
-    from .train import build_scheduler
+    from .train import build_scheduler, launched_mixed_precision
 
     cfg = recipe_config.validate(cfg)
     t, p = cfg["train"], cfg["prompts"]
@@ -266,12 +219,17 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     set_seed(t["seed"])
     sam = build_core(cfg, base, allow_random_base=allow_random_base)
     fingerprint = sam.fingerprint
-    train_cases, held, classes, modality, cache = volume_data(cfg, data_root, run_dir)
+    t["mixed_precision"] = launched_mixed_precision(t["mixed_precision"])
+    # the group `accelerate launch` asked for (distributed.py); rank 0 writes every file
+    accelerator = build_accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"])
+    is_main = accelerator.is_main_process
+    with accelerator.main_process_first():  # phantoms: written once, by the main process
+        train_cases, held, classes, modality, cache = volume_data(cfg, data_root, run_dir, write=is_main)
     train_ds = SliceDataset(train_cases, cache, classes, sam.image_size, cfg["volume"]["channels"],
                             cfg["volume"]["empty_share"], seed=t["seed"])
-    log(f"volumes: {len(train_cases)} training ({train_ds.n_foreground} slices with organs + {train_ds.n_empty} "
-        f"empty), {len(held)} held out; classes {classes}")
-    accelerator = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"])
+    if is_main:
+        log(f"volumes: {len(train_cases)} training ({train_ds.n_foreground} slices with organs + "
+            f"{train_ds.n_empty} empty), {len(held)} held out; classes {classes}")
     set_seed(t["seed"])
     name = attach_with_head(sam, cfg, classes)
     params = [q for q in sam.parameters() if q.requires_grad]
@@ -283,13 +241,20 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     total = t["max_steps"] or steps_per_epoch * t["epochs"]
     scheduler = build_scheduler(optimizer, t["scheduler"], t["warmup_steps"], total)
     model, optimizer, dl = accelerator.prepare(SemanticStep(sam), optimizer, dl)
+    params = [q for q in model.parameters() if q.requires_grad]  # FSDP2 replaces them by sharded ones
+    dist = describe(accelerator, model)
     prompt_loss = CombinedLoss({k: w for k, w in cfg["loss"].items() if w > 0})
     sampler = PromptSampler("mixed", n_pos=1, n_neg=0, box_jitter=p["box_jitter"], mixed_per="batch")
     v = cfg["volume"]
     metrics_log: Dict[str, Any] = {"classes": {str(k): n for k, n in classes.items()}, "history": []}
-    with run_lock(run_dir):
-        check_resume(run_dir, resume, locked=True)  # again under the lock: another run may have started meanwhile
-        clear_stale_temporaries(run_dir)
+    if is_main:
+        log(f"distributed: {dist['strategy']}, {dist['num_processes']} processes on {dist['num_machines']} "
+            f"machines (backend {dist['backend']})")
+    with run_lock(run_dir) if is_main else contextlib.nullcontext(), \
+            peer_failures(accelerator, lambda: latest_checkpoint(run_dir)):
+        if is_main:
+            check_resume(run_dir, resume, locked=True)  # again under the lock: another run may have started
+            clear_stale_temporaries(run_dir)
         step, start_epoch, skip, best, spent = 0, 0, 0, None, 0.0
         if resume:
             ck = latest_checkpoint(run_dir)
@@ -299,25 +264,32 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
             if (run_dir / "metrics.json").is_file():
                 metrics_log = json.loads((run_dir / "metrics.json").read_text())
                 spent = metrics_log.get("train_seconds", 0.0)
-            log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
+            if is_main:
+                log(f"resumed from {ck} at step {step} (epoch {start_epoch}, batch {skip})")
         else:
-            atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
+            if is_main:
+                atomic_write_text(run_dir / "recipe.yaml", recipe_config.dump(cfg))
             if cfg["eval"]["baseline"]:
                 # the adapter as attached changes nothing: the frozen core, its promptless mask for every class
-                metrics_log["baseline"] = evaluate_volumes(sam, held, cache, classes, cfg, name)
-                log("frozen core (untrained head) mean Dice: %.3f" % metrics_log["baseline"]["mean"]["dice"])
+                with full_parameters(model):  # every process evaluates (the same weights); rank 0 writes
+                    metrics_log["baseline"] = evaluate_volumes(sam, held, cache, classes, cfg, name)
+                if is_main:
+                    log("frozen core (untrained head) mean Dice: %.3f" % metrics_log["baseline"]["mean"]["dice"])
+        metrics_log["distributed"] = {k: v for k, v in dist.items() if k != "backend"}
         t0 = time.time()
         watch = LossWatch()  # read at log steps, checkpoints and evaluations only
         last_good = latest_checkpoint(run_dir)
 
-        def checkpoint(epoch_, batch_, epoch_start):
+        def checkpoint(epoch_, batch_, epoch_start):  # every process (each saves its random states)
             watch.check(last_good)
             metrics_log["train_seconds"] = round(spent + time.time() - t0, 1)
-            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+            if is_main:
+                atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
             return save_checkpoint(accelerator, model, optimizer, scheduler, run_dir, step, epoch_, batch_, best,
                                    t["keep_checkpoints"], loop={"generator": epoch_start})
 
-        bar = tqdm(total=total, initial=step, disable=not progress, desc="train")
+        bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process),
+                   desc="train")
         epochs = math.ceil(total / steps_per_epoch)
         for epoch in range(start_epoch, epochs):
             if step >= total:
@@ -365,23 +337,31 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
             watch.check(last_good)
             last = step >= total or epoch == epochs - 1
             if (epoch + 1) % cfg["eval"]["every_epochs"] == 0 or last:
-                res = evaluate_volumes(sam, held, cache, classes, cfg, name)
-                metrics_log["history"].append({"epoch": epoch + 1, "step": step, "mean": res["mean"]})
-                log(f"epoch {epoch + 1}/{epochs} step {step}: mean Dice {res['mean']['dice']:.3f}")
-                if best is None or res["mean"]["dice"] > best:
-                    best = res["mean"]["dice"]
-                    metrics_log["adapted"] = res
-                    adapters.save(sam, run_dir / "adapter.safetensors", name=name, dtype=cfg["output"]["dtype"],
-                                  base_fingerprint=fingerprint, domain=cfg["domain"], prompt_mode="none",
-                                  classes={str(k): n for k, n in classes.items()}, volume=volume_meta(cfg, modality),
-                                  metrics={"eval": {f"{k}_mean": x for k, x in res["mean"].items()}},
-                                  recipe=recipe_config.dump(cfg))
-                    atomic_write_text(run_dir / "per_volume.json", json.dumps(res["per_volume"], indent=2))
+                with full_parameters(model):  # every process evaluates the same weights; rank 0 writes
+                    res = evaluate_volumes(sam, held, cache, classes, cfg, name)
+                    model.train()
+                    metrics_log["history"].append({"epoch": epoch + 1, "step": step, "mean": res["mean"]})
+                    if is_main:
+                        log(f"epoch {epoch + 1}/{epochs} step {step}: mean Dice {res['mean']['dice']:.3f}")
+                    if best is None or res["mean"]["dice"] > best:
+                        best = res["mean"]["dice"]
+                        metrics_log["adapted"] = res
+                        if is_main:
+                            adapters.save(sam, run_dir / "adapter.safetensors", name=name,
+                                          dtype=cfg["output"]["dtype"], base_fingerprint=fingerprint,
+                                          domain=cfg["domain"], prompt_mode="none",
+                                          classes={str(k): n for k, n in classes.items()},
+                                          volume=volume_meta(cfg, modality),
+                                          metrics={"eval": {f"{k}_mean": x for k, x in res["mean"].items()}},
+                                          recipe=recipe_config.dump(cfg))
+                            atomic_write_text(run_dir / "per_volume.json", json.dumps(res["per_volume"], indent=2))
             # the next epoch's order is drawn from g's state now
             last_good = checkpoint(epoch + 1, 0, g.get_state())
         bar.close()
         metrics_log["train_seconds"] = round(spent + time.time() - t0, 1)
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+        if is_main:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_log, indent=2))
+        accelerator.wait_for_everyone()
     adapters.activate(sam, name)
     return metrics_log
 
@@ -420,58 +400,4 @@ def run_volume_eval(args, cfg: Dict[str, Any]) -> int:
 
 
 __all__ = ["train_volumes", "evaluate_volumes", "run_volume_eval", "segment_volume", "multiclass_dice_loss",
-           "PHANTOM_CLASSES", "format_class_table", "volume_data", "attach_with_head", "norm_settings"]
-
-
-# ---------------------------------------------------------------------------- prompts under a K-class adapter
-def prompt_ious(sam, cases: List[Case], cache: VolumeCache, adapter: Optional[str], channels: str = "repeat",
-                slices_per_volume: int = 4) -> Dict[str, float]:
-    """Box and click IoU on organs of held-out volumes, through SAM's prompt path (`SamPredictor`) under
-    `adapter` (None: the frozen core): every organ piece of `slices_per_volume` evenly spaced slices with
-    organs, prompted by its tight box, and by one click at its innermost pixel (best of SAM's 3 masks by
-    predicted IoU, as SAM answers one click). Masks are class-agnostic: the prompt says which organ.
-
-    Returns:
-        {"box": mean IoU, "click": mean IoU, "n": prompts per mode}.
-    """
-    import cv2
-    from scipy.ndimage import distance_transform_edt
-
-    from samadapt.sam_core import SamPredictor
-
-    from .data.medical import label_slice, slice_channels
-
-    adapters.activate(sam, adapter)
-    pred = SamPredictor(sam)
-    box_iou, click_iou = [], []
-    for c in cases:
-        pv = cache.get(c)
-        img01 = pv.image.astype(np.float32)
-        has = np.flatnonzero(pv.labels.reshape(-1, pv.labels.shape[-1]).any(axis=0))
-        if not has.size:
-            continue
-        for k in has[np.linspace(0, has.size - 1, min(slices_per_volume, has.size)).round().astype(int)]:
-            lab = label_slice(pv.labels, int(k))
-            pred.set_image(slice_channels(img01, int(k), channels))
-            for cls in [v for v in np.unique(lab) if v != 0]:
-                n, comp = cv2.connectedComponents((lab == cls).astype(np.uint8))
-                for j in range(1, n):
-                    gt = comp == j
-                    if gt.sum() < 16:
-                        continue  # a sliver at an organ's tip: no clinician prompts it
-                    ys, xs = np.nonzero(gt)
-                    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-                    m, _, _ = pred.predict(box=box, multimask_output=False)
-                    box_iou.append(_iou(m[0], gt))
-                    dt = distance_transform_edt(gt)
-                    y, x = np.unravel_index(int(dt.argmax()), dt.shape)
-                    m, s, _ = pred.predict(point_coords=np.array([[x, y]], np.float32), point_labels=np.array([1]),
-                                           multimask_output=True)
-                    click_iou.append(_iou(m[int(np.argmax(s))], gt))
-    return {"box": float(np.mean(box_iou)) if box_iou else float("nan"),
-            "click": float(np.mean(click_iou)) if click_iou else float("nan"), "n": len(box_iou)}
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
+           "PHANTOM_CLASSES", "format_class_table", "prompt_ious", "volume_data", "attach_with_head", "norm_settings"]

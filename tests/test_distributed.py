@@ -246,3 +246,44 @@ def test_fsdp1_on_cpu_is_refused_with_the_fix(tmp_path):
     assert r.returncode != 0
     assert "error: FSDP1 (fsdp_version: 1) does not run on CPU; launch with" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in "\n".join(ln for ln in r.stderr.splitlines() if "[rank" in ln)
+
+
+VOLUME_SETS = ["base.arch=tiny", "base.image_size=64", "train.batch_size=4", "train.mixed_precision=no",
+               "eval.every_epochs=1", "train.epochs=2", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+               "volume.phantoms_train=4", "volume.phantoms_test=1", "prompts.keep_prompts=0.3"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_volume_recipe_trains_on_two_processes(tmp_path, strategy):
+    """`samadapt train organs` under `accelerate launch` on 2 processes: the group forms, each process takes
+    half the slices (half the steps per epoch of one process at the same per-process batch), the phantoms are
+    written once, rank 0 alone writes the run's files, and the adapter it exports loads."""
+    pytest.importorskip("nibabel")
+    from samadapt import adapters
+    from samadapt.recipes.model import load_base
+
+    def cmd(out, launcher=True):
+        train = ["-m", "samadapt.recipes.cli", "train", "organs", "--out", str(out), "--quiet",
+                 *sum([["--set", s] for s in VOLUME_SETS], [])]
+        if not launcher:
+            return [sys.executable, *train]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{strategy}.yaml"),
+                *train]
+
+    two = subprocess.run(cmd(tmp_path / "two"), capture_output=True, text=True, cwd=ROOT, timeout=600, env=_env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(cmd(tmp_path / "one", launcher=False), capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert m2["distributed"]["num_processes"] == 2 and m2["distributed"]["strategy"] == strategy, m2["distributed"]
+    assert m1["distributed"]["num_processes"] == 1
+    steps2 = [h["step"] for h in m2["history"]]
+    steps1 = [h["step"] for h in m1["history"]]
+    assert len(steps2) == len(steps1) == 2 and steps1[0] in (2 * steps2[0], 2 * steps2[0] + 1), (steps1, steps2)
+    assert two.stdout.count("volumes: ") == 1 and "in use by another run" not in two.stderr  # rank 0 logs and locks
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())[-1] == f"step_{steps2[-1]:08d}"
+    sam = load_base(image_size=64)  # the recipe's base: the pretrained tiny core
+    name = adapters.load(sam, tmp_path / "two" / "adapter.safetensors")
+    assert adapters.attached(sam) == [name]
