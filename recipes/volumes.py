@@ -237,7 +237,8 @@ def train_volumes(cfg: Dict[str, Any], out_dir: Optional[str] = None, data_root=
     g = torch.Generator().manual_seed(t["seed"])  # the slice order: its state at an epoch's start decides it
     dl = torch.utils.data.DataLoader(train_ds, batch_size=t["batch_size"], shuffle=True, generator=g,
                                      collate_fn=collate_slices, drop_last=len(train_ds) >= t["batch_size"])
-    steps_per_epoch = max(1, math.ceil(len(dl) / t["grad_accum"]))
+    # each process takes every num_processes-th batch (the prepared loader): that many steps make its epoch
+    steps_per_epoch = max(1, math.ceil(len(dl) / accelerator.num_processes / t["grad_accum"]))
     total = t["max_steps"] or steps_per_epoch * t["epochs"]
     scheduler = build_scheduler(optimizer, t["scheduler"], t["warmup_steps"], total)
     model, optimizer, dl = accelerator.prepare(SemanticStep(sam), optimizer, dl)

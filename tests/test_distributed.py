@@ -249,8 +249,9 @@ def test_fsdp1_on_cpu_is_refused_with_the_fix(tmp_path):
 
 
 VOLUME_SETS = ["base.arch=tiny", "base.image_size=64", "train.batch_size=4", "train.mixed_precision=no",
-               "eval.every_epochs=1", "train.epochs=2", "train.checkpoint_every=2", "train.keep_checkpoints=10",
-               "volume.phantoms_train=4", "volume.phantoms_test=1", "prompts.keep_prompts=0.3"]
+               "train.warmup_steps=0", "eval.every_epochs=1", "train.epochs=2", "train.checkpoint_every=2",
+               "train.keep_checkpoints=10", "volume.phantoms_train=4", "volume.phantoms_test=1",
+               "prompts.keep_prompts=0.3"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -283,7 +284,12 @@ def test_a_volume_recipe_trains_on_two_processes(tmp_path, strategy):
     steps1 = [h["step"] for h in m1["history"]]
     assert len(steps2) == len(steps1) == 2 and steps1[0] in (2 * steps2[0], 2 * steps2[0] + 1), (steps1, steps2)
     assert two.stdout.count("volumes: ") == 1 and "in use by another run" not in two.stderr  # rank 0 logs and locks
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())[-1] == f"step_{steps2[-1]:08d}"
+    last = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
+    assert last.name == f"step_{steps2[-1]:08d}"
+    # the schedule was counted in the group's steps: the cosine ends at 0 on the last one, as on one process
+    for run, ck in (("two", last), ("one", sorted((tmp_path / "one" / "checkpoints").iterdir())[-1])):
+        lr = torch.load(ck / "scheduler.pt", weights_only=True)["scheduler"]["_last_lr"][0]
+        assert lr < 1e-9, (run, lr)
     sam = load_base(image_size=64)  # the recipe's base: the pretrained tiny core
     name = adapters.load(sam, tmp_path / "two" / "adapter.safetensors")
     assert adapters.attached(sam) == [name]
