@@ -102,3 +102,30 @@ def table(rows: List[List[str]]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def core_with_four_adapters(arch: str = "vit_b", image_size: int = 512):
+    """A random-weights core with four adapters attached (LoRA on qkv and proj, DoRA on qkv, sam_adapter,
+    bottleneck), each nudged off its identity start by seeded noise so that every one changes the answer.
+
+    Returns:
+        `(sam, names)` with the adapters' names in attach order.
+    """
+    import torch
+
+    from samadapt import adapters
+    from samadapt.sam_core import build_sam
+
+    torch.manual_seed(0)
+    sam = build_sam(arch, image_size=image_size).eval()
+    kinds = {"lora": [adapters.config("lora", r=4, targets=["qkv", "proj"])],
+             "dora": [adapters.config("lora", r=4, use_dora=True, targets=["qkv"])],
+             "evp": [adapters.config("sam_adapter")],
+             "bottle": [adapters.config("bottleneck")]}
+    for i, (name, cfgs) in enumerate(kinds.items()):
+        adapters.attach(sam, cfgs, name=name)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in adapters.adapter_parameters(sam, name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return sam, list(kinds)

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, table, write_json  # noqa: E402
+from _common import core_with_four_adapters, machine, table, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -244,22 +244,9 @@ def encoder_only(args, log_dir: Path, budget: float):
 
 def serve_part(arch, size, device, n_images, log):
     """AdapterBank over 4 adapters: the mixed pass vs one by one (images/s), answers compared in fp32."""
-    from samadapt import adapters
     from samadapt.adapters import AdapterBank
-    from samadapt.sam_core import build_sam
 
-    torch.manual_seed(0)
-    sam = build_sam(arch, image_size=size).eval()
-    kinds = {"lora": [adapters.config("lora", r=4, targets=["qkv", "proj"])],
-             "dora": [adapters.config("lora", r=4, use_dora=True, targets=["qkv"])],
-             "evp": [adapters.config("sam_adapter")],
-             "bottle": [adapters.config("bottleneck")]}
-    for i, (name, cfgs) in enumerate(kinds.items()):
-        adapters.attach(sam, cfgs, name=name)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in adapters.adapter_parameters(sam, name):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    sam, kinds = core_with_four_adapters(arch, size)
     sam.to(device)
     rng = np.random.default_rng(0)
     h = size * 15 // 16

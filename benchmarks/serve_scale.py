@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine  # noqa: E402
+from _common import core_with_four_adapters, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("bench_a", "bench_b", "bench_c", "bench_d")
@@ -38,22 +38,9 @@ NAMES = ("bench_a", "bench_b", "bench_c", "bench_d")
 
 # ----------------------------------------------------------------------------- 1. mixed pass
 def part_mixed(rounds: int) -> bool:
-    from samadapt import adapters
     from samadapt.adapters import AdapterBank
-    from samadapt.sam_core import build_sam
 
-    torch.manual_seed(0)
-    sam = build_sam("vit_b", image_size=512).eval()
-    kinds = {"lora": [adapters.config("lora", r=4, targets=["qkv", "proj"])],
-             "dora": [adapters.config("lora", r=4, use_dora=True, targets=["qkv"])],
-             "evp": [adapters.config("sam_adapter")],
-             "bottle": [adapters.config("bottleneck")]}
-    for i, (name, cfgs) in enumerate(kinds.items()):
-        adapters.attach(sam, cfgs, name=name)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in adapters.adapter_parameters(sam, name):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    sam, kinds = core_with_four_adapters("vit_b", 512)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (480, 512, 3), dtype=np.uint8) for _ in range(8)]
     items = [dict(image=im, adapter=list(kinds)[k % 4], box=np.array([40.0, 40.0, 300.0, 260.0]))
