@@ -64,7 +64,8 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
                 if _ended(holder):
                     raise TrainingError(
                         f"{run_dir} is still locked by processes the ended run ({holder}) started (its data "
-                        f"loader workers); stop them (e.g. `pkill -f samadapt`) or wait, then run again") from None
+                        f"loader workers); wait for them to exit (`fuser {path}` lists them), then run again"
+                    ) from None
                 raise TrainingError(f"{run_dir} is in use by another run ({holder}); wait for it to finish or "
                                     "pass --out another folder") from None
         try:
