@@ -118,8 +118,8 @@ def recipe_sets(arch, size, batch, steps, workers, compile_, ckpt, extra=(), val
 class Runner:
     """Trainer runs through the CLI, each with its log under `log_dir`."""
 
-    def __init__(self, work: Path, log_dir: Path, data, base, log):
-        self.work, self.log_dir, self.data, self.base, self.log = work, log_dir, data, base, log
+    def __init__(self, work: Path, log_dir: Path, data, base):
+        self.work, self.log_dir, self.data, self.base = work, log_dir, data, base
 
     def command(self, name, sets, resume=False, random_base=False):
         cmd = [sys.executable, "-m", "samadapt.recipes.cli", "train", "camouflage", "--out", str(self.work / name),
@@ -339,7 +339,7 @@ def main() -> int:
     t0 = time.perf_counter()
     data = make_data(work / "data", n_scenes, size, writers)
     base = make_base(work, arch)
-    runner = Runner(work, log_dir, data, base, log)
+    runner = Runner(work, log_dir, data, base)
     log(f"data: {n_scenes} scenes at {size} px in {len(data)} folders, base {base.name} "
         f"[{time.perf_counter() - t0:.0f} s]")
     every = 2 if args.tiny else 10

@@ -311,6 +311,8 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
     sam = accelerator.unwrap_model(model).sam  # what is saved and evaluated: the unwrapped core
 
     def checkpoint(epoch_, batch_):  # every process: each saves its own RNG states
+        watch.check(last_good)  # never a checkpoint of the state a non-finite step left
+        rate.pause()  # the write is not training time
         return save_checkpoint(accelerator, model, optimizer, scheduler, run_dir, step, epoch_, batch_, best,
                                t["keep_checkpoints"])
 
@@ -412,9 +414,7 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
                     accelerator.log(scalars, step=step)
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total_steps:
-                    watch.check(last_good)
                     last_good = checkpoint(epoch, batch_i)
-                    rate.pause()
                 if step >= total_steps:
                     done = True
                     break
@@ -442,7 +442,6 @@ def _run(accelerator, model, optimizer, scheduler, train_dl, eval_dl, train_ds, 
         if not done:
             last_good = checkpoint(epoch + 1, 0)
     bar.close()
-    watch.check(last_good)
     last_good = checkpoint(epochs, 0)
     speed = rate.result()
     if speed:
